@@ -1,0 +1,234 @@
+"""The ETL of the paper's §4.1: filter notes, attach encounter codes, impute chronic codes, split by patient.
+
+    bertxml etl [--notes SOURCE] [--diagnoses SOURCE] [--min-code-count N] [--as-of-version V]
+
+Reads the notes and diagnoses tables and writes, each in one Delta transaction:
+- `bertxml.labeled_notes`: the kept notes with their split, codes and imputed chronic codes;
+- `bertxml.label_vocab`: the codes seen more than `min_code_count` times in the train split;
+- `bertxml.rejects`: every dropped or bad row's identifiers with a reason (never its text).
+
+Rules, each a function below: `note_reject_reason` (paper's filters and bad rows), `dedupe_notes`,
+`clean_diagnoses`, `encounter_codes`, `impute_chronic_codes`, `assign_split`, `build_label_vocab`.
+The notes' text is only ever joined against small, broadcast tables, so the ETL costs about a read and
+a write of the notes table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+from bertxml import tables as t
+from bertxml.config import Config, EtlConfig
+from bertxml.icd import icd_reference, is_icd10_shaped, normalize_code_col
+from bertxml.runs import job_run
+
+log = logging.getLogger("bertxml.etl")
+
+SPLITS = ("train", "dev", "test")
+
+
+# ---- notes: the paper's filters and bad rows ------------------------------------------------------------
+def _blank(col: Column) -> Column:
+    return col.isNull() | (F.trim(col) == "")
+
+
+def _in_lower(col: Column, values: list[str]) -> Column:
+    return F.lower(F.trim(col)).isin([v.lower() for v in values]) if values else F.lit(False)
+
+
+def note_reject_reason(cfg: EtlConfig) -> Column:
+    """Why a note is dropped (first rule that applies), or null when it is kept.
+
+    Bad rows (null ids, no date, no text) come first, then the paper's filters: erroneous status,
+    student author, miscellaneous type, fewer than `min_text_chars` characters.
+    """
+    return (F.when(_blank(F.col("note_id")), "null_note_id")
+            .when(_blank(F.col("patient_id")), "null_patient_id")
+            .when(_blank(F.col("encounter_id")), "null_encounter_id")
+            .when(F.col("note_date").isNull(), "null_note_date")
+            .when(_blank(F.col("text")), "empty_text")
+            .when(_in_lower(F.col("status"), cfg.drop_statuses), "dropped_status")
+            .when(_in_lower(F.col("author_role"), cfg.drop_author_roles), "dropped_author_role")
+            .when(_in_lower(F.col("note_type"), cfg.drop_note_types), "dropped_note_type")
+            .when(F.length(F.trim(F.col("text"))) < cfg.min_text_chars, "short_text"))
+
+
+def dedupe_notes(notes: DataFrame) -> DataFrame:
+    """Mark repeated note ids in a `reason` column (null = keep).
+
+    Identical repeats (a re-load) keep one copy and mark the rest 'duplicate_row'; rows that share an id
+    but differ are all marked 'conflicting_note_id', since we cannot tell which is right. Only the narrow
+    (note_id, row hash) pairs are shuffled; the few duplicated ids are broadcast back.
+    """
+    hashed = notes.withColumn("_row_hash", F.xxhash64(*[F.col(c) for c in notes.columns if c != "reason"]))
+    dup_ids = (hashed.groupBy("note_id")
+               .agg(F.count("*").alias("_n"), F.countDistinct("_row_hash").alias("_variants"))
+               .filter(F.col("_n") > 1).drop("_n"))
+    marked = hashed.join(F.broadcast(dup_ids), "note_id", "left")
+    rank = F.row_number().over(Window.partitionBy("note_id").orderBy("_row_hash"))
+    dups = marked.filter(F.col("_variants").isNotNull()).withColumn(
+        "reason", F.when(F.col("_variants") > 1, "conflicting_note_id").when(rank > 1, "duplicate_row"))
+    singles = marked.filter(F.col("_variants").isNull())
+    return singles.unionByName(dups).drop("_row_hash", "_variants")
+
+
+# ---- diagnoses ----------------------------------------------------------------------------------------
+def clean_diagnoses(diagnoses: DataFrame, reference: DataFrame, cfg: EtlConfig) -> DataFrame:
+    """Normalise codes and give each diagnosis row a `reason` (null = usable).
+
+    Codes are normalised (case, whitespace, dot) before anything is counted; 'malformed_code' is not
+    ICD-10-CM shaped, 'unknown_code' is shaped but not in ICD-10-CM.
+    """
+    known = F.broadcast(reference.select("code", F.lit(True).alias("_known")))
+    diag = diagnoses.withColumn("code", normalize_code_col(F.col("icd10_code"))).join(known, "code", "left")
+    reason = (F.when(_blank(F.col("patient_id")), "null_patient_id")
+              .when(_blank(F.col("encounter_id")), "null_encounter_id")
+              .when(F.col("diagnosis_date").isNull(), "null_diagnosis_date")
+              .when(~is_icd10_shaped(F.col("code")), "malformed_code"))
+    if cfg.reject_unknown_codes:
+        reason = reason.when(F.col("_known").isNull(), "unknown_code")
+    return diag.withColumn("reason", reason).drop("_known")
+
+
+def encounter_codes(diagnoses: DataFrame) -> DataFrame:
+    """(encounter_id, codes): a note's codes are the ICD codes of its encounter (paper §4.1)."""
+    return diagnoses.groupBy("encounter_id").agg(F.array_sort(F.collect_set("code")).alias("enc_codes"))
+
+
+def chronic_history(diagnoses: DataFrame, reference: DataFrame, min_encounters: int = 2) -> DataFrame:
+    """(patient_id, chronic ARRAY<STRUCT<code, since>>): chronic codes a patient has on at least
+    `min_encounters` separate encounters, with the date of their earliest occurrence."""
+    chronic = F.broadcast(reference.filter("is_chronic").select("code"))
+    per_code = (diagnoses.join(chronic, "code")
+                .groupBy("patient_id", "code")
+                .agg(F.countDistinct("encounter_id").alias("n_encounters"),
+                     F.min("diagnosis_date").alias("since"))
+                .filter(F.col("n_encounters") >= min_encounters))
+    return per_code.groupBy("patient_id").agg(F.collect_list(F.struct("code", "since")).alias("chronic"))
+
+
+def impute_chronic_codes(notes: DataFrame, history: DataFrame) -> DataFrame:
+    """Add each chronic code of the patient to every note dated on or after its earliest occurrence.
+
+    Expects `enc_codes` on notes; sets `codes` (encounter codes plus imputed, sorted) and
+    `imputed_codes` (what was added: never a code the encounter already had, never before its date).
+    """
+    joined = notes.join(F.broadcast(history), "patient_id", "left")
+    active = F.transform(F.filter(F.coalesce(F.col("chronic"), F.array()),
+                                  lambda c: c["since"] <= F.col("note_date")), lambda c: c["code"])
+    imputed = F.array_sort(F.array_except(active, F.col("enc_codes")))
+    return (joined.withColumn("imputed_codes", imputed)
+            .withColumn("codes", F.array_sort(F.array_union(F.col("enc_codes"), F.col("imputed_codes"))))
+            .drop("chronic", "enc_codes"))
+
+
+# ---- splits and labels -------------------------------------------------------------------------------
+def split_of(patient_id: str, salt: str, fractions=(0.7, 0.1, 0.2)) -> str:
+    """Pure-Python twin of assign_split, for tests and for scoring outside Spark."""
+    u = int(hashlib.sha256(f"{salt}:{patient_id}".encode()).hexdigest()[:8], 16) / 2 ** 32
+    return SPLITS[0] if u < fractions[0] else SPLITS[1] if u < fractions[0] + fractions[1] else SPLITS[2]
+
+
+def assign_split(patient_id: Column, salt: str, fractions=(0.7, 0.1, 0.2)) -> Column:
+    """train/dev/test from a salted hash of the patient id: stable across reruns and as the warehouse
+    grows, and no patient is ever in two splits."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split_fractions must be three numbers summing to 1, got {fractions}")
+    digest = F.sha2(F.concat(F.lit(f"{salt}:"), patient_id), 256)
+    u = F.conv(F.substring(digest, 1, 8), 16, 10).cast("double") / float(2 ** 32)
+    return (F.when(u < fractions[0], SPLITS[0])
+            .when(u < fractions[0] + fractions[1], SPLITS[1]).otherwise(SPLITS[2]))
+
+
+def build_label_vocab(labeled_notes: DataFrame, reference: DataFrame, min_code_count: int) -> DataFrame:
+    """Codes with MORE than min_code_count train occurrences, with a stable label_index (code order)."""
+    counts = (labeled_notes.filter(F.col("split") == "train")
+              .select(F.explode("codes").alias("code"))
+              .groupBy("code").agg(F.count("*").alias("train_count"))
+              .filter(F.col("train_count") > min_code_count))
+    vocab = counts.join(F.broadcast(reference), "code", "left")
+    index = F.row_number().over(Window.orderBy("code")) - 1
+    return vocab.select(index.cast("int").alias("label_index"), "code", "description",
+                        F.col("train_count").cast("long"),
+                        F.coalesce(F.col("is_chronic"), F.lit(False)).alias("is_chronic"))
+
+
+# ---- the whole transformation --------------------------------------------------------------------------
+def reject_rows(df: DataFrame, source: str, job: str, batch: str, run_id: str) -> DataFrame:
+    """Rows with a reason, as bertxml.rejects rows: identifiers and a JSON record without the text."""
+    record_cols = [F.col(c) for c in df.columns if c not in ("text", "reason")]
+    if "text" in df.columns:
+        record_cols.append(F.length("text").alias("text_chars"))
+    get = lambda c: F.col(c) if c in df.columns else F.lit(None).cast("string")  # noqa: E731
+    return df.filter(F.col("reason").isNotNull()).select(
+        F.lit(job).alias("job"), F.lit(source).alias("source"), get("note_id").alias("note_id"),
+        get("patient_id").alias("patient_id"), get("encounter_id").alias("encounter_id"),
+        get("icd10_code").alias("icd10_code"), F.col("reason"),
+        F.to_json(F.struct(*record_cols)).alias("record"), F.lit(batch).alias("batch"),
+        F.lit(run_id).alias("run_id"), F.current_timestamp().alias("rejected_at"))
+
+
+def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cfg: EtlConfig,
+                run_id: str = "-") -> tuple[DataFrame, DataFrame]:
+    """The ETL as a transformation: (labeled_notes, rejects) from input-schema notes and diagnoses."""
+    diag = clean_diagnoses(diagnoses, reference, cfg)
+    good_diag = diag.filter(F.col("reason").isNull())
+    notes = notes.withColumn("reason", note_reject_reason(cfg))
+    notes = dedupe_notes(notes.filter(F.col("reason").isNull())).unionByName(
+        notes.filter(F.col("reason").isNotNull()))
+    notes = (notes.join(F.broadcast(encounter_codes(good_diag)), "encounter_id", "left")
+             .withColumn("reason", F.coalesce(
+                 F.col("reason"), F.when(F.col("enc_codes").isNull(), F.lit("no_diagnoses")))))
+    kept = impute_chronic_codes(notes.filter(F.col("reason").isNull()),
+                                chronic_history(good_diag, reference, cfg.chronic_min_encounters))
+    labeled = kept.select(
+        "note_id", "patient_id", "encounter_id", "note_date",
+        assign_split(F.col("patient_id"), cfg.split_salt, tuple(cfg.split_fractions)).alias("split"),
+        "text", "codes", "imputed_codes")
+    rejects = reject_rows(notes.drop("enc_codes"), "notes", "etl", "all", run_id).unionByName(
+        reject_rows(diag.drop("code"), "diagnoses", "etl", "all", run_id))
+    return labeled, rejects
+
+
+def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: str | None = None,
+            as_of_version: int | None = None, as_of_timestamp: str | None = None) -> dict:
+    """Read the inputs, check their schemas (before anything is written), write the three tables."""
+    spark = wh.spark
+    with job_run(wh, "etl") as run:
+        notes, notes_read = wh.read_source(notes_source or cfg.warehouse.notes, t.NOTES_SCHEMA, "notes",
+                                           as_of_version, as_of_timestamp)
+        diagnoses, diag_read = wh.read_source(diagnoses_source or cfg.warehouse.diagnoses,
+                                              t.DIAGNOSES_SCHEMA, "diagnoses", as_of_version, as_of_timestamp)
+        run.inputs.update({"notes": notes_read, "diagnoses": diag_read})
+        reference = icd_reference(spark, cfg.etl.chronic_source)
+        labeled, rejects = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
+        lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
+
+        out = wh.name(t.LABELED_NOTES)
+        run.outputs[out] = wh.write(labeled, out, metadata=lineage)
+        written = wh.table(out, version=run.outputs[out])
+        vocab = build_label_vocab(written, reference, cfg.etl.min_code_count)
+        run.outputs[wh.name(t.LABEL_VOCAB)] = wh.write(vocab, wh.name(t.LABEL_VOCAB), metadata=lineage)
+        run.outputs[wh.name(t.REJECTS)] = wh.write(rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
+                                                    metadata=lineage)
+
+        per_split = {r["split"]: r["n"] for r in written.groupBy("split").agg(F.count("*").alias("n")).collect()}
+        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in
+                   wh.table(wh.name(t.REJECTS)).filter("job = 'etl'")
+                   .groupBy("source", "reason").agg(F.count("*").alias("n")).collect()}
+        n_imputed = written.filter(F.size("imputed_codes") > 0).count()
+        run.count("labeled_notes", sum(per_split.values()))
+        run.count("labeled_notes_by_split", per_split)
+        run.count("notes_with_imputed_codes", n_imputed)
+        run.count("label_vocab_codes", wh.table(wh.name(t.LABEL_VOCAB)).count())
+        run.count("rejects", sum(reasons.values()))
+        run.count("rejects_by_reason", dict(sorted(reasons.items())))
+        if run.counts["label_vocab_codes"] == 0:
+            log.warning("the label vocabulary is empty: no code has more than %d train occurrences "
+                        "(lower etl.min_code_count)", cfg.etl.min_code_count)
+        return {"run_id": run.run_id, **run.counts, "outputs": run.outputs}

@@ -1,0 +1,116 @@
+"""Table names and schemas: the one place the warehouse's shape is written down.
+
+Input tables (the hospital's): notes and diagnoses. Output tables (ours) live in the `bertxml` schema
+(WarehouseConfig.schema). Each output table's columns are documented in the README.
+"""
+from pyspark.sql.types import (ArrayType, BooleanType, DateType, FloatType, IntegerType, LongType,
+                               StringType, StructField, StructType, TimestampType)
+
+# ---- inputs -------------------------------------------------------------------------------------------
+NOTES_SCHEMA = StructType([
+    StructField("note_id", StringType()),
+    StructField("patient_id", StringType()),
+    StructField("encounter_id", StringType()),
+    StructField("note_date", DateType()),
+    StructField("note_type", StringType()),
+    StructField("author_role", StringType()),
+    StructField("status", StringType()),
+    StructField("text", StringType()),
+])
+
+DIAGNOSES_SCHEMA = StructType([
+    StructField("patient_id", StringType()),
+    StructField("encounter_id", StringType()),
+    StructField("icd10_code", StringType()),
+    StructField("diagnosis_date", DateType()),
+])
+
+# ---- outputs (short names; qualified with WarehouseConfig.schema) --------------------------------------
+LABELED_NOTES = "labeled_notes"
+LABEL_VOCAB = "label_vocab"
+REJECTS = "rejects"
+JOB_RUNS = "job_runs"
+CHUNKS = "chunks"
+PREDICTIONS = "predictions"
+AUC_REPORT = "auc_report"
+CODE_AUC = "code_auc"
+MODEL_COMPARISON = "model_comparison"
+
+LABELED_NOTES_SCHEMA = StructType([
+    StructField("note_id", StringType(), False),
+    StructField("patient_id", StringType(), False),
+    StructField("encounter_id", StringType(), False),
+    StructField("note_date", DateType(), False),
+    StructField("split", StringType(), False),
+    StructField("text", StringType(), False),
+    StructField("codes", ArrayType(StringType(), False), False),
+    StructField("imputed_codes", ArrayType(StringType(), False), False),
+])
+
+LABEL_VOCAB_SCHEMA = StructType([
+    StructField("label_index", IntegerType(), False),
+    StructField("code", StringType(), False),
+    StructField("description", StringType()),
+    StructField("train_count", LongType(), False),
+    StructField("is_chronic", BooleanType(), False),
+])
+
+# A reject keeps the row's identifiers and a reason, never its text (PHI): `record` is the row as JSON
+# with the text replaced by its length, so the source row can be found and fixed.
+REJECTS_SCHEMA = StructType([
+    StructField("job", StringType(), False),          # etl | score
+    StructField("source", StringType(), False),       # notes | diagnoses
+    StructField("note_id", StringType()),
+    StructField("patient_id", StringType()),
+    StructField("encounter_id", StringType()),
+    StructField("icd10_code", StringType()),
+    StructField("reason", StringType(), False),
+    StructField("record", StringType()),
+    StructField("batch", StringType(), False),        # what the run covered: 'all' for the ETL, a date for a night
+    StructField("run_id", StringType(), False),
+    StructField("rejected_at", TimestampType(), False),
+])
+
+JOB_RUNS_SCHEMA = StructType([
+    StructField("run_id", StringType(), False),
+    StructField("job", StringType(), False),
+    StructField("started_at", TimestampType(), False),
+    StructField("finished_at", TimestampType(), False),
+    StructField("status", StringType(), False),
+    StructField("inputs", StringType()),              # JSON: table -> Delta version read
+    StructField("outputs", StringType()),             # JSON: table -> Delta version written
+    StructField("counts", StringType()),              # JSON: what the job counted
+    StructField("config", StringType()),              # JSON: the resolved config
+])
+
+CHUNKS_SCHEMA = StructType([
+    StructField("note_id", StringType(), False),
+    StructField("split", StringType(), False),
+    StructField("chunk_index", IntegerType(), False),
+    StructField("input_ids", ArrayType(IntegerType(), False), False),
+    StructField("label_ids", ArrayType(IntegerType(), False), False),
+])
+
+TOP_CODE = StructType([StructField("code", StringType()), StructField("probability", FloatType())])
+
+PREDICTIONS_SCHEMA = StructType([
+    StructField("note_id", StringType(), False),
+    StructField("patient_id", StringType()),
+    StructField("note_date", DateType()),
+    StructField("model_version", StringType(), False),
+    StructField("run_id", StringType(), False),
+    StructField("scored_at", TimestampType(), False),
+    StructField("probabilities", ArrayType(FloatType(), False)),
+    StructField("top_codes", ArrayType(TOP_CODE)),
+    StructField("predicted_codes", ArrayType(StringType())),
+])
+
+MODEL_LABELS = "model_labels"  # each scored model version's label vocabulary, for the views
+
+MODEL_LABELS_SCHEMA = StructType([
+    StructField("model_version", StringType(), False),
+    StructField("label_index", IntegerType(), False),
+    StructField("code", StringType(), False),
+    StructField("description", StringType()),
+    StructField("threshold", FloatType()),
+])

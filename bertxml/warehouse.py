@@ -1,0 +1,252 @@
+"""The warehouse: a SparkSession with real Delta Lake, table names resolved to Delta tables, safe writes.
+
+Two catalog modes (WarehouseConfig.catalog):
+- "path" (the embedded default): every table is a Delta folder `WORKDIR/tables/<schema>/<table>`. Spark
+  runs with an in-memory catalog and each session registers the folders it finds as external tables at
+  start-up, so any number of processes (a nightly job while an analyst queries) share the warehouse;
+  an embedded Derby metastore would admit only one.
+- "metastore": the cluster's own catalog; names such as `main.ehr.notes` are used as they are.
+
+Every write is one Delta transaction (overwrite, replaceWhere or MERGE), so a failed job leaves each table
+as it was and a rerun never duplicates rows.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyspark import SparkConf
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from bertxml.config import Config
+
+log = logging.getLogger("bertxml.warehouse")
+
+RESOURCES = Path(__file__).resolve().parent / "resources"
+SOURCE_FORMATS = ("parquet", "csv", "delta", "json")
+
+
+class SchemaError(ValueError):
+    """An input whose columns are missing or of the wrong type: the job stops before writing."""
+
+
+def get_spark(cfg: Config, app: str = "bertxml") -> SparkSession:
+    """The job's SparkSession with Delta Lake enabled.
+
+    Under spark-submit or on a cluster the master and the jars come from there; run as a plain Python
+    program (the embedded default) it is local Spark with Delta's jars from the local cache.
+    """
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    existing = SparkSession.getActiveSession()
+    if existing is not None:
+        return existing
+    builder = SparkSession.builder.appName(app)
+    master = SparkConf().get("spark.master", None)
+    local = master is None or master.startswith("local")
+    if master is None:
+        builder = builder.master(cfg.spark.master)
+    settings = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+    }
+    if local:
+        from bertxml.jars import ensure_delta_jars
+
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        settings.update({
+            "spark.jars": ",".join(ensure_delta_jars()),
+            "spark.driver.memory": cfg.spark.driver_memory,
+            "spark.ui.enabled": "false",
+            "spark.databricks.delta.snapshotPartitions": "2",
+            "spark.driver.extraJavaOptions":
+                f"-Dlog4j2.configurationFile=file:{RESOURCES / 'log4j2.properties'}",
+        })
+        if cfg.warehouse.catalog == "path":
+            settings["spark.sql.catalogImplementation"] = "in-memory"
+    settings.update({k: str(v) for k, v in cfg.spark.conf.items()})
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.spark.log_level)
+    return spark
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    """'parquet:PATH' -> ('parquet', PATH); a bare name -> ('table', name)."""
+    fmt, sep, rest = spec.partition(":")
+    if sep and fmt in SOURCE_FORMATS:
+        return fmt, rest
+    return "table", spec
+
+
+def check_schema(df: DataFrame, expected: T.StructType, what: str) -> DataFrame:
+    """Select the expected columns, in order, or raise SchemaError naming each missing or mistyped one."""
+    actual = {f.name.lower(): f for f in df.schema.fields}
+    problems = []
+    for field in expected.fields:
+        found = actual.get(field.name.lower())
+        if found is None:
+            problems.append(f"missing column '{field.name}' ({field.dataType.simpleString()})")
+        elif found.dataType != field.dataType and not (
+                isinstance(field.dataType, T.StringType) and isinstance(found.dataType, (T.VarcharType, T.CharType))):
+            problems.append(f"column '{field.name}' is {found.dataType.simpleString()}, "
+                            f"expected {field.dataType.simpleString()}")
+    if problems:
+        raise SchemaError(f"{what}: " + "; ".join(problems))
+    return df.select(*[df[actual[f.name.lower()].name].cast(f.dataType).alias(f.name) for f in expected.fields])
+
+
+@dataclass
+class Warehouse:
+    """Resolves table names for one SparkSession and writes Delta tables safely."""
+
+    spark: SparkSession
+    workdir: Path
+    cfg: Config
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir).resolve()
+        if self.path_mode:
+            self.register_tables()
+
+    @property
+    def path_mode(self) -> bool:
+        return self.cfg.warehouse.catalog == "path"
+
+    def name(self, short: str) -> str:
+        """Qualified name of one of our output tables ('labeled_notes' -> 'bertxml.labeled_notes')."""
+        return f"{self.cfg.warehouse.schema}.{short}"
+
+    def path(self, name: str) -> Path:
+        schema, _, table = name.rpartition(".")
+        return self.workdir / "tables" / (schema or "default") / table
+
+    # ---- catalog -------------------------------------------------------------------------------------
+    def register_tables(self) -> list[str]:
+        """Register every Delta folder under WORKDIR/tables in this session's catalog, and our views."""
+        found = []
+        root = self.workdir / "tables"
+        for log_dir in sorted(root.glob("*/*/_delta_log")) if root.exists() else []:
+            table_dir = log_dir.parent
+            found.append(self._register(f"{table_dir.parent.name}.{table_dir.name}"))
+        from bertxml.views import create_views
+
+        create_views(self)
+        return found
+
+    def _register(self, name: str) -> str:
+        schema = name.rpartition(".")[0]
+        self.spark.sql(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
+        if not self.spark.catalog.tableExists(name):
+            self.spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{self.path(name)}'")
+        return name
+
+    def exists(self, name: str) -> bool:
+        if self.path_mode:
+            return (self.path(name) / "_delta_log").exists()
+        return self.spark.catalog.tableExists(name)
+
+    # ---- reads ---------------------------------------------------------------------------------------
+    def table(self, name: str, version: int | None = None, timestamp: str | None = None) -> DataFrame:
+        """A Delta table by name, optionally as of a version or timestamp (time travel)."""
+        if not self.exists(name):
+            raise FileNotFoundError(f"table {name} does not exist in the warehouse at {self.workdir}"
+                                    if self.path_mode else f"table {name} does not exist")
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", int(version))
+        if timestamp is not None:
+            reader = reader.option("timestampAsOf", timestamp)
+        return reader.load(str(self.path(name))) if self.path_mode else reader.table(name)
+
+    def version(self, name: str) -> int | None:
+        """The table's latest Delta version, or None if it does not exist."""
+        if not self.exists(name):
+            return None
+        from delta.tables import DeltaTable
+
+        table = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
+                 else DeltaTable.forName(self.spark, name))
+        return int(table.history(1).select("version").first()[0])
+
+    def read_source(self, spec: str, schema: T.StructType, what: str, version: int | None = None,
+                    timestamp: str | None = None) -> tuple[DataFrame, dict]:
+        """Read a SOURCE (table name or parquet:/csv:/json:/delta:PATH), check its schema.
+
+        Returns the frame with exactly `schema`'s columns and a record of what was read
+        ({'source': spec, 'version': n}) for the job's lineage.
+        """
+        fmt, where = parse_source(spec)
+        if fmt != "table" and fmt != "delta" and (version is not None or timestamp is not None):
+            raise ValueError(f"{what}: --as-of-version/--as-of-timestamp need a Delta source, got {spec}")
+        if fmt == "table":
+            df = self.table(where, version, timestamp)
+            read_version = version if version is not None else (None if timestamp else self.version(where))
+        elif fmt == "delta":
+            reader = self.spark.read.format("delta")
+            if version is not None:
+                reader = reader.option("versionAsOf", int(version))
+            if timestamp is not None:
+                reader = reader.option("timestampAsOf", timestamp)
+            df = reader.load(where)
+            read_version = version
+        elif fmt == "csv":
+            df = self.spark.read.schema(schema).option("header", True).option("multiLine", True) \
+                .option("escape", '"').csv(where)
+            read_version = None
+        else:
+            if not Path(where).exists() and "://" not in where:
+                raise FileNotFoundError(f"{what}: {where} does not exist")
+            df = self.spark.read.format(fmt).load(where)
+            read_version = None
+        return check_schema(df, schema, f"{what} ({spec})"), {"source": spec, "version": read_version,
+                                                             "timestamp": timestamp}
+
+    # ---- writes --------------------------------------------------------------------------------------
+    def write(self, df: DataFrame, name: str, mode: str = "overwrite", replace_where: str | None = None,
+              metadata: str | None = None) -> int:
+        """Write df to a Delta table in ONE transaction and return the new table version.
+
+        mode "overwrite" replaces the table (or, with replace_where, only the rows matching it);
+        "append" adds rows. The schema is overwritten only on a full overwrite.
+        """
+        writer = df.write.format("delta").mode(mode)
+        if replace_where:
+            writer = writer.option("replaceWhere", replace_where)
+        elif mode == "overwrite":
+            writer = writer.option("overwriteSchema", "true")
+        if metadata:
+            writer = writer.option("userMetadata", metadata)
+        if self.path_mode:
+            writer.save(str(self.path(name)))
+            self._register(name)
+        else:
+            writer.saveAsTable(name)
+        version = self.version(name)
+        log.info("wrote %s (Delta version %s, %s)", name, version,
+                 f"replaceWhere {replace_where}" if replace_where else mode)
+        return version
+
+    def merge(self, df: DataFrame, name: str, keys: list[str]) -> int:
+        """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it if absent."""
+        from delta.tables import DeltaTable
+
+        if not self.exists(name):
+            return self.write(df, name)
+        target = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
+                  else DeltaTable.forName(self.spark, name))
+        condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+        (target.alias("t").merge(df.alias("s"), condition)
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+        version = self.version(name)
+        log.info("merged into %s on %s (Delta version %s)", name, ", ".join(keys), version)
+        return version

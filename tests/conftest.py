@@ -1,0 +1,46 @@
+"""One local Spark session with real Delta Lake for the whole test run, and a temp warehouse per test."""
+import logging
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from bertxml.config import Config
+    from bertxml.warehouse import get_spark
+
+    cfg = Config()
+    cfg.spark.master = "local[2]"
+    cfg.spark.shuffle_partitions = 2
+    cfg.spark.driver_memory = "3g"
+    session = get_spark(cfg, app="bertxml-tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def cfg():
+    from bertxml.config import Config
+
+    c = Config()
+    c.spark.shuffle_partitions = 2
+    return c
+
+
+@pytest.fixture
+def wh(spark, tmp_path, cfg):
+    """A fresh, empty warehouse in a temp folder."""
+    from bertxml.warehouse import Warehouse
+
+    for db in ("ehr", cfg.warehouse.schema):
+        spark.sql(f"DROP DATABASE IF EXISTS `{db}` CASCADE")
+    return Warehouse(spark, tmp_path / "warehouse", cfg)
+
+
+@pytest.fixture(autouse=True)
+def _bertxml_logs(caplog):
+    caplog.set_level(logging.INFO, logger="bertxml")

@@ -1,0 +1,221 @@
+"""The ETL's rules, each pinned on a tiny hand-built table (paper §4.1)."""
+import datetime as dt
+import json
+
+import pytest
+from pyspark.sql import functions as F
+
+from bertxml import tables as t
+from bertxml.config import EtlConfig
+from bertxml.etl import assign_split, build_label_vocab, label_notes, run_etl, split_of
+from bertxml.icd import icd_reference, normalize_code
+from bertxml.warehouse import SchemaError
+
+TEXT = "Patient seen today for follow up of chronic conditions; stable on current regimen."
+D = dt.date
+
+
+def note(note_id, patient="P1", encounter="E1", date=D(2024, 1, 1), text=TEXT, note_type="progress_note",
+         author="physician", status="final"):
+    return (note_id, patient, encounter, date, note_type, author, status, text)
+
+
+@pytest.fixture(scope="module")
+def reference(spark):
+    return icd_reference(spark).cache()
+
+
+def run(spark, reference, notes, diagnoses, cfg=None):
+    n = spark.createDataFrame(notes, t.NOTES_SCHEMA)
+    d = spark.createDataFrame(diagnoses, t.DIAGNOSES_SCHEMA)
+    labeled, rejects = label_notes(n, d, reference, cfg or EtlConfig())
+    return ({r.note_id: r for r in labeled.collect()},
+            sorted(((r.source, r.note_id or r.icd10_code, r.reason) for r in rejects.collect()), key=_key))
+
+
+def _key(row):
+    return tuple("" if v is None else v for v in row)
+
+
+def test_filters_drop_each_category(spark, reference):
+    notes = [note("keep"), note("err", status="erroneous"), note("stu", author="student"),
+             note("misc", note_type="miscellaneous"), note("short", text="too short"),
+             note("case", status=" Erroneous ")]
+    labeled, rejects = run(spark, reference, notes, [("P1", "E1", "I10", D(2024, 1, 1))])
+    assert set(labeled) == {"keep"}
+    assert rejects == [("notes", "case", "dropped_status"), ("notes", "err", "dropped_status"),
+                       ("notes", "misc", "dropped_note_type"), ("notes", "short", "short_text"),
+                       ("notes", "stu", "dropped_author_role")]
+
+
+def test_filter_lists_and_length_are_configurable(spark, reference):
+    cfg = EtlConfig(drop_statuses=[], min_text_chars=5)
+    labeled, _ = run(spark, reference, [note("err", status="erroneous"), note("short", text="too short")],
+                     [("P1", "E1", "I10", D(2024, 1, 1))], cfg)
+    assert set(labeled) == {"err", "short"}
+
+
+def test_note_codes_are_its_encounter_codes(spark, reference):
+    notes = [note("a", encounter="E1"), note("b", encounter="E1"), note("c", encounter="E2")]
+    diag = [("P1", "E1", "J06.9", D(2024, 1, 1)), ("P1", "E1", "R05.9", D(2024, 1, 1)),
+            ("P1", "E2", "S93.401A", D(2024, 1, 1))]
+    labeled, _ = run(spark, reference, notes, diag)
+    assert labeled["a"].codes == labeled["b"].codes == ["J06.9", "R05.9"]
+    assert labeled["c"].codes == ["S93.401A"]
+
+
+def test_chronic_code_imputed_from_earliest_date_on_not_before(spark, reference):
+    # I10 (chronic) on encounters E2 (Feb) and E3 (Apr): imputed on notes from Feb on, never in January.
+    notes = [note("jan", encounter="E1", date=D(2024, 1, 10)), note("feb", encounter="E2", date=D(2024, 2, 1)),
+             note("mar", encounter="E4", date=D(2024, 3, 1)), note("apr", encounter="E3", date=D(2024, 4, 1))]
+    diag = [("P1", "E1", "J06.9", D(2024, 1, 10)), ("P1", "E2", "I10", D(2024, 2, 1)),
+            ("P1", "E3", "I10", D(2024, 4, 1)), ("P1", "E4", "S93.401A", D(2024, 3, 1))]
+    labeled, _ = run(spark, reference, notes, diag)
+    assert labeled["jan"].imputed_codes == [] and "I10" not in labeled["jan"].codes
+    assert labeled["feb"].imputed_codes == []          # already an encounter code there
+    assert labeled["mar"].imputed_codes == ["I10"] and labeled["mar"].codes == ["I10", "S93.401A"]
+    assert labeled["apr"].imputed_codes == []
+
+
+def test_chronic_code_on_one_encounter_is_not_imputed(spark, reference):
+    notes = [note("a", encounter="E1", date=D(2024, 1, 1)), note("b", encounter="E2", date=D(2024, 2, 1))]
+    diag = [("P1", "E1", "I10", D(2024, 1, 1)), ("P1", "E2", "J06.9", D(2024, 2, 1))]
+    labeled, _ = run(spark, reference, notes, diag)
+    assert labeled["b"].imputed_codes == [] and labeled["b"].codes == ["J06.9"]
+
+
+def test_threshold_counts_encounters_not_rows(spark, reference):
+    # The same chronic code twice within one encounter is still one encounter.
+    notes = [note("a", encounter="E1", date=D(2024, 1, 1)), note("b", encounter="E2", date=D(2024, 2, 1))]
+    diag = [("P1", "E1", "I10", D(2024, 1, 1)), ("P1", "E1", "i10", D(2024, 1, 1)),
+            ("P1", "E2", "J06.9", D(2024, 2, 1))]
+    labeled, _ = run(spark, reference, notes, diag)
+    assert labeled["b"].imputed_codes == []
+
+
+def test_non_chronic_code_never_imputed(spark, reference):
+    # J06.9 (acute URI) on two encounters is not chronic in the AHRQ CCI.
+    notes = [note("a", encounter="E1", date=D(2024, 1, 1)), note("b", encounter="E2", date=D(2024, 2, 1)),
+             note("c", encounter="E3", date=D(2024, 3, 1))]
+    diag = [("P1", "E1", "J06.9", D(2024, 1, 1)), ("P1", "E2", "J06.9", D(2024, 2, 1)),
+            ("P1", "E3", "S93.401A", D(2024, 3, 1))]
+    labeled, _ = run(spark, reference, notes, diag)
+    assert labeled["c"].imputed_codes == [] and labeled["c"].codes == ["S93.401A"]
+
+
+def test_imputation_never_crosses_patients(spark, reference):
+    notes = [note("p2", patient="P2", encounter="E9", date=D(2024, 5, 1))]
+    diag = [("P1", "E1", "I10", D(2024, 1, 1)), ("P1", "E2", "I10", D(2024, 2, 1)),
+            ("P2", "E9", "J06.9", D(2024, 5, 1))]
+    labeled, _ = run(spark, reference, notes, diag)
+    assert labeled["p2"].codes == ["J06.9"]
+
+
+def test_code_normalisation(spark, reference):
+    assert [normalize_code(c) for c in (" e119 ", "E11.9", "e11 .9", "i10", "T814XXA")] == \
+        ["E11.9", "E11.9", "E11.9", "I10", "T81.4XXA"]
+    notes = [note("a")]
+    diag = [("P1", "E1", " e119 ", D(2024, 1, 1)), ("P1", "E1", "E11.9", D(2024, 1, 1)),
+            ("P1", "E1", "i10", D(2024, 1, 1))]
+    labeled, rejects = run(spark, reference, notes, diag)
+    assert labeled["a"].codes == ["E11.9", "I10"] and rejects == []
+
+
+def test_every_reject_reason(spark, reference):
+    notes = [note(None), note("nopat", patient=None), note("noenc", encounter=None),
+             note("nodate", date=None), note("empty", text="   "), note("nulltext", text=None),
+             note("dup"), note("dup"), note("conf"), note("conf", text=TEXT + " amended"),
+             note("nodx", encounter="E404"), note("ok")]
+    diag = [("P1", "E1", "I10", D(2024, 1, 1)), ("P1", "E1", "E11..9X!", D(2024, 1, 1)),
+            ("P1", "E1", "Z99.999", D(2024, 1, 1)), ("P1", None, "I10", D(2024, 1, 1)),
+            (None, "E1", "I10", D(2024, 1, 1)), ("P1", "E1", "I10", None), ("P1", "E1", None, D(2024, 1, 1))]
+    labeled, rejects = run(spark, reference, notes, diag)
+    assert set(labeled) == {"dup", "ok"}
+    assert rejects == sorted([
+        ("notes", None, "null_note_id"), ("notes", "nopat", "null_patient_id"),
+        ("notes", "noenc", "null_encounter_id"), ("notes", "nodate", "null_note_date"),
+        ("notes", "empty", "empty_text"), ("notes", "nulltext", "empty_text"),
+        ("notes", "dup", "duplicate_row"), ("notes", "conf", "conflicting_note_id"),
+        ("notes", "conf", "conflicting_note_id"), ("notes", "nodx", "no_diagnoses"),
+        ("diagnoses", "E11..9X!", "malformed_code"), ("diagnoses", "Z99.999", "unknown_code"),
+        ("diagnoses", "I10", "null_encounter_id"), ("diagnoses", "I10", "null_patient_id"),
+        ("diagnoses", "I10", "null_diagnosis_date"), ("diagnoses", None, "malformed_code")], key=_key)
+
+
+def test_rejects_never_hold_note_text(spark, reference):
+    n = spark.createDataFrame([note("short", text="secret words")], t.NOTES_SCHEMA)
+    d = spark.createDataFrame([("P1", "E1", "I10", D(2024, 1, 1))], t.DIAGNOSES_SCHEMA)
+    _, rejects = label_notes(n, d, reference, EtlConfig())
+    row = rejects.collect()[0]
+    assert "secret" not in json.dumps(row.asDict(), default=str)
+    assert json.loads(row.record)["text_chars"] == len("secret words")
+
+
+def test_split_is_deterministic_stable_and_patient_disjoint(spark):
+    patients = [f"P{i:05d}" for i in range(3000)]
+    df = spark.createDataFrame([(p,) for p in patients], "patient_id STRING")
+    first = {r.patient_id: r.split for r in df.select("patient_id", assign_split(F.col("patient_id"), "s")
+                                                     .alias("split")).collect()}
+    # Rows added later never move existing patients; the Python twin agrees with Spark.
+    grown = spark.createDataFrame([(p,) for p in patients + [f"Q{i}" for i in range(500)]], "patient_id STRING")
+    second = {r.patient_id: r.split for r in grown.select("patient_id", assign_split(F.col("patient_id"), "s")
+                                                         .alias("split")).collect()}
+    assert all(second[p] == s for p, s in first.items())
+    assert all(split_of(p, "s") == s for p, s in first.items())
+    shares = {s: list(first.values()).count(s) / len(first) for s in ("train", "dev", "test")}
+    assert abs(shares["train"] - 0.7) < 0.03 and abs(shares["dev"] - 0.1) < 0.02
+    other = {r.patient_id: r.split for r in df.select("patient_id", assign_split(F.col("patient_id"), "t")
+                                                     .alias("split")).collect()}
+    assert other != first  # the salt draws a different split
+
+
+def test_notes_of_one_patient_share_a_split(spark, reference):
+    notes = [note(f"n{i}", patient=f"P{i % 7}", encounter=f"E{i}") for i in range(60)]
+    diag = [(f"P{i % 7}", f"E{i}", "I10", D(2024, 1, 1)) for i in range(60)]
+    labeled, _ = run(spark, reference, notes, diag)
+    by_patient = {}
+    for r in labeled.values():
+        by_patient.setdefault(r.patient_id, set()).add(r.split)
+    assert all(len(s) == 1 for s in by_patient.values())
+
+
+def test_label_threshold_is_strictly_more_than(spark, reference):
+    rows = [("train", ["I10", "E11.9"])] * 3 + [("train", ["I10"])] + [("dev", ["J06.9"])] * 9
+    df = spark.createDataFrame(rows, "split STRING, codes ARRAY<STRING>")
+    vocab = build_label_vocab(df, reference, min_code_count=3).collect()
+    assert [(r.label_index, r.code, r.train_count, r.is_chronic) for r in vocab] == [(0, "I10", 4, True)]
+    assert vocab[0].description == "Essential (primary) hypertension"
+
+
+def test_schema_problem_stops_before_writing(wh, spark):
+    bad = spark.createDataFrame([("n1", "P1")], "note_id STRING, patient_id STRING")
+    good_diag = spark.createDataFrame([("P1", "E1", "I10", D(2024, 1, 1))], t.DIAGNOSES_SCHEMA)
+    wh.write(bad, "ehr.notes")
+    wh.write(good_diag, "ehr.diagnoses")
+    with pytest.raises(SchemaError, match="missing column 'encounter_id'"):
+        run_etl(wh, wh.cfg)
+    assert not wh.exists(wh.name(t.LABELED_NOTES)) and not wh.exists(wh.name(t.REJECTS))
+    typed = spark.createDataFrame([("P1", "E1", "I10", "2024-01-01")],
+                                  "patient_id STRING, encounter_id STRING, icd10_code STRING, diagnosis_date STRING")
+    wh.write(typed, "ehr.diagnoses")
+    wh.write(spark.createDataFrame([note("a")], t.NOTES_SCHEMA), "ehr.notes")
+    with pytest.raises(SchemaError, match="'diagnosis_date' is string, expected date"):
+        run_etl(wh, wh.cfg)
+    assert not wh.exists(wh.name(t.LABELED_NOTES))
+
+
+def test_rerun_writes_same_tables_and_reads_snapshots(wh, spark):
+    wh.cfg.etl.min_code_count = 0
+    wh.write(spark.createDataFrame([note("a"), note("b", status="erroneous")], t.NOTES_SCHEMA), "ehr.notes")
+    wh.write(spark.createDataFrame([("P1", "E1", "I10", D(2024, 1, 1))], t.DIAGNOSES_SCHEMA), "ehr.diagnoses")
+    first = run_etl(wh, wh.cfg)
+    run_etl(wh, wh.cfg)
+    assert wh.table("bertxml.labeled_notes").count() == first["labeled_notes"] == 1
+    assert wh.table("bertxml.rejects").count() == 1  # rerun replaces, never duplicates
+    wh.write(spark.createDataFrame([note("c")], t.NOTES_SCHEMA), "ehr.notes", mode="append")
+    assert run_etl(wh, wh.cfg)["labeled_notes"] == 2
+    snap = run_etl(wh, wh.cfg, as_of_version=0)
+    assert snap["labeled_notes"] == 1
+    history = wh.spark.sql("SELECT inputs, status FROM bertxml.job_runs WHERE job = 'etl'").collect()
+    assert len(history) == 4 and all(r.status == "succeeded" for r in history)
+    assert sorted(json.loads(r.inputs)["notes"]["version"] for r in history) == [0, 0, 0, 1]
