@@ -3,6 +3,7 @@
     bertxml generate --notes 2000            # a synthetic EHR warehouse (ehr.notes, ehr.diagnoses)
     bertxml etl                              # bertxml.labeled_notes, label_vocab, rejects
     bertxml sql "SELECT ..." --format json   # Spark SQL over the warehouse
+    bertxml sql-server --port 10000          # JDBC/ODBC (beeline, BI tools) over the warehouse
     bertxml demo                             # the main job end to end on the embedded default
 
 Every command takes --workdir DIR (default ./warehouse), --conf FILE (YAML over the defaults, repeatable)
@@ -77,6 +78,14 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_sql_server(args) -> int:
+    from bertxml.sqlserver import serve
+
+    wh = open_warehouse(args, "sql-server")
+    serve(wh, port=args.port, host=args.host)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from bertxml.demo import run_demo
 
@@ -116,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("sql-server", parents=[common], help="Thrift JDBC/ODBC server over the warehouse")
+    p.add_argument("--port", type=int, default=10000)
+    p.add_argument("--host", default="localhost")
+    p.set_defaults(func=cmd_sql_server)
 
     p = sub.add_parser("demo", parents=[common], help="the main job end to end on the embedded default")
     p.set_defaults(func=cmd_demo)

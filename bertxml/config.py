@@ -70,7 +70,10 @@ class EtlConfig:
 class VocabConfig:
     size: int = 20000                   # paper §4.2.1: 20K WordPieces
     min_frequency: int = 2
-    lowercase: bool = True
+    lowercase: bool = True              # BERT uncased: lower case and strip accents
+    numbers: str = "mask"               # "mask": each digit becomes 'n' (paper Figure 3: "icd - nn - cm"); "keep"
+    limit_alphabet: int = 1000          # most frequent characters kept as the trainer's alphabet (BERT's default)
+    oov_notes: int = 2000               # dev notes the OOV comparison is measured on (paper §3.2)
     corpus: list = field(default_factory=list)  # extra unlabelled SOURCEs for the vocabulary
 
 
@@ -99,7 +102,16 @@ class PretrainConfig:
     warmup: float = 0.1
     mlm_probability: float = 0.15       # BERT: 15% of tokens, 80/10/10 mask/random/keep
     nsp: bool = True
-    max_len: int = 512
+    max_len: int = 512                  # chunk length read from bertxml.chunks (run `tokenize` for it)
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    clip: float = 1.0                   # gradient norm clipping; 0 turns it off
+    bf16: bool = True                   # autocast where the hardware has it
+    log_every: int = 20                 # steps between log lines (loss, mlm, nsp, lr, tokens/s)
+    seed: int = 13                      # model init, batch order per epoch, masking per step
+    threads: int = 0                    # torch CPU threads; 0 leaves torch's default
+    checkpoint_every: int = 500         # steps between resumable checkpoints (also at each epoch end)
+    bucket_window: int = 50             # batches per window sorted by length (less padding)
+    dev_batches: int = 20               # dev batches for the final MLM/NSP loss in the manifest
 
 
 @dataclass
@@ -117,19 +129,34 @@ class TrainConfig:
     eval_every: int = 0                 # 0: evaluate on dev at each epoch end
     seed: int = 13
     num_workers: int = 0
+    threads: int = 0                    # torch CPU threads; 0 leaves torch's default (shared out under DDP)
+    checkpoint_every: int = 200         # steps between resumable checkpoints (also at each epoch end); 0: epochs only
+    bucket_window: int = 50             # batches per window sorted by length (less padding, still shuffled)
+    eval_batch_size: int = 32           # chunks per forward pass on dev
 
 
 @dataclass
 class ScoreConfig:
     top_k: int = 5
-    batch_size: int = 16                # chunks per forward pass
-    arrow_batch_notes: int = 256        # notes per Arrow batch to the pandas UDF
+    batch_size: int = 16                # chunks per forward pass at full length: a pass holds at most
+                                        # batch_size * max_len tokens (short chunks share a pass)
+    arrow_batch_notes: int = 256        # notes per Arrow batch to the pandas UDF (~9 KB of probabilities
+                                        # a note at 2,292 codes): spark.sql.execution.arrow.maxRecordsPerBatch
     threshold_default: float = 0.5      # for codes with no dev positives to tune on
+    max_chunks_per_note: int = 32       # longer notes are scored on their first 32 chunks (16K tokens at
+                                        # 512) and flagged predictions.truncated
+    max_replacement_share: float = 0.01  # more U+FFFD than this share of a note's characters: 'bad_text'
+    device: str = "auto"                # "auto": the Spark task's GPU, else CUDA if present, else CPU
+    num_threads: int = 0                # torch threads per worker; 0: the task's CPUs (spark.task.cpus)
+    cpu_bf16: bool = False              # bf16 autocast on CPU as well (always on GPU)
+    partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
+    allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
 
 
 @dataclass
 class EvalConfig:
     low_freq_threshold: int = 2000      # paper Table 3: fewer than 2,000 train examples
+    default_split: str = "test"         # what `bertxml evaluate` scores when given no split or date
 
 
 @dataclass

@@ -268,8 +268,9 @@ class PatientGenerator:
             bounds.append((edge, defect))
         self.defect_bounds = bounds
         self.lex = {k: v for k, v in lex.items() if k != "core_codes"}
-        self.labs = [(name, unit, float(lo), float(hi) - float(lo), f"{{:.{int(dec)}f}}")
-                     for name, unit, lo, hi, dec in lex["labs"]]
+        self.lab_panels = [(panel, [(name, f" {unit}" if unit else "", float(lo), float(hi) - float(lo),
+                                     f"{{:.{int(dec)}f}}") for name, unit, lo, hi, dec in results])
+                           for panel, results in lex["lab_panels"].items()]
 
     # -- structure: everything both tables need; the diagnoses pass stops here --
     def structure(self, i: int) -> _Patient:
@@ -374,100 +375,115 @@ class PatientGenerator:
         return rows
 
     # -- text --
-    def _form(self, r: random.Random, c: int) -> str:
-        u = r.random()
-        forms = self.abbr[c] if u < 0.35 else self.syn[c] if u < 0.75 else self.desc_forms[c]
-        return r.choice(forms or self.desc_forms[c])
+    # Draws below use rand() directly (seq[int(rand() * len(seq))]) rather than Random.choice/randint:
+    # the same determinism at a third of the cost, and text is most of the generator's time.
+    def _form(self, rand, c: int) -> str:
+        u = rand()
+        forms = (self.abbr[c] if u < 0.35 else self.syn[c] if u < 0.75 else None) or self.desc_forms[c]
+        return forms[int(rand() * len(forms))]
 
-    def _absent(self, r: random.Random, p: _Patient, coded: set, chronic_only: bool = False) -> int | None:
+    def _absent(self, rand, p: _Patient, coded: set, chronic_only: bool = False) -> int | None:
         """A code neither coded at this encounter nor among the patient's conditions: a distractor."""
         idx, cum = (self.chronic_idx, self.chronic_cum) if chronic_only and self.chronic_idx else \
             (self.all_idx, self.all_cum)
+        total = cum[-1]
         for _ in range(6):
-            c = _draw(r, idx, cum)
+            c = idx[bisect.bisect_right(cum, rand() * total)]
             if c not in coded and c not in p.chronic:
                 return c
         return None
 
-    def _lab_panel(self, r: random.Random, date: dt.date) -> str:
-        when = date - dt.timedelta(days=r.randrange(30))
-        parts = [f"{name} {fmt.format(lo + r.random() * span)}{' ' + unit if unit else ''}"
-                 for name, unit, lo, span, fmt in r.sample(self.labs, r.randint(6, 12))]
-        return f"{when:%m/%d/%Y}: " + ", ".join(parts) + "."
+    def _lab_panel(self, rand, date: dt.date) -> str:
+        when = date - dt.timedelta(days=int(rand() * 30))
+        name, results = self.lab_panels[int(rand() * len(self.lab_panels))]
+        values = ", ".join([f"{label} {fmt.format(lo + rand() * span)}{unit}" for label, unit, lo, span, fmt in results])
+        return f"{when:%m/%d/%Y} {name}: {values}."
 
-    def _vitals(self, r: random.Random, p: _Patient, prefix: str = "Vitals") -> str:
-        return (f"{prefix}: BP {r.randint(98, 168)}/{r.randint(58, 98)}, HR {r.randint(54, 112)}, "
-                f"RR {r.randint(12, 22)}, Temp {96.8 + r.random() * 3.2:.1f} F, SpO2 {r.randint(91, 100)}% on "
-                f"room air, weight {p.weight_kg + r.random() * 2 - 1:.1f} kg.")
+    def _vitals(self, rand, p: _Patient | None, prefix: str = "Vitals") -> str:
+        """A vitals line; with the patient's weight when p is given (the exam, not the flowsheet)."""
+        weight = f", weight {p.weight_kg + rand() * 2 - 1:.1f} kg" if p is not None else ""
+        return (f"{prefix}: BP {98 + int(rand() * 70)}/{58 + int(rand() * 40)}, HR {54 + int(rand() * 58)}, "
+                f"RR {12 + int(rand() * 11)}, Temp {96.8 + rand() * 3.2:.1f} F, SpO2 {91 + int(rand() * 10)}% on "
+                f"room air{weight}.")
 
     @staticmethod
-    def _systems(r: random.Random, pool: list, k: int) -> list:
+    def _systems(rand, pool: list, k: int) -> list:
         """k systems of a ROS or exam pool, in the pool's (conventional) order."""
-        return pool if k >= len(pool) else [pool[j] for j in sorted(r.sample(range(len(pool)), k))]
+        if k >= len(pool):
+            return pool
+        start = int(rand() * len(pool))          # a window of consecutive systems, wrapping around
+        return [pool[j % len(pool)] for j in sorted(range(start, start + k), key=lambda j: j % len(pool))]
 
     def note_text(self, r: random.Random, p: _Patient, e: _Encounter, note_type: str, date: dt.date) -> str:
         """One note's text: sections, one sentence per line."""
-        lex, rand, choice = self.lex, r.random, r.choice
+        lex, rand = self.lex, r.random
+
+        def pick(seq):
+            return seq[int(rand() * len(seq))]
+
+        def between(lo: int, hi: int) -> int:
+            return lo + int(rand() * (hi - lo + 1))
+
+        form = self._form
         coded = set(e.codes)
         mentioned = [c for c in e.codes if rand() < MENTION]
         cue = {c for c in mentioned if self.meds[c] and rand() < MED_CUE}     # named only through the drug
         long = rand() < self.cfg.long_note_rate
-        target = r.randint(*(LONG_WORDS if long else NORMAL_WORDS))
+        target = between(*(LONG_WORDS if long else NORMAL_WORDS))
 
         head = [lex["note_titles"].get(note_type, "CLINICAL NOTE"), f"Date of service: {date:%Y-%m-%d}",
                 "CHIEF COMPLAINT:"]
         named = [c for c in mentioned if c not in cue]
-        head.append(_cap(self._form(r, named[0])) + "." if named and rand() < 0.6
-                    else choice(lex["chief_complaints"]))
+        head.append(_cap(form(rand, named[0])) + "." if named and rand() < 0.6 else pick(lex["chief_complaints"]))
         head.append("HISTORY OF PRESENT ILLNESS:")
-        history = [self._form(r, c) for c in e.active_chronic[:3] if c not in cue and rand() < 0.7]
+        history = [form(rand, c) for c in e.active_chronic[:3] if c not in cue and rand() < 0.7]
         head.append(f"{p.age}-year-old {p.sex} with a history of {', '.join(history)}." if history
                     else f"{p.age}-year-old {p.sex} seen today." if e.active_chronic
                     else f"{p.age}-year-old {p.sex} without significant past medical history.")
         for c in named:
             if rand() < 0.5:
-                head.append(choice(lex["hpi_mention"]).format(f=self._form(r, c), F=_cap(self._form(r, c))))
-        for _ in range(r.randint(1, 3)):
-            head.append(choice(lex["hpi_filler"]))
-        for _ in range(r.randint(0, 2)):
-            c = self._absent(r, p, coded)
+                f = form(rand, c)
+                head.append(pick(lex["hpi_mention"]).format(f=f, F=_cap(f)))
+        for _ in range(between(1, 3)):
+            head.append(pick(lex["hpi_filler"]))
+        for _ in range(between(0, 2)):
+            c = self._absent(rand, p, coded)
             if c is not None and self.symptom[c]:
-                f = self._form(r, c)
-                head.append(choice(lex["negated_symptom"]).format(f=f, F=_cap(f)))
+                f = form(rand, c)
+                head.append(pick(lex["negated_symptom"]).format(f=f, F=_cap(f)))
 
         head.append("PAST MEDICAL HISTORY:")
-        pmh = [f"- {self._form(r, c)}" for c in e.active_chronic if rand() < 0.75]
+        pmh = [f"- {form(rand, c)}" for c in e.active_chronic if rand() < 0.75]
         head.extend(pmh or ["- No chronic medical problems."])
         if rand() < 0.5:
-            c = self._absent(r, p, coded)
+            c = self._absent(rand, p, coded)
             if c is not None and not self.symptom[c]:
-                f = self._form(r, c)
-                head.append(choice(lex["negated_condition"]).format(f=f, F=_cap(f)))
+                f = form(rand, c)
+                head.append(pick(lex["negated_condition"]).format(f=f, F=_cap(f)))
 
         head.append("MEDICATIONS:")
-        med_of = {c: choice(self.meds[c]) for c in cue}
+        med_of = {c: pick(self.meds[c]) for c in cue}
         meds = [f"- {m}" for m in med_of.values()]
-        meds += [f"- {choice(self.meds[c])}" for c in e.active_chronic
+        meds += [f"- {pick(self.meds[c])}" for c in e.active_chronic
                  if c not in cue and self.meds[c] and rand() < 0.4]
-        meds += [f"- {m}" for m in r.sample(lex["generic_meds"], r.randint(0, 3))]
+        meds += [f"- {pick(lex['generic_meds'])}" for _ in range(between(0, 3))]
         head.extend(meds or ["- None."])
 
         head.append("SOCIAL AND FAMILY HISTORY:")
-        head.append(choice(lex["social_history"]))
-        for _ in range(r.randint(0, 2)):
-            c = self._absent(r, p, coded, chronic_only=True)
+        head.append(pick(lex["social_history"]))
+        for _ in range(between(0, 2)):
+            c = self._absent(rand, p, coded, chronic_only=True)
             if c is not None:
-                rel, f = choice(lex["relatives"]), self._form(r, c)
-                head.append(choice(lex["family_history"]).format(f=f, F=_cap(f), rel=rel, Rel=_cap(rel)))
+                rel, f = pick(lex["relatives"]), form(rand, c)
+                head.append(pick(lex["family_history"]).format(f=f, F=_cap(f), rel=rel, Rel=_cap(rel)))
 
         head.append("REVIEW OF SYSTEMS:")
-        ros = lex["ros"]
-        for system, negatives in self._systems(r, ros, len(ros) if long else r.randint(2, 3 + target // 100)):
+        ros, exam = lex["ros"], lex["exam"]
+        for system, negatives in self._systems(rand, ros, len(ros) if long else between(2, 3 + target // 100)):
             head.append(f"{system}: {negatives}.")
         head.append("PHYSICAL EXAM:")
-        head.append(self._vitals(r, p))
-        exam = lex["exam"]
-        for system, finding in self._systems(r, exam, len(exam) if long else r.randint(2, 3 + target // 100)):
+        head.append(self._vitals(rand, p))
+        for system, finding in self._systems(rand, exam, len(exam) if long else between(2, 3 + target // 100)):
             head.append(f"{system}: {finding}.")
 
         plan = ["ASSESSMENT AND PLAN:"]
@@ -475,56 +491,55 @@ class PatientGenerator:
         r.shuffle(order)
         for n, c in enumerate(order, 1):
             if c in cue:
-                plan.append(f"{n}. " + choice(lex["plan_med_cue"]).format(m=med_of[c]))
+                plan.append(f"{n}. " + pick(lex["plan_med_cue"]).format(m=med_of[c]))
             else:
-                f = self._form(r, c)
-                plan.append(f"{n}. " + choice(lex["plan_mention"]).format(f=f, F=_cap(f)))
-        for _ in range(r.randint(0, 2)):
-            c = self._absent(r, p, coded)
+                f = form(rand, c)
+                plan.append(f"{n}. " + pick(lex["plan_mention"]).format(f=f, F=_cap(f)))
+        for _ in range(between(0, 2)):
+            c = self._absent(rand, p, coded)
             if c is not None and not self.symptom[c]:
-                f = self._form(r, c)
-                plan.append(choice(lex["negated_condition"]).format(f=f, F=_cap(f)))
-        for _ in range(r.randint(1, 2)):
-            plan.append(choice(lex["plan_filler"]))
+                f = form(rand, c)
+                plan.append(pick(lex["negated_condition"]).format(f=f, F=_cap(f)))
+        for _ in range(between(1, 2)):
+            plan.append(pick(lex["plan_filler"]))
 
         # Pad to the drawn length with what long notes are long with: labs, flowsheets, course.
-        words = sum(line.count(" ") + 1 for line in head) + sum(line.count(" ") + 1 for line in plan)
+        words = sum([line.count(" ") + 1 for line in head]) + sum([line.count(" ") + 1 for line in plan])
         labs, course, flow, imaging = [], [], [], []
-        course_pool = lex["nursing"] if note_type == "nursing_note" else (
-            lex["hospital_course"] if long or note_type == "discharge_summary" else lex["hpi_filler"])
+        if note_type == "nursing_note":
+            course_title, course_pool = "NURSING ASSESSMENT:", lex["nursing"]
+        elif long or note_type == "discharge_summary":
+            course_title, course_pool = "HOSPITAL COURSE:", lex["hospital_course"]
+        else:
+            course_title, course_pool = "INTERVAL HISTORY:", lex["hpi_filler"]
         course_deck: list = []                    # the pool dealt in shuffled rounds: few repeats
+        lab_share, flow_share, imaging_share = (0.35, 0.55, 0.62) if long else (0.2, 0.25, 0.32)
         while words < target:
             u = rand()
-            if u < (0.35 if long else 0.2):
-                line = self._lab_panel(r, date)
+            if u < lab_share:
+                line = self._lab_panel(rand, date)
                 labs.append(line)
-            elif u < (0.55 if long else 0.25):
-                line = self._vitals(r, p, f"{r.randint(0, 23):02d}{choice(('00', '15', '30', '45'))}")
+            elif u < flow_share:
+                line = self._vitals(rand, None, f"{int(rand() * 24):02d}{pick(('00', '15', '30', '45'))}")
                 flow.append(line)
-            elif u < (0.62 if long else 0.32):
-                line = choice(lex["imaging"])
+            elif u < imaging_share:
+                line = pick(lex["imaging"])
                 imaging.append(line)
             else:
                 if not course_deck:
-                    course_deck = r.sample(course_pool, len(course_pool))
+                    course_deck = course_pool[:]
+                    r.shuffle(course_deck)
                 line = course_deck.pop()
                 course.append(line)
             words += line.count(" ") + 1
-        labs.sort(key=lambda line: line[6:10] + line[:5])        # panels in date order (MM/DD/YYYY: ...)
+        labs.sort(key=lambda line: line[6:10] + line[:5])        # panels in date order (MM/DD/YYYY ...)
+        flow.sort()
         body = head
-        if course:
-            body.append("HOSPITAL COURSE:" if course_pool is lex["hospital_course"] else
-                        "NURSING ASSESSMENT:" if course_pool is lex["nursing"] else "INTERVAL HISTORY:")
-            body.extend(course)
-        if labs:
-            body.append("LABORATORY DATA:")
-            body.extend(labs)
-        if imaging:
-            body.append("IMAGING:")
-            body.extend(imaging)
-        if flow:
-            body.append("VITALS FLOWSHEET:")
-            body.extend(flow)
+        for title, lines in ((course_title, course), ("LABORATORY DATA:", labs), ("IMAGING:", imaging),
+                             ("VITALS FLOWSHEET:", flow)):
+            if lines:
+                body.append(title)
+                body.extend(lines)
         body.extend(plan)
         return "\n".join(body)
 

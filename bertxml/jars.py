@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,25 @@ def cached_jars() -> list[str]:
     if not (folder / "COMPLETE").exists():
         return []
     return sorted(str(p) for p in folder.glob("*.jar"))
+
+
+def _artifact(jar_name: str) -> str:
+    """'org.apache.parquet_parquet-column-1.16.0.jar' or 'parquet-column-1.16.0.jar' -> 'parquet-column'."""
+    org, sep, rest = jar_name.partition("_")
+    base = rest if sep and "." in org else jar_name  # Ivy names its files org_artifact-version.jar
+    return re.sub(r"-\d[\w.\-]*\.jar$", "", base)
+
+
+def jars_not_in_spark(jars: list[str]) -> list[str]:
+    """The cached jars Spark itself does not ship (Delta's own and a few small extras).
+
+    Only these go on the driver's class path: the transitive copies of Jackson, Hadoop or Parquet that
+    Ivy also resolves would shadow Spark's own, newer ones there.
+    """
+    import pyspark
+
+    shipped = {_artifact(p.name) for p in (Path(pyspark.__file__).parent / "jars").glob("*.jar")}
+    return [j for j in jars if _artifact(Path(j).name) not in shipped]
 
 
 def _resolve_with_ivy(folder: Path) -> None:

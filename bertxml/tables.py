@@ -3,8 +3,8 @@
 Input tables (the hospital's): notes and diagnoses. Output tables (ours) live in the `bertxml` schema
 (WarehouseConfig.schema). Each output table's columns are documented in the README.
 """
-from pyspark.sql.types import (ArrayType, BooleanType, DateType, FloatType, IntegerType, LongType,
-                               StringType, StructField, StructType, TimestampType)
+from pyspark.sql.types import (ArrayType, BooleanType, DateType, DoubleType, FloatType, IntegerType,
+                               LongType, StringType, StructField, StructType, TimestampType)
 
 # ---- inputs -------------------------------------------------------------------------------------------
 NOTES_SCHEMA = StructType([
@@ -86,9 +86,11 @@ JOB_RUNS_SCHEMA = StructType([
 CHUNKS_SCHEMA = StructType([
     StructField("note_id", StringType(), False),
     StructField("split", StringType(), False),
+    StructField("max_len", IntegerType(), False),     # 512 or 1,024: one table holds both chunkings
     StructField("chunk_index", IntegerType(), False),
-    StructField("input_ids", ArrayType(IntegerType(), False), False),
-    StructField("label_ids", ArrayType(IntegerType(), False), False),
+    StructField("input_ids", ArrayType(IntegerType(), False), False),   # [CLS] ... [SEP], at most max_len
+    StructField("label_ids", ArrayType(IntegerType(), False), False),   # label_vocab.label_index of the codes
+    StructField("sentence_starts", ArrayType(IntegerType(), False), False),  # positions in input_ids
 ])
 
 TOP_CODE = StructType([StructField("code", StringType()), StructField("probability", FloatType())])
@@ -103,6 +105,8 @@ PREDICTIONS_SCHEMA = StructType([
     StructField("probabilities", ArrayType(FloatType(), False)),
     StructField("top_codes", ArrayType(TOP_CODE)),
     StructField("predicted_codes", ArrayType(StringType())),
+    StructField("n_chunks", IntegerType()),           # chunks scored (the note's probability is their max)
+    StructField("truncated", BooleanType()),          # longer than score.max_chunks_per_note: first chunks only
 ])
 
 MODEL_LABELS = "model_labels"  # each scored model version's label vocabulary, for the views
@@ -113,4 +117,36 @@ MODEL_LABELS_SCHEMA = StructType([
     StructField("code", StringType(), False),
     StructField("description", StringType()),
     StructField("threshold", FloatType()),
+])
+
+# `bertxml evaluate`: append-only, one row per (run_id, dataset); the view bertxml.latest_auc picks the newest.
+# dataset: 'dev' | 'test' | 'date:YYYY-MM-DD' (one night) | 'dates:FROM..TO' (a range; its nights get rows too).
+AUC_REPORT_SCHEMA = StructType([
+    StructField("run_id", StringType(), False),
+    StructField("model_version", StringType(), False),
+    StructField("dataset", StringType(), False),
+    StructField("micro_auc", DoubleType()),           # over every (note, code) pair
+    StructField("macro_auc", DoubleType()),           # mean over codes with a positive and a negative note
+    StructField("macro_auc_low_freq", DoubleType()),  # the same over codes with < low_freq_threshold train notes
+    StructField("n_codes_scored", IntegerType()),
+    StructField("n_codes_skipped", IntegerType()),    # no positive or no negative note in the set
+    StructField("n_codes_low_freq", IntegerType()),   # scored codes counted in macro_auc_low_freq
+    StructField("n_notes", LongType()),
+    StructField("micro_f1", DoubleType()),            # at the model's per-code thresholds
+    StructField("macro_f1", DoubleType()),            # mean over codes with a positive note
+    StructField("p_at_5", DoubleType()),
+    StructField("p_at_8", DoubleType()),
+    StructField("created_at", TimestampType(), False),
+])
+
+# Per-code AUCs of a run's main dataset (null auc: skipped); the histogram of paper Figure 2 is drawn from it.
+CODE_AUC_SCHEMA = StructType([
+    StructField("run_id", StringType(), False),
+    StructField("model_version", StringType(), False),
+    StructField("dataset", StringType(), False),
+    StructField("code", StringType(), False),
+    StructField("description", StringType()),
+    StructField("auc", DoubleType()),
+    StructField("n_pos", LongType()),
+    StructField("train_count", LongType()),
 ])

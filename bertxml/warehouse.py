@@ -59,11 +59,15 @@ def get_spark(cfg: Config, app: str = "bertxml") -> SparkSession:
         "spark.sql.execution.arrow.pyspark.enabled": "true",
     }
     if local:
-        from bertxml.jars import ensure_delta_jars
+        from bertxml.jars import ensure_delta_jars, jars_not_in_spark
 
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        jars = ensure_delta_jars()
         settings.update({
-            "spark.jars": ",".join(ensure_delta_jars()),
+            "spark.jars": ",".join(jars),
+            # Also on the driver's own class path, so threads with their own class loader (the Thrift
+            # server's sessions) find Delta's catalog classes too.
+            "spark.driver.extraClassPath": os.pathsep.join(jars_not_in_spark(jars)),
             "spark.driver.memory": cfg.spark.driver_memory,
             "spark.ui.enabled": "false",
             "spark.databricks.delta.snapshotPartitions": "2",

@@ -1,0 +1,740 @@
+"""Nightly scoring: the notes of one day through a trained model into `bertxml.predictions`.
+
+    bertxml score [--date YYYY-MM-DD | --since-last] [--model DIR] [--notes SOURCE]
+
+With neither --date nor --since-last the job scores YESTERDAY (UTC). `--since-last` scores every note (that
+passes the filters) not yet scored by this model version: the catch-up after missed nights. `--model DIR`
+defaults to the newest trained model under WORKDIR/models; the model version, label vocabulary, thresholds
+and tokenizer travel with the folder, so two model versions can be scored side by side.
+
+What a run does, each table written in ONE Delta transaction:
+1. reads the notes SOURCE (default `cfg.warehouse.notes`, schema-checked) for the night, and applies the
+   ETL's filters (`bertxml.etl.note_reject_reason`, duplicate ids) plus one of its own, 'bad_text'
+   (invalid UTF-8, a NUL character, or more than `score.max_replacement_share` U+FFFD characters: the
+   feed's decoding already failed). Such notes go to `bertxml.rejects` (job 'score', batch = the note's
+   date, rewritten with replaceWhere so a rerun never duplicates), never to the model;
+2. scores the rest through an iterator pandas UDF (`mapInPandas`) whose Python worker loads the model
+   ONCE (`make_predict_fn`, cached per process), takes its GPU from `TaskContext.resources()["gpu"]` when
+   the cluster schedules GPUs, starts CUDA there and never on the driver, and uses bf16 autocast on GPU;
+3. MERGEs the notes' rows into `bertxml.predictions` on (note_id, model_version): rerunning a night leaves
+   the table as one run would. The model's label vocabulary is merged into `bertxml.model_labels` on
+   (model_version, label_index), and the analyst views are refreshed.
+
+The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
+max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all chunks of a batch of notes
+sorted by length and cut into batches of at most `score.batch_size * max_len` tokens, each padded only to
+its own longest chunk (no padding to max_len); SDPA attention; `torch.inference_mode`; a note's
+probability per code is the max over its chunks (paper §4.1).
+
+Bad input, and what happens to it:
+- empty, short, dropped or duplicated notes: rejected with the ETL's reason;
+- undecodable text: rejected 'bad_text' before the UDF (invalid UTF-8 would otherwise fail the Arrow
+  transfer of the whole batch, and with it the night);
+- a note with no token left after normalisation: rejected 'no_tokens';
+- a note longer than `score.max_chunks_per_note` chunks: SCORED ON ITS FIRST max_chunks_per_note CHUNKS,
+  flagged `predictions.truncated = true` and counted (`notes_truncated`). A prediction from the first
+  16K tokens is more use to a coder than none, and the flag says it is partial; the cap bounds a worker's
+  time and memory on a runaway note (the text is also cut at `max_chunks * max_len * 64` characters
+  before tokenisation);
+- a model folder whose label_vocab.json disagrees with its weights' number of labels, or that lacks a
+  file: a `ModelDirError` naming the folder and the problem, on the driver, before any note is read.
+
+On a GPU cluster set, through `spark.conf` in the config: `spark.executor.resource.gpu.amount`,
+`spark.task.resource.gpu.amount` (e.g. 1) and a discovery script; local mode needs nothing.
+
+Model kinds: `PREDICTORS[manifest["model_kind"]]` is a factory `(model_dir, device, **options) -> predict`
+with `predict(texts) -> (n, M) float32 probabilities`; "bertxml" and "cls" use `BertScorer`, and the
+baselines plug in with `register_predictor(kind, factory)`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import json
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from bertxml import tables as t
+from bertxml.config import Config, ScoreConfig
+
+log = logging.getLogger("bertxml.score")
+
+CHARS_PER_TOKEN_CAP = 64   # text cut at max_chunks * max_len * this many characters before tokenising
+LABEL_VOCAB_FILE = "label_vocab.json"
+THRESHOLDS_FILE = "thresholds.json"
+TOKENIZER_FILE = "tokenizer.json"
+SCORE_COLUMNS = ("n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes")
+
+
+class ModelDirError(ValueError):
+    """A model folder that cannot be scored with: a missing file, or parts that disagree."""
+
+
+class NoNotesError(RuntimeError):
+    """A night with no notes at all in the source: most likely the feed has not landed yet."""
+
+
+# ---- the model folder, read without torch (safe on the driver) --------------------------------------------
+def _load_manifest(model_dir: Path) -> dict:
+    try:
+        from bertxml.modeldir import load_manifest
+    except ImportError:  # pragma: no cover - modeldir is written in parallel
+        def load_manifest(d):
+            path = Path(d) / "manifest.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{d} has no manifest.json: not a finished model folder")
+            return json.loads(path.read_text())
+    try:
+        return load_manifest(model_dir)
+    except FileNotFoundError as exc:
+        raise ModelDirError(str(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{model_dir}/manifest.json is not valid JSON: {exc}") from None
+
+
+def find_model_dir(workdir: str | Path) -> Path:
+    """The newest finished trained model under WORKDIR/models (`bertxml.modeldir.find_latest_model`)."""
+    from bertxml.modeldir import find_latest_model
+
+    return find_latest_model(workdir)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to know about a model folder: its identity and its label space.
+
+    codes (M,) in label_index order, i.e. the order of `predictions.probabilities`; thresholds (M,) float32,
+    per code, from thresholds.json (codes it lacks get `threshold_default`).
+    """
+
+    model_dir: Path
+    model_version: str
+    model_kind: str
+    max_len: int
+    labels: tuple          # label_vocab.json rows (dicts), label_index order
+    codes: tuple
+    thresholds: np.ndarray
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.codes)
+
+    def label_rows(self) -> list[tuple]:
+        """bertxml.model_labels rows: (model_version, label_index, code, description, threshold)."""
+        return [(self.model_version, i, code, row.get("description"), float(self.thresholds[i]))
+                for i, (code, row) in enumerate(zip(self.codes, self.labels))]
+
+
+def read_model_info(model_dir: str | Path, threshold_default: float = 0.5) -> ModelInfo:
+    """Read and cross-check a model folder without loading its weights (no torch, no CUDA).
+
+    Raises ModelDirError when the manifest, label_vocab.json or a kind-specific file is missing or the
+    parts disagree (label indices not 0..M-1, repeated codes, weights with another number of labels).
+    """
+    model_dir = Path(model_dir).resolve()
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model folder {model_dir} does not exist")
+    manifest = _load_manifest(model_dir)
+    kind = manifest.get("model_kind")
+    if kind not in PREDICTORS:
+        raise ModelDirError(f"{model_dir}: model_kind {kind!r} has no predictor; known kinds: {sorted(PREDICTORS)}")
+    vocab_path = model_dir / LABEL_VOCAB_FILE
+    if not vocab_path.exists():
+        raise ModelDirError(f"{model_dir} has no {LABEL_VOCAB_FILE}: cannot tell which code each output is")
+    labels = sorted(json.loads(vocab_path.read_text()), key=lambda r: int(r["label_index"]))
+    if [int(r["label_index"]) for r in labels] != list(range(len(labels))):
+        raise ModelDirError(f"{vocab_path}: label_index values are not 0..{len(labels) - 1}")
+    codes = tuple(str(r["code"]) for r in labels)
+    if len(set(codes)) != len(codes) or not codes:
+        raise ModelDirError(f"{vocab_path}: {len(codes)} codes, {len(set(codes))} distinct (need >= 1, no repeats)")
+    thresholds = np.full(len(codes), threshold_default, dtype=np.float32)
+    thr_path = model_dir / THRESHOLDS_FILE
+    if thr_path.exists():
+        tuned = json.loads(thr_path.read_text())
+        unknown = sorted(set(tuned) - set(codes))
+        if unknown:
+            log.warning("%s: %d thresholds for codes outside the label vocabulary (ignored), e.g. %s",
+                        thr_path, len(unknown), unknown[:3])
+        for i, code in enumerate(codes):
+            if code in tuned and tuned[code] is not None:
+                thresholds[i] = float(tuned[code])
+    else:
+        log.warning("%s has no %s: every code uses threshold %.2f", model_dir, THRESHOLDS_FILE, threshold_default)
+    max_len = int(manifest.get("max_len") or manifest.get("config", {}).get("model", {}).get("max_len") or 512)
+    info = ModelInfo(model_dir=model_dir, model_version=str(manifest.get("model_version") or model_dir.name),
+                     model_kind=kind, max_len=max_len, labels=tuple(labels), codes=codes, thresholds=thresholds)
+    check = VALIDATORS.get(kind)
+    if check is not None:
+        check(info)
+    return info
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's JSON header (8-byte length, then JSON), nothing loaded."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ModelDirError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _check_bert_dir(info: ModelInfo) -> None:
+    """A BERT model folder: tokenizer.json, model_config.json and weights whose label count is M."""
+    from bertxml.model import CONFIG_FILE, WEIGHTS_FILE
+
+    d = info.model_dir
+    for name in (TOKENIZER_FILE, CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / name).exists():
+            raise ModelDirError(f"{d} has no {name}")
+    meta = json.loads((d / CONFIG_FILE).read_text())
+    if int(meta.get("n_labels", -1)) != info.n_labels:
+        raise ModelDirError(f"{d}: {LABEL_VOCAB_FILE} lists {info.n_labels} codes but {CONFIG_FILE} says the "
+                            f"weights have {meta.get('n_labels')} labels: the folder mixes two label vocabularies")
+    shapes = _safetensors_shapes(d / WEIGHTS_FILE)
+    head = shapes.get("head.label_vectors") or shapes.get("head.out.weight")
+    if head is None or head[0] != info.n_labels:
+        raise ModelDirError(f"{d}: the weights' output layer has shape {head}, not {info.n_labels} labels "
+                            f"as {LABEL_VOCAB_FILE} says")
+    positions = meta.get("bert_config", {}).get("max_position_embeddings")
+    if positions is not None and info.max_len > int(positions):
+        raise ModelDirError(f"{d}: max_len {info.max_len} exceeds the model's {positions} positions")
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+@dataclass
+class ScoredNotes:
+    """The engine's output for n notes: probs (n, M) float32 (max over chunks), n_chunks (n,) chunks scored,
+    n_tokens (n,) word pieces in the note (before any cut), truncated (n,) True when chunks were dropped."""
+
+    probs: np.ndarray
+    n_chunks: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+
+
+def _task_gpu() -> str | None:
+    """The GPU address Spark gave this task, when the cluster schedules GPUs (None elsewhere)."""
+    try:
+        from pyspark import TaskContext
+    except ImportError:
+        return None
+    ctx = TaskContext.get()
+    if ctx is None:
+        return None
+    gpus = ctx.resources().get("gpu")
+    return gpus.addresses[0] if gpus is not None and gpus.addresses else None
+
+
+def _task_cpus() -> int | None:
+    try:
+        from pyspark import TaskContext
+    except ImportError:
+        return None
+    ctx = TaskContext.get()
+    return int(ctx.cpus()) if ctx is not None else None
+
+
+def resolve_device(device: str | None = None) -> str:
+    """'auto'/None: this Spark task's GPU, else CUDA when present, else CPU; anything else is used as is.
+    Call it where the model runs (a worker), never on the driver before workers start."""
+    if device not in (None, "", "auto"):
+        return device
+    gpu = _task_gpu()
+    if gpu is not None:
+        return f"cuda:{gpu}"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _clean_text(text) -> str:
+    """None -> ''; lone surrogates (not encodable as UTF-8, which the Rust tokenizer refuses) -> U+FFFD."""
+    if text is None:
+        return ""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+class BertScorer:
+    """Scores notes with a BERT model folder ("bertxml" or "cls" head). Call it: `scorer(texts) -> (n, M)`.
+
+    device: None/'auto' (see `resolve_device`), 'cpu', 'cuda', 'cuda:1'. batch_size: chunks per forward
+    pass at full length; a pass holds at most batch_size * max_len tokens, so short chunks go more to a
+    pass. max_chunks_per_note: longer notes are scored on their first chunks (flagged `truncated`).
+    num_threads: torch intra-op threads (None: leave torch's setting). cpu_bf16: bf16 autocast on CPU too
+    (always on GPU).
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
+                 max_chunks_per_note: int = 32, num_threads: int | None = None, cpu_bf16: bool = False,
+                 threshold_default: float = 0.5):
+        import torch
+
+        from bertxml.model import load_model
+
+        self.info = read_model_info(model_dir, threshold_default)
+        if self.info.model_kind not in ("bertxml", "cls"):
+            raise ModelDirError(f"{model_dir}: BertScorer scores bertxml/cls models, not {self.info.model_kind!r}")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.device = torch.device(resolve_device(device))
+        self.tokenizer = _load_tokenizer(self.info.model_dir)
+        self.model = load_model(self.info.model_dir, self.device)
+        if self.model.n_labels != self.info.n_labels:
+            raise ModelDirError(f"{model_dir}: the weights have {self.model.n_labels} labels, "
+                                f"{LABEL_VOCAB_FILE} {self.info.n_labels}")
+        self.max_len = self.info.max_len
+        self.batch_size = max(1, int(batch_size))
+        self.token_budget = self.batch_size * self.max_len
+        self.max_chunks = max(1, int(max_chunks_per_note))
+        self.pad_id = int(self.model.config.pad_token_id or 0)
+        self.bf16 = self.device.type == "cuda" or bool(cpu_bf16)
+        log.info("scorer %s (%s, %d labels, max_len %d) on %s%s", self.info.model_version, self.info.model_kind,
+                 self.info.n_labels, self.max_len, self.device, " bf16" if self.bf16 else "")
+
+    # texts -> chunks ---------------------------------------------------------------------------------
+    def encode(self, texts: list[str]) -> tuple[list[list[list[int]]], np.ndarray, np.ndarray]:
+        """Texts -> (chunks per note, n_tokens (n,), truncated (n,)); at most max_chunks chunks a note."""
+        char_cap = self.max_chunks * self.max_len * CHARS_PER_TOKEN_CAP
+        cleaned = [_clean_text(x) for x in texts]
+        notes = _encode_chunks(self.tokenizer, [x[:char_cap] for x in cleaned], self.max_len)
+        n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
+        truncated = np.array([len(c) > self.max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)])
+        return [c[:self.max_chunks] for c in notes], n_tokens, truncated
+
+    # chunks -> logits ----------------------------------------------------------------------------------
+    def chunk_logits(self, chunks: list[list[int]]):
+        """Chunks (token id lists) -> logits (n_chunks, M) float32 on the CPU, in the chunks' order.
+
+        Length bucketing: the chunks are sorted by length (longest first, so the first pass shows the peak
+        memory) and cut into passes of at most token_budget tokens, each padded to its own longest chunk.
+        """
+        import torch
+
+        n = len(chunks)
+        out = torch.empty((n, self.info.n_labels), dtype=torch.float32)
+        if n == 0:
+            return out
+        lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=n)
+        order = np.argsort(-lengths, kind="stable")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        start = 0
+        with torch.inference_mode(), autocast:
+            while start < n:
+                width = int(lengths[order[start]])
+                take = order[start:start + max(1, self.token_budget // width)]
+                ids = np.full((len(take), width), self.pad_id, dtype=np.int64)
+                mask = np.zeros((len(take), width), dtype=np.int64)
+                for row, i in enumerate(take):
+                    ids[row, :lengths[i]] = chunks[i]
+                    mask[row, :lengths[i]] = 1
+                logits = self.model(torch.from_numpy(ids).to(self.device, non_blocking=True),
+                                    torch.from_numpy(mask).to(self.device, non_blocking=True))["logits"]  # (B, M)
+                out[torch.from_numpy(take)] = logits.float().cpu()
+                start += len(take)
+        return out
+
+    # texts -> note probabilities ----------------------------------------------------------------------------
+    def score(self, texts) -> ScoredNotes:
+        """Note-level probabilities (max over chunks, paper §4.1) with chunk/token counts and truncation."""
+        import torch
+
+        from bertxml.model import chunk_max
+
+        texts = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
+        notes, n_tokens, truncated = self.encode(texts)
+        flat = [c for chunks in notes for c in chunks]
+        note_index = torch.from_numpy(np.repeat(np.arange(len(notes)), [len(c) for c in notes]))
+        logits = chunk_max(self.chunk_logits(flat), note_index, len(notes))  # (n, M); max commutes with sigmoid
+        probs = torch.sigmoid(logits).numpy().astype(np.float32, copy=False)
+        return ScoredNotes(probs=probs, n_chunks=np.array([len(c) for c in notes], dtype=np.int64),
+                           n_tokens=n_tokens, truncated=truncated)
+
+    def __call__(self, texts) -> np.ndarray:
+        return self.score(texts).probs
+
+
+def _load_tokenizer(model_dir: Path):
+    try:
+        from bertxml.vocab import load_tokenizer
+    except ImportError:  # pragma: no cover - vocab is written in parallel
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+    return load_tokenizer(model_dir)
+
+
+def _encode_chunks(tokenizer, texts: list[str], max_len: int) -> list[list[list[int]]]:
+    """The training chunking (`bertxml.tokenize.encode_chunks`): [CLS] piece [SEP], in order, no overlap."""
+    try:
+        from bertxml.tokenize import encode_chunks
+    except ImportError:  # pragma: no cover - tokenize is written in parallel
+        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        body = max_len - 2
+        out = []
+        for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+            ids = enc.ids
+            out.append([[cls_id, *ids[s:s + body], sep_id] for s in range(0, max(len(ids), 1), body)])
+        return out
+    return encode_chunks(tokenizer, texts, max_len)
+
+
+# ---- the registry of model kinds ----------------------------------------------------------------------------
+def _bert_factory(model_dir, device=None, **options) -> BertScorer:
+    return BertScorer(model_dir, device=device, **options)
+
+
+PREDICTORS: dict[str, Callable] = {"bertxml": _bert_factory, "cls": _bert_factory}
+VALIDATORS: dict[str, Callable[[ModelInfo], None]] = {"bertxml": _check_bert_dir, "cls": _check_bert_dir}
+
+
+def register_predictor(kind: str, factory: Callable, validate: Callable[[ModelInfo], None] | None = None) -> None:
+    """Plug a model kind in: `factory(model_dir, device, **options) -> predict(texts) -> (n, M) float32`.
+
+    The factory may accept only the options it knows (see `make_predict_fn`); `validate(info)` may check
+    the folder on the driver (raise ModelDirError) before any Spark task starts.
+    """
+    PREDICTORS[kind] = factory
+    if validate is not None:
+        VALIDATORS[kind] = validate
+
+
+def make_predict_fn(model_dir: str | Path, device: str | None = None, **options) -> Callable:
+    """The predictor of a model folder, by its manifest's model_kind: `predict(texts) -> (n, M) float32`
+    note-level probabilities, columns in label_vocab.json order. Plain Python: no Spark needed.
+
+    options (batch_size, max_chunks_per_note, num_threads, cpu_bf16, threshold_default) go to the
+    factory when its signature takes them.
+    """
+    kind = _load_manifest(Path(model_dir)).get("model_kind")
+    factory = PREDICTORS.get(kind)
+    if factory is None:
+        raise ModelDirError(f"{model_dir}: model_kind {kind!r} has no predictor; known kinds: {sorted(PREDICTORS)}")
+    params = inspect.signature(factory).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if takes_all or k in params}
+    return factory(model_dir, device, **kwargs)
+
+
+def score_options(cfg: ScoreConfig) -> dict:
+    """The engine options of a ScoreConfig (what a Spark worker needs to build its predictor)."""
+    return {"batch_size": cfg.batch_size, "max_chunks_per_note": cfg.max_chunks_per_note,
+            "num_threads": cfg.num_threads or None, "cpu_bf16": cfg.cpu_bf16,
+            "threshold_default": cfg.threshold_default}
+
+
+# ---- the worker side of the UDF ------------------------------------------------------------------------------
+_WORKER_PREDICTORS: dict[tuple, Callable] = {}
+
+
+def worker_predictor(model_dir: str, device: str, options: dict) -> Callable:
+    """This Python worker's predictor for model_dir, built on first use and kept: Spark reuses a worker
+    for many tasks and batches, so the model loads once per worker. Device and threads are decided here,
+    in the worker (the task's GPU; threads = the task's CPUs unless set)."""
+    options = dict(options)
+    if not options.get("num_threads"):
+        options["num_threads"] = _task_cpus()
+        if options["num_threads"] == 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    device = resolve_device(device)
+    key = (str(model_dir), device, tuple(sorted(options.items())))
+    if key not in _WORKER_PREDICTORS:
+        for old in [k for k in _WORKER_PREDICTORS if k[0] == key[0]]:
+            del _WORKER_PREDICTORS[old]  # same model on another device: free it first
+        started = time.perf_counter()
+        _WORKER_PREDICTORS[key] = make_predict_fn(model_dir, device, **options)
+        log.info("worker pid %d loaded %s on %s in %.1fs", os.getpid(), model_dir, device,
+                 time.perf_counter() - started)
+    return _WORKER_PREDICTORS[key]
+
+
+def top_codes(probs: np.ndarray, codes: np.ndarray, k: int) -> list[list[dict]]:
+    """Each row's k most probable codes, best first, as [{code, probability}]."""
+    k = min(k, probs.shape[1])
+    if k <= 0 or probs.shape[0] == 0:
+        return [[] for _ in range(probs.shape[0])]
+    part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(probs, part, axis=1), axis=1, kind="stable")
+    best = np.take_along_axis(part, order, axis=1)  # (n, k)
+    return [[{"code": codes[j], "probability": float(p[j])} for j in row] for p, row in zip(probs, best)]
+
+
+def predicted_codes(probs: np.ndarray, codes: np.ndarray, thresholds: np.ndarray) -> list[list[str]]:
+    """Each row's codes whose probability reaches the code's threshold (float32 comparison)."""
+    hits = probs >= thresholds[None, :].astype(np.float32)
+    return [codes[np.flatnonzero(row)].tolist() for row in hits]
+
+
+def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, top_k: int,
+                 out_columns: list[str]) -> Iterator:
+    """mapInPandas body: frames of notes (with `text`) -> frames of the other columns + SCORE_COLUMNS.
+
+    A note with no token after normalisation gets reason 'no_tokens' and no probabilities.
+    """
+    import pandas as pd
+
+    predict = worker_predictor(model_dir, device, options)
+    info = getattr(predict, "info", None) or read_model_info(model_dir, options.get("threshold_default", 0.5))
+    codes = np.array(info.codes, dtype=object)
+    for frame in frames:
+        texts = frame["text"].tolist()
+        if hasattr(predict, "score"):
+            scored = predict.score(texts)
+        else:  # a baseline predictor: probabilities only
+            scored = ScoredNotes(probs=np.asarray(predict(texts), dtype=np.float32),
+                                 n_chunks=np.ones(len(texts), dtype=np.int64),
+                                 n_tokens=np.full(len(texts), -1), truncated=np.zeros(len(texts), dtype=bool))
+        probs = scored.probs
+        empty = scored.n_tokens == 0
+        out = frame.drop(columns=["text"])
+        out["n_chunks"] = scored.n_chunks.astype("int32")
+        out["truncated"] = scored.truncated.astype(bool)
+        out["reason"] = np.where(empty, "no_tokens", None)
+        tops, hits = top_codes(probs, codes, top_k), predicted_codes(probs, codes, info.thresholds)
+        out["probabilities"] = [None if e else p for e, p in zip(empty, probs)]
+        out["top_codes"] = [None if e else x for e, x in zip(empty, tops)]
+        out["predicted_codes"] = [None if e else x for e, x in zip(empty, hits)]
+        yield pd.DataFrame(out, columns=out_columns)
+
+
+def scored_schema(df_schema):
+    """Output schema of `score_notes`: df's columns without `text`, then SCORE_COLUMNS."""
+    from pyspark.sql import types as T
+
+    fields = [f for f in df_schema.fields if f.name != "text"]
+    return T.StructType(fields + [
+        T.StructField("n_chunks", T.IntegerType()),
+        T.StructField("truncated", T.BooleanType()),
+        T.StructField("reason", T.StringType()),
+        T.StructField("probabilities", T.ArrayType(T.FloatType(), False)),
+        T.StructField("top_codes", T.ArrayType(t.TOP_CODE)),
+        T.StructField("predicted_codes", T.ArrayType(T.StringType())),
+    ])
+
+
+def score_notes(notes, model_dir: str | Path, cfg: ScoreConfig, partitions: int | None = None):
+    """DataFrame of notes (`text` + any columns to carry along) -> DataFrame of those columns plus
+    n_chunks, truncated, reason ('no_tokens' or null), probabilities, top_codes, predicted_codes.
+
+    The notes are spread over `partitions` (default cfg.partitions or the cluster's parallelism) so
+    every task slot scores. Set spark.sql.execution.arrow.maxRecordsPerBatch (see `arrow_batch_conf`)
+    around the action that runs it.
+    """
+    model_dir = str(Path(model_dir).resolve())
+    schema = scored_schema(notes.schema)
+    out_columns = [f.name for f in schema.fields]
+    options, device, top_k = score_options(cfg), cfg.device, cfg.top_k
+    n_parts = partitions or cfg.partitions or notes.sparkSession.sparkContext.defaultParallelism
+
+    def score(frames):
+        yield from score_frames(frames, model_dir, device, options, top_k, out_columns)
+
+    return notes.repartition(n_parts).mapInPandas(score, schema=schema)
+
+
+class arrow_batch_conf:
+    """`with arrow_batch_conf(spark, n):` sets spark.sql.execution.arrow.maxRecordsPerBatch = n notes
+    (about 9 KB of float32 probabilities per note for 2,292 codes) and restores the previous value."""
+
+    KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+    def __init__(self, spark, notes_per_batch: int):
+        self.spark, self.n = spark, int(notes_per_batch)
+
+    def __enter__(self):
+        self.old = self.spark.conf.get(self.KEY, None)
+        self.spark.conf.set(self.KEY, str(self.n))
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            self.spark.conf.unset(self.KEY)
+        else:
+            self.spark.conf.set(self.KEY, self.old)
+
+
+# ---- the nightly job ---------------------------------------------------------------------------------------
+def bad_text_reason(cfg: ScoreConfig):
+    """'bad_text' for text the feed could not decode: invalid UTF-8, a NUL character, or more than
+    cfg.max_replacement_share of U+FFFD replacement characters; null otherwise."""
+    from pyspark.sql import functions as F
+
+    text = F.col("text")
+    n = F.length(text)
+    replaced = n - F.length(F.regexp_replace(text, "\ufffd", ""))
+    return (F.when(text.isNull(), F.lit(None))
+            .when(~F.is_valid_utf8(text), "bad_text")
+            .when(text.contains("\x00"), "bad_text")
+            .when(replaced > F.lit(cfg.max_replacement_share) * n, "bad_text"))
+
+
+def flag_notes(notes, cfg: Config):
+    """Input-schema notes -> the same with a `reason` (null = score it): the ETL's filters and duplicate
+    rule (`bertxml.etl`), then 'bad_text'."""
+    from pyspark.sql import functions as F
+
+    from bertxml.etl import dedupe_notes, note_reject_reason
+
+    flagged = notes.withColumn("reason", F.coalesce(note_reject_reason(cfg.etl), bad_text_reason(cfg.score)))
+    return dedupe_notes(flagged.filter(F.col("reason").isNull())).unionByName(
+        flagged.filter(F.col("reason").isNotNull()))
+
+
+def parse_date(value) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"--date expects YYYY-MM-DD, got {value!r}") from None
+
+
+def yesterday_utc() -> dt.date:
+    return dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
+
+
+def _read_notes(wh, spec: str):
+    """The notes source, schema-checked, pinned to the Delta version read (so the job sees one snapshot)."""
+    notes, read = wh.read_source(spec, t.NOTES_SCHEMA, "notes")
+    if read.get("version") is not None:
+        notes, read = wh.read_source(spec, t.NOTES_SCHEMA, "notes", version=read["version"])
+    return notes, read
+
+
+def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: str | Path | None = None,
+              notes_source: str | None = None) -> dict:
+    """Score one night (`date`, default yesterday UTC) or every not-yet-scored note (`since_last`).
+
+    Writes bertxml.predictions (MERGE on note_id, model_version), bertxml.model_labels (MERGE on
+    model_version, label_index) and bertxml.rejects (replaceWhere job='score' and the batches covered),
+    then refreshes the views. Returns the job's counts: notes_read, rejected, rejected_by_reason,
+    notes_scored, chunks, notes_truncated, notes_per_s, ... Raises on failure (the exit status): a bad
+    model folder (ModelDirError), a bad source schema (SchemaError), a night with no notes (NoNotesError,
+    unless cfg.score.allow_empty).
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from bertxml.runs import job_run
+    from bertxml.views import create_views
+
+    if date is not None and since_last:
+        raise ValueError("give --date or --since-last, not both")
+    night = None if since_last else (parse_date(date) if date is not None else yesterday_utc())
+    with job_run(wh, "score") as run:
+        model_dir = Path(model_dir) if model_dir else find_model_dir(wh.workdir)
+        info = read_model_info(model_dir, cfg.score.threshold_default)  # fails here, before Spark work
+        run.inputs["model"] = {"dir": str(info.model_dir), "model_version": info.model_version}
+        run.count("model_version", info.model_version)
+        run.count("batch", "since-last" if since_last else night.isoformat())
+        notes, read = _read_notes(wh, notes_source or cfg.warehouse.notes)
+        run.inputs["notes"] = read
+        preds_name = wh.name(t.PREDICTIONS)
+        if since_last:
+            if wh.exists(preds_name):
+                version = wh.version(preds_name)
+                run.inputs[preds_name] = version
+                done = (wh.table(preds_name, version=version)
+                        .filter(F.col("model_version") == info.model_version).select("note_id"))
+                notes = notes.join(done, "note_id", "left_anti")
+        else:
+            notes = notes.filter(F.col("note_date") == F.lit(night))
+
+        flagged = flag_notes(notes, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            by_reason = {r["reason"]: r["n"] for r in flagged.groupBy("reason").agg(F.count("*").alias("n")).collect()}
+            n_read = sum(by_reason.values())
+            run.count("notes_read", n_read)
+            if n_read == 0 and not since_last and not cfg.score.allow_empty:
+                raise NoNotesError(f"no notes dated {night} in {read['source']}: the feed may not have landed "
+                                   f"(set score.allow_empty=true to accept an empty night)")
+            kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_chars", F.length("text"))
+            _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, night)
+        finally:
+            flagged.unpersist()
+        create_views(wh)
+        return {"run_id": run.run_id, **run.counts, "outputs": run.outputs}
+
+
+def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_reason: dict, night) -> None:
+    """Run the model over the kept notes (one Spark action, timed) and write the three tables."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from bertxml.etl import reject_rows
+
+    spark = wh.spark
+    n_kept = by_reason.get(None, 0)
+    scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+    note_cols = [f.name for f in t.NOTES_SCHEMA.fields if f.name != "text"] + ["text_chars"]
+    rejected = (flagged.filter(F.col("reason").isNotNull()).withColumn("text_chars", F.length("text"))
+                .select(*note_cols, "reason"))
+    seconds, stats, scored = 0.0, {}, None
+    try:
+        if n_kept:
+            scored = score_notes(kept, info.model_dir, cfg.score).persist(StorageLevel.MEMORY_AND_DISK)
+            started = time.perf_counter()
+            with arrow_batch_conf(spark, cfg.score.arrow_batch_notes):  # the one action that runs the model
+                stats = {r["reason"]: r for r in scored.groupBy("reason").agg(
+                    F.count("*").alias("n"), F.sum("n_chunks").alias("chunks"),
+                    F.sum(F.col("truncated").cast("int")).alias("truncated")).collect()}
+            seconds = time.perf_counter() - started
+            rejected = rejected.unionByName(scored.filter(F.col("reason").isNotNull()).select(*note_cols, "reason"))
+        ok = stats.get(None)
+        n_scored = int(ok["n"]) if ok else 0
+        if n_scored:
+            labels = spark.createDataFrame(info.label_rows(), t.MODEL_LABELS_SCHEMA)
+            run.outputs[wh.name(t.MODEL_LABELS)] = wh.merge(labels, wh.name(t.MODEL_LABELS),
+                                                            ["model_version", "label_index"])
+            preds = scored.filter(F.col("reason").isNull()).select(
+                "note_id", "patient_id", "note_date", F.lit(info.model_version).alias("model_version"),
+                F.lit(run.run_id).alias("run_id"), F.lit(scored_at).cast("timestamp").alias("scored_at"),
+                "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
+            preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in t.PREDICTIONS_SCHEMA.fields])
+            run.outputs[wh.name(t.PREDICTIONS)] = wh.merge(preds, wh.name(t.PREDICTIONS), ["note_id", "model_version"])
+
+        # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
+        n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)
+        reject_df = reject_rows(rejected, "notes", "score", "-", run.run_id).withColumn(
+            "batch", F.coalesce(F.get_json_object("record", "$.note_date"), F.lit("undated")))
+        if night is not None:
+            batches = [night.isoformat()]
+        else:
+            batches = sorted(r[0] for r in flagged.select(
+                F.coalesce(F.col("note_date").cast("string"), F.lit("undated"))).distinct().collect())
+        rejects_name = wh.name(t.REJECTS)
+        if batches and (n_rejected or wh.exists(rejects_name)):
+            where = "job = 'score' AND batch IN (" + ", ".join(f"'{b}'" for b in batches) + ")"
+            run.outputs[rejects_name] = wh.write(reject_df, rejects_name, replace_where=where)
+
+        reasons = {r: int(n) for r, n in by_reason.items() if r}
+        for reason, row in stats.items():
+            if reason:
+                reasons[reason] = reasons.get(reason, 0) + int(row["n"])
+        run.count("rejected", n_rejected)
+        run.count("rejected_by_reason", dict(sorted(reasons.items())))
+        run.count("notes_scored", n_scored)
+        run.count("chunks", int(ok["chunks"] or 0) if ok else 0)
+        run.count("notes_truncated", int(ok["truncated"] or 0) if ok else 0)
+        run.count("scoring_seconds", round(seconds, 2))
+        run.count("notes_per_s", round(n_kept / seconds, 2) if seconds else None)
+        if n_kept == 0:
+            log.warning("score: nothing to score (%s)",
+                        "caught up" if night is None else f"every note of {night} was rejected")
+    finally:
+        if scored is not None:
+            scored.unpersist()

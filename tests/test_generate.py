@@ -1,0 +1,277 @@
+"""bertxml.generate: schemas, determinism, the code universe, and the rows the ETL must drop or reject.
+
+Spark runs a 300-note warehouse (the session-scoped `spark` fixture of conftest.py); the statistical
+checks run the same per-patient generator in plain Python over more patients, which is what each Spark
+task does, so they stay fast.
+"""
+import datetime as dt
+import re
+from collections import Counter, defaultdict
+from dataclasses import replace
+
+import pytest
+
+from bertxml.config import GenerateConfig
+from bertxml.generate import (MALFORMED_CODES, UNKNOWN_SHAPED_CODES, PatientGenerator, check_generate_config,
+                              code_catalog, generate_warehouse, load_lexicon, n_patients, run_generate)
+from bertxml.icd import ICD10_SHAPE, chronic_codes, icd10cm_descriptions, normalize_code
+from bertxml.tables import DIAGNOSES_SCHEMA, NOTES_SCHEMA
+
+SMALL = GenerateConfig(notes=300, seed=11, partitions=2)
+# higher defect rates for the checks that every category shows up in a small sample
+DEFECTIVE = replace(SMALL, drop_rate=0.05, bad_row_rate=0.04)
+
+
+def _sorted(rows):
+    return sorted(rows, key=lambda r: tuple("" if v is None else str(v) for v in r))
+
+
+@pytest.fixture(scope="module")
+def small(spark):
+    notes, diagnoses = generate_warehouse(spark, SMALL)
+    return _sorted(notes.collect()), _sorted(diagnoses.collect())
+
+
+@pytest.fixture(scope="module")
+def defective(spark):
+    notes, diagnoses = generate_warehouse(spark, DEFECTIVE)
+    return notes.collect(), diagnoses.collect()
+
+
+def _python_rows(cfg: GenerateConfig, kind: str, patients: int | None = None) -> list[tuple]:
+    gen = PatientGenerator(cfg)
+    rows_of = gen.note_rows if kind == "notes" else gen.diagnosis_rows
+    return [row for i in range(patients or n_patients(cfg)) for row in rows_of(i)]
+
+
+# ---- shape ---------------------------------------------------------------------------------------------
+def test_schemas_match_exactly(spark):
+    notes, diagnoses = generate_warehouse(spark, SMALL)
+    assert notes.schema == NOTES_SCHEMA
+    assert diagnoses.schema == DIAGNOSES_SCHEMA
+
+
+def test_sizes_and_ids(small):
+    notes, diagnoses = small
+    assert 0.8 * SMALL.notes < len(notes) < 1.25 * SMALL.notes
+    assert len({n.patient_id for n in notes if n.patient_id}) == n_patients(SMALL)
+    for n in notes:
+        assert re.fullmatch(r"N\d{11}", n.note_id) and re.fullmatch(r"E\d{9}", n.encounter_id)
+        assert n.patient_id is None or re.fullmatch(r"P\d{7}", n.patient_id)
+        assert n.encounter_id[1:8] == n.note_id[1:8] and n.note_id[8:10] == n.encounter_id[8:10]
+    assert {d.encounter_id for d in diagnoses} <= {n.encounter_id for n in notes}
+
+
+# ---- determinism -----------------------------------------------------------------------------------------
+def test_same_seed_same_rows_other_seed_other_rows(spark, small):
+    notes, diagnoses = generate_warehouse(spark, SMALL)
+    assert _sorted(notes.collect()) == small[0]
+    assert _sorted(diagnoses.collect()) == small[1]
+    other, _ = generate_warehouse(spark, replace(SMALL, seed=12))
+    assert _sorted(other.collect()) != small[0]
+
+
+def test_spark_rows_are_the_per_patient_generator_rows(small):
+    """Spark only parallelises: each patient's rows come from (seed, patient index) alone."""
+    epoch = dt.date(1970, 1, 1)
+    expected = [(r[0], r[1], r[2], epoch + dt.timedelta(days=r[3]), *r[4:]) for r in _python_rows(SMALL, "notes")]
+    assert _sorted(expected) == [tuple(r) for r in small[0]]
+    gen_a, gen_b = PatientGenerator(SMALL), PatientGenerator(SMALL)
+    assert gen_a.note_rows(7) == gen_b.note_rows(7)
+    assert gen_a.note_rows(7) != gen_a.note_rows(8)
+    assert gen_a.diagnosis_rows(7) == gen_b.diagnosis_rows(7)
+
+
+# ---- the code universe -----------------------------------------------------------------------------------
+def test_catalog_is_real_long_tailed_and_deterministic():
+    descriptions, chronic = icd10cm_descriptions(), chronic_codes()
+    catalog = code_catalog(400, 7)
+    assert len(catalog) == 400 and catalog["code"].is_unique
+    assert all(c in descriptions for c in catalog["code"])
+    assert list(catalog["description"]) == [descriptions[c] for c in catalog["code"]]
+    assert list(catalog["is_chronic"]) == [c in chronic for c in catalog["code"]]
+    weights = catalog["weight"].to_numpy()
+    assert abs(weights.sum() - 1) < 1e-9 and (weights[:-1] >= weights[1:]).all()
+    assert weights[0] > 100 * weights[-1]                                # Zipf: a few codes dominate
+    assert catalog["is_chronic"][:30].mean() >= 0.5                     # the common codes are mostly chronic
+    assert code_catalog(400, 7).equals(catalog)
+    assert set(code_catalog(400, 8)["code"]) != set(catalog["code"])   # the random tail follows the seed
+    assert list(code_catalog(20, 7)["code"]) == list(catalog["code"][:20])
+
+
+def test_lexicon_codes_exist_and_carry_cues():
+    descriptions = icd10cm_descriptions()
+    core = load_lexicon()["core_codes"]
+    assert len(core) >= 60
+    assert [e["code"] for e in core if e["code"] not in descriptions] == []
+    by_code = {e["code"]: e for e in core}
+    assert "HTN" in by_code["I10"]["abbr"] and any("metformin" in m for m in by_code["E11.9"]["meds"])
+    assert any("levothyroxine" in m for m in by_code["E03.9"]["meds"])
+    assert any("apixaban" in m for m in by_code["I48.91"]["meds"])
+
+
+def test_code_frequencies_are_long_tailed():
+    cfg = replace(SMALL, notes=10000)
+    catalog = set(code_catalog(cfg.n_codes, cfg.seed)["code"])
+    codes = [normalize_code(r[2]) for r in _python_rows(cfg, "diagnoses") if r[2]]
+    ranked = [n for _, n in Counter(c for c in codes if c in catalog).most_common()]
+    total = sum(ranked)
+    assert len(ranked) > 300                                   # hundreds of codes seen...
+    assert sum(ranked[:10]) > 0.2 * total                      # ...a few very common (I10, E78.5, ...)
+    assert sum(ranked[len(ranked) // 2:]) < 0.2 * total        # ...and a long tail of rare ones
+    assert ranked[0] > 20 * ranked[len(ranked) // 2]
+
+
+# ---- patients, encounters, chronic codes ----------------------------------------------------------------
+def test_encounter_dates_increase_per_patient(small):
+    notes, diagnoses = small
+    enc_date = {n.encounter_id: n.note_date for n in notes}
+    by_patient = defaultdict(dict)
+    for n in notes:
+        if n.patient_id:
+            by_patient[n.patient_id][n.encounter_id] = n.note_date
+    for encounters in by_patient.values():
+        dates = [encounters[e] for e in sorted(encounters)]
+        assert all(a < b for a, b in zip(dates, dates[1:]))
+        assert str(dates[0]) >= "2023-01-01" and str(dates[-1]) <= "2025-12-31"
+    assert all(d.diagnosis_date == enc_date[d.encounter_id] for d in diagnoses)
+
+
+def test_chronic_codes_recur_but_not_always(small):
+    chronic = chronic_codes()
+    seen = defaultdict(set)
+    for d in small[1]:
+        code = normalize_code(d.icd10_code)
+        if code in chronic:
+            seen[(d.patient_id, code)].add(d.encounter_id)
+    assert any(len(encounters) >= 2 for encounters in seen.values())
+    # with more patients: some chronic codes skip a later encounter, the gap the ETL's imputation fills
+    gen = PatientGenerator(replace(SMALL, notes=3000))
+    gaps = recurrences = 0
+    for i in range(200):
+        p = gen.structure(i)
+        for code, onset in p.chronic.items():
+            later = [code in e.codes for e in p.encounters[onset + 1:]]
+            recurrences += sum(later)
+            gaps += len(later) - sum(later)
+    assert recurrences > 0 and gaps > 0
+    assert 0.45 < recurrences / (recurrences + gaps) < 0.75
+
+
+def test_codes_per_encounter():
+    gen = PatientGenerator(replace(SMALL, notes=3000))
+    sizes = [len(e.codes) for i in range(300) for e in gen.structure(i).encounters]
+    assert min(sizes) >= 1 and max(sizes) <= 8
+    assert 1.5 < sum(sizes) / len(sizes) < 4.5
+
+
+# ---- text ------------------------------------------------------------------------------------------------
+def test_note_lengths_have_a_long_tail(small):
+    words = sorted(len(n.text.split()) for n in small[0] if n.text)
+    assert 150 <= words[len(words) // 2] <= 600
+    assert sum(w > 1024 for w in words) >= 5                  # past 1,024 tokens even before WordPiece
+    assert sum(w > 1024 for w in words) < 0.2 * len(words)
+
+
+def test_notes_mention_codes_in_mixed_forms_with_distractors():
+    cfg = replace(SMALL, notes=1000)
+    notes = [r for r in _python_rows(cfg, "notes") if r[7] and len(r[7]) >= 50]
+    text = "\n".join(r[7] for r in notes)
+    assert "HTN" in text and "hypertension" in text.lower()            # abbreviation and name
+    assert "metformin" in text or "levothyroxine" in text               # medication cues
+    for section in ("CHIEF COMPLAINT:", "HISTORY OF PRESENT ILLNESS:", "PAST MEDICAL HISTORY:", "MEDICATIONS:",
+                    "REVIEW OF SYSTEMS:", "PHYSICAL EXAM:", "ASSESSMENT AND PLAN:"):
+        assert section in text
+    assert re.search(r"Vitals: BP \d+/\d+, HR \d+", text)
+    assert re.search(r"No history of|Denies any history of|was considered but ruled out", text)
+    assert re.search(r"Family history of|FHx:|family history of", text)
+    # a code's name often appears in a note whose encounter does not have it (negated or family history)
+    gen = PatientGenerator(cfg)
+    absent_mentions = 0
+    for i in range(100):
+        p = gen.structure(i)
+        rows = gen.note_rows(i)
+        for e in p.encounters:
+            coded = {gen.codes[c] for c in e.codes} | {gen.codes[c] for c in p.chronic}
+            for row in rows:
+                if row[2] == e.encounter_id and row[7] and "hypertension" in row[7].lower():
+                    absent_mentions += "I10" not in coded
+    assert absent_mentions > 0
+
+
+# ---- the rows the ETL must drop or reject --------------------------------------------------------------
+def test_notes_to_drop_exist_in_every_category(defective):
+    notes, _ = defective
+    assert any(n.status == "erroneous" for n in notes)
+    assert any(n.author_role == "student" for n in notes)
+    assert any(n.note_type == "miscellaneous" for n in notes)
+    assert any(n.text and len(n.text) < 50 for n in notes)
+    assert any(n.text is None for n in notes) and any(n.text == "" for n in notes)
+    assert any(n.patient_id is None for n in notes)
+    ids = Counter(n.note_id for n in notes)
+    assert any(k > 1 for k in ids.values())
+    # every duplicated id is one extra row, and the copies share patient and encounter
+    for note_id in [k for k, v in ids.items() if v > 1]:
+        copies = [n for n in notes if n.note_id == note_id]
+        assert len(copies) == 2 and copies[0].encounter_id == copies[1].encounter_id
+
+
+def test_diagnoses_to_reject_exist_in_every_category(defective):
+    notes, diagnoses = defective
+    descriptions = icd10cm_descriptions()
+    kinds = Counter()
+    for d in diagnoses:
+        code = d.icd10_code
+        norm = normalize_code(code) if code else None
+        if norm in descriptions:
+            kinds["variant" if code != norm else "clean"] += 1
+            assert code == norm or code.strip().upper().replace(".", "") == norm.replace(".", "")
+        elif norm and re.match(ICD10_SHAPE, norm):
+            kinds["unknown"] += 1
+            assert code in UNKNOWN_SHAPED_CODES
+        else:
+            kinds["malformed"] += 1
+            assert code in MALFORMED_CODES or code.endswith("X!")
+    assert kinds["variant"] and kinds["unknown"] and kinds["malformed"]
+    assert kinds["clean"] > 0.8 * len(diagnoses)
+    without = {n.encounter_id for n in notes} - {d.encounter_id for d in diagnoses}
+    assert without                                             # encounters whose notes have no codes
+
+
+def test_defect_rates_follow_the_config():
+    cfg = replace(SMALL, notes=20000)
+    notes = _python_rows(cfg, "notes", patients=2000)
+    n = len(notes)
+    share = lambda pred: sum(1 for r in notes if pred(r)) / n  # noqa: E731
+    assert 0.012 < share(lambda r: r[6] == "erroneous") < 0.03        # drop_rate 0.02
+    assert 0.012 < share(lambda r: r[5] == "student") < 0.03
+    assert 0.012 < share(lambda r: r[4] == "miscellaneous") < 0.03
+    assert 0.012 < share(lambda r: r[7] is not None and 0 < len(r[7]) < 50) < 0.03
+    assert 0.004 < share(lambda r: not r[7]) < 0.02                   # bad_row_rate 0.01
+    assert 0.004 < share(lambda r: r[1] is None) < 0.02
+    assert 0.0 < 1 - len({r[0] for r in notes}) / n < 0.02
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="drop_rate"):
+        check_generate_config(replace(SMALL, drop_rate=0.2, bad_row_rate=0.2))
+    with pytest.raises(ValueError, match="notes_per_encounter"):
+        check_generate_config(replace(SMALL, notes_per_encounter=0.5))
+    with pytest.raises(ValueError, match="long_note_rate"):
+        check_generate_config(replace(SMALL, long_note_rate=1.5))
+
+
+# ---- the job ---------------------------------------------------------------------------------------------
+def test_run_generate_writes_both_tables_and_never_logs_text(wh, caplog, small):
+    result = run_generate(wh, SMALL)
+    notes_table, diagnoses_table = wh.cfg.warehouse.notes, wh.cfg.warehouse.diagnoses
+    assert result["notes"] == len(small[0]) == wh.table(notes_table).count()
+    assert result["diagnoses"] == len(small[1]) == wh.table(diagnoses_table).count()
+    assert result["patients"] == n_patients(SMALL)
+    assert result["versions"] == {notes_table: 0, diagnoses_table: 0}
+    assert wh.table(notes_table).schema == NOTES_SCHEMA
+    assert "ehr.notes" in caplog.text and str(result["notes"]) in caplog.text
+    for note in small[0][::10]:
+        for line in (note.text or "").splitlines():
+            if len(line) > 30:
+                assert line not in caplog.text

@@ -1,0 +1,237 @@
+"""Tests for bertxml/score.py: the engine (`make_predict_fn`) on a tiny model without Spark, then the nightly
+job end to end on a tiny warehouse (two nights of notes, bad rows of each kind).
+
+Run: .venv/bin/python -m pytest -q tests/test_score.py
+
+`make_model_dir` builds a complete model folder (tiny random BertForIcdCoding, a WordPiece vocabulary
+trained on a few sentences, label_vocab.json, thresholds.json, manifest.json); test_evaluate.py and
+test_explain.py import it.
+"""
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pyspark.sql import functions as F
+
+from bertxml import tables as t
+from bertxml.config import ModelConfig, VocabConfig
+from bertxml.model import BertForIcdCoding, bert_config, save_model
+from bertxml.modeldir import write_model_dir
+from bertxml.score import (ModelDirError, NoNotesError, make_predict_fn, predicted_codes, read_model_info,
+                           run_score, top_codes)
+from bertxml.tokenize import encode_chunks
+from bertxml.vocab import train_tokenizer
+
+SENTENCES = [
+    "Patient with hypertension presents for follow up of blood pressure.",
+    "History of type 2 diabetes mellitus without complications, on metformin.",
+    "Asthma exacerbation with wheezing and cough, albuterol given.",
+    "Low back pain radiating to the left leg after lifting boxes.",
+    "Chronic cough for three weeks, chest x-ray unremarkable.",
+    "Right hip pain after a fall, status post labral repair.",
+    "Blood pressure well controlled on lisinopril, continue current regimen.",
+    "Diabetic foot exam normal, hemoglobin a1c improved since last visit.",
+]
+CODES = ["E11.9", "I10", "J45.909", "M54.5", "R05.9"]
+D1, D2 = dt.date(2025, 3, 1), dt.date(2025, 3, 2)
+MAX_LEN = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a shared machine they lose a lot to contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model_dir(root, version="bertxml-test-a", head="bertxml", codes=CODES, seed=0, max_len=MAX_LEN,
+                   thresholds=None, kind=None, weight_labels=None) -> Path:
+    """A finished model folder under root/version. weight_labels != len(codes) makes a broken folder
+    (weights for another label vocabulary)."""
+    out = Path(root) / version
+    out.mkdir(parents=True)
+    tokenizer = train_tokenizer([SENTENCES * 3], VocabConfig(size=300, min_frequency=1))
+    tokenizer.save(str(out / "tokenizer.json"))
+    torch.manual_seed(seed)
+    mcfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=64, max_len=max_len, head=head)
+    model = BertForIcdCoding(bert_config(mcfg, tokenizer.get_vocab_size()), weight_labels or len(codes), head)
+    save_model(model, out)
+    labels = [{"label_index": i, "code": c, "description": f"description of {c}", "train_count": 1000 * (i + 1),
+               "is_chronic": c == "I10"} for i, c in enumerate(codes)]
+    write_model_dir(out, model_version=version, model_kind=kind or head, config={}, inputs={}, max_len=max_len,
+                    dev_metrics={}, parameters=0, train_seconds=0.0, tokenizer_file=out / "tokenizer.json",
+                    label_vocab=labels, thresholds=thresholds or {c: 0.5 for c in codes})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("models"))
+
+
+LONG = " ".join(SENTENCES * 4)
+
+
+def by_hand(model_dir, text, max_chunks=None):
+    """Note probabilities the slow, obvious way: each chunk alone (no padding), sigmoid, max."""
+    from bertxml.model import load_model
+    from bertxml.vocab import load_tokenizer
+
+    model = load_model(model_dir)
+    chunks = encode_chunks(load_tokenizer(model_dir), [text], MAX_LEN)[0][:max_chunks]
+    with torch.no_grad():
+        probs = [torch.sigmoid(model(torch.tensor([c]))["logits"])[0] for c in chunks]
+    return torch.stack(probs).max(dim=0).values.numpy(), len(chunks)
+
+
+# ---- the engine, without Spark ----------------------------------------------------------------------------
+def test_predict_fn_shapes_and_max_over_chunks(model_dir):
+    texts = [SENTENCES[0], LONG, "", SENTENCES[2] + " " + SENTENCES[3]]
+    predict = make_predict_fn(model_dir, device="cpu", batch_size=2)
+    probs = predict(texts)
+    assert probs.shape == (4, len(CODES)) and probs.dtype == np.float32
+    assert ((probs > 0) & (probs < 1)).all()
+    for text, row in zip(texts, probs):
+        expected, _ = by_hand(model_dir, text)
+        np.testing.assert_allclose(row, expected, atol=1e-5)
+    # Bucketing and batch size change which chunks share a padded pass, never the result.
+    np.testing.assert_allclose(make_predict_fn(model_dir, device="cpu", batch_size=64)(texts), probs, atol=1e-5)
+    np.testing.assert_allclose(predict(np.array(texts, dtype=object)), probs, atol=1e-6)
+    scored = predict.score(texts)
+    assert scored.n_chunks.tolist()[0] == 1 and scored.n_chunks[1] > 3 and scored.n_tokens[2] == 0
+    assert not scored.truncated.any()
+
+
+def test_long_note_is_scored_on_its_first_chunks(model_dir):
+    scored = make_predict_fn(model_dir, device="cpu", max_chunks_per_note=3).score([LONG, SENTENCES[1]])
+    assert scored.n_chunks.tolist() == [3, 1] and scored.truncated.tolist() == [True, False]
+    expected, n = by_hand(model_dir, LONG, max_chunks=3)
+    np.testing.assert_allclose(scored.probs[0], expected, atol=1e-5)
+
+
+def test_top_and_predicted_codes():
+    probs = np.array([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.1, 0.05]], dtype=np.float32)
+    codes = np.array(["A", "B", "C", "D"], dtype=object)
+    assert [[c["code"] for c in row] for row in top_codes(probs, codes, 2)] == [["B", "D"], ["A", "B"]]
+    assert top_codes(probs, codes, 9)[0][0] == {"code": "B", "probability": pytest.approx(0.9)}
+    thresholds = np.array([0.3, 0.95, 0.5, 0.5], dtype=np.float32)
+    assert predicted_codes(probs, codes, thresholds) == [["C", "D"], ["A"]]
+
+
+def test_model_dir_problems_are_clear_errors(tmp_path, model_dir):
+    broken = make_model_dir(tmp_path, "bertxml-broken", weight_labels=len(CODES) + 2)
+    with pytest.raises(ModelDirError, match="label vocabularies|labels"):
+        read_model_info(broken)
+    with pytest.raises(ModelDirError, match="manifest"):
+        read_model_info(tmp_path)
+    unknown = make_model_dir(tmp_path, "odd-kind", kind="no-such-kind")
+    with pytest.raises(ModelDirError, match="no-such-kind"):
+        make_predict_fn(unknown)
+    info = read_model_info(model_dir)
+    assert info.codes == tuple(CODES) and info.model_version == "bertxml-test-a" and info.max_len == MAX_LEN
+
+
+# ---- the nightly job --------------------------------------------------------------------------------------
+def note(note_id, date, text, patient="P1", note_type="progress_note", status="final"):
+    return (note_id, patient, f"E-{note_id}", date, note_type, "physician", status, text)
+
+
+def write_notes(wh, rows, bad_utf8=()):
+    """ehr.notes from rows; bad_utf8: (note_id, date, raw bytes) rows whose text is not valid UTF-8."""
+    spark = wh.spark
+    df = spark.createDataFrame(rows, t.NOTES_SCHEMA)
+    if bad_utf8:
+        raw = spark.createDataFrame([(n, "P9", f"E-{n}", d, "progress_note", "physician", "final", bytearray(b))
+                                     for n, d, b in bad_utf8],
+                                    "note_id string, patient_id string, encounter_id string, note_date date, "
+                                    "note_type string, author_role string, status string, text binary")
+        df = df.unionByName(raw.withColumn("text", F.col("text").cast("string")))
+    wh.write(df, "ehr.notes")
+
+
+NIGHT1 = [note("n1", D1, SENTENCES[0] + " " + SENTENCES[6]), note("n2", D1, SENTENCES[1] + " " + SENTENCES[7]),
+          note("n3", D1, LONG), note("n4", D1, SENTENCES[2] + " " + SENTENCES[4]),
+          note("empty", D1, "   "), note("short", D1, "bp ok"), note("zw", D1, "\u200b" * 60),
+          note("err", D1, SENTENCES[3], status="erroneous"),
+          note("dup", D1, SENTENCES[5] + " " + SENTENCES[0]), note("dup", D1, SENTENCES[5] + " " + SENTENCES[0])]
+NIGHT2 = [note("m1", D2, SENTENCES[3] + " " + SENTENCES[5]), note("m2", D2, SENTENCES[4] + " " + SENTENCES[2])]
+BAD = [("bad", D1, b"Patient seen \xff\xfe\xfd for follow up of hypertension, continue lisinopril daily.")]
+
+
+def predictions(wh):
+    return {(r.note_id, r.model_version): r for r in wh.table(wh.name(t.PREDICTIONS)).collect()}
+
+
+def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
+    write_notes(wh, NIGHT1 + NIGHT2, bad_utf8=BAD)
+    cfg.score.max_chunks_per_note = 3
+    cfg.score.top_k = 3
+
+    first = run_score(wh, cfg, date="2025-03-01", model_dir=model_dir)
+    preds = predictions(wh)
+    assert {k[0] for k in preds} == {"n1", "n2", "n3", "n4", "dup"}     # that night only, duplicates once
+    row = preds[("n1", "bertxml-test-a")]
+    assert row.note_date == D1 and row.patient_id == "P1" and len(row.probabilities) == len(CODES)
+    assert [c.code for c in row.top_codes] == [CODES[i] for i in np.argsort(-np.array(row.probabilities))[:3]]
+    assert row.predicted_codes == [c for c, p in zip(CODES, row.probabilities) if p >= 0.5]
+    np.testing.assert_allclose(row.probabilities, by_hand(model_dir, NIGHT1[0][-1])[0], atol=1e-5)
+    assert preds[("n3", "bertxml-test-a")].truncated and preds[("n3", "bertxml-test-a")].n_chunks == 3
+    assert first["notes_read"] == 11 and first["notes_scored"] == 5 and first["notes_truncated"] == 1
+    assert first["rejected_by_reason"] == {"bad_text": 1, "dropped_status": 1, "duplicate_row": 1,
+                                           "empty_text": 1, "no_tokens": 1, "short_text": 1}
+    rejects = wh.table(wh.name(t.REJECTS)).filter("job = 'score'").collect()
+    assert sorted((r.note_id, r.reason, r.batch) for r in rejects) == sorted(
+        [("bad", "bad_text", "2025-03-01"), ("err", "dropped_status", "2025-03-01"),
+         ("dup", "duplicate_row", "2025-03-01"), ("empty", "empty_text", "2025-03-01"),
+         ("zw", "no_tokens", "2025-03-01"), ("short", "short_text", "2025-03-01")])
+    assert all("Patient" not in (r.record or "") for r in rejects)       # never the text
+    assert wh.table(wh.name(t.MODEL_LABELS)).count() == len(CODES)
+    assert {r.code for r in wh.spark.sql("SELECT code FROM bertxml.predicted_codes").collect()} <= set(CODES)
+
+    # A rerun of the night leaves the tables as one run would.
+    run_score(wh, cfg, date=dt.date(2025, 3, 1), model_dir=model_dir)
+    again = predictions(wh)
+    assert again.keys() == preds.keys()
+    for key, r in preds.items():
+        np.testing.assert_allclose(again[key].probabilities, r.probabilities, atol=1e-6)
+        assert again[key].predicted_codes == r.predicted_codes and again[key].n_chunks == r.n_chunks
+    assert wh.table(wh.name(t.REJECTS)).filter("job = 'score'").count() == 6
+    assert wh.table(wh.name(t.MODEL_LABELS)).count() == len(CODES)
+
+    # Catch-up: only the notes this model has not scored (night 2); the rejected ones are tried again.
+    caught_up = run_score(wh, cfg, since_last=True, model_dir=model_dir)
+    assert caught_up["notes_scored"] == 2 and caught_up["rejected"] == 6
+    assert {k[0] for k in predictions(wh)} == {"n1", "n2", "n3", "n4", "dup", "m1", "m2"}
+    assert wh.table(wh.name(t.REJECTS)).filter("job = 'score'").count() == 6
+    assert run_score(wh, cfg, since_last=True, model_dir=model_dir)["notes_scored"] == 0
+
+    # A second model version is scored side by side; its label vocabulary travels with its folder.
+    other = make_model_dir(tmp_path / "models", "cls-test-b", head="cls", codes=CODES[:3], seed=1)
+    run_score(wh, cfg, date="2025-03-02", model_dir=other)
+    preds = predictions(wh)
+    assert len(preds[("m1", "cls-test-b")].probabilities) == 3 and ("m1", "bertxml-test-a") in preds
+    assert wh.table(wh.name(t.MODEL_LABELS)).filter("model_version = 'cls-test-b'").count() == 3
+    runs = wh.table(wh.name(t.JOB_RUNS)).filter("job = 'score'").collect()
+    assert len(runs) == 5 and {r.status for r in runs} == {"succeeded"}
+    counts = json.loads(sorted(runs, key=lambda r: r.started_at)[0].counts)
+    assert counts["chunks"] >= 7 and counts["notes_per_s"] > 0
+
+
+def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
+    write_notes(wh, NIGHT2)
+    broken = make_model_dir(tmp_path, "bertxml-broken", weight_labels=len(CODES) + 1)
+    with pytest.raises(ModelDirError, match="label"):
+        run_score(wh, cfg, date=D2, model_dir=broken)
+    with pytest.raises(NoNotesError, match="2025-03-05"):
+        run_score(wh, cfg, date="2025-03-05", model_dir=model_dir)
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        run_score(wh, cfg, date="03/05/2025", model_dir=model_dir)
+    statuses = [r.status for r in wh.table(wh.name(t.JOB_RUNS)).collect()]
+    assert len(statuses) == 2 and all(s.startswith("failed") for s in statuses)  # the bad date: before the job
+    assert not wh.exists(wh.name(t.PREDICTIONS))
