@@ -175,6 +175,8 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     """Raise ValueError naming the first setting the generator cannot use."""
     if cfg.notes < 1:
         raise ValueError(f"generate.notes must be at least 1, got {cfg.notes}")
+    if cfg.seed < 0:
+        raise ValueError(f"generate.seed must be 0 or more, got {cfg.seed}")
     for key in ("notes_per_encounter", "encounters_per_patient"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"generate.{key} must be at least 1, got {getattr(cfg, key)}")

@@ -32,7 +32,7 @@ from bertxml import tables as t
 from bertxml.config import Config
 from bertxml.data import ChunkSet, bucketed_batches, eval_batches, load_chunks, pretraining_batch
 from bertxml.model import BertForPretraining, bert_config, count_parameters
-from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, _unfinished_model_dir, autocast, autocast_dtype,
+from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, _source_tables, _unfinished_model_dir, autocast, autocast_dtype,
                            check_resume, chunks_metadata, file_sha256, load_checkpoint, lr_at, make_optimizer,
                            pick_device, planned_steps, save_checkpoint, set_threads, size_label, special_ids,
                            step_seed)
@@ -109,12 +109,9 @@ def run_pretrain(wh, cfg: Config, vocab_dir: str | Path | None = None, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with job_run(wh, "pretrain") as run:
-        chunks_name = wh.name(t.CHUNKS)
-        chunks_version = wh.version(chunks_name)
+        chunks_name, path, chunks_version = _source_tables(wh, cfg)[t.CHUNKS]
         if chunks_version is None:
             raise FileNotFoundError(f"table {chunks_name} does not exist: run `bertxml tokenize` first")
-        path = wh.path(chunks_name) if wh.path_mode else \
-            wh.spark.sql(f"DESCRIBE DETAIL {chunks_name}").first()["location"]
         meta = chunks_metadata(path, chunks_version, pc.max_len)
         sha = file_sha256(Path(vocab_dir) / modeldir.TOKENIZER_FILE)
         if meta and meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != sha:

@@ -400,27 +400,21 @@ def chunks_metadata(path: str | Path, version: int, max_len: int) -> dict | None
 
 
 def _source_tables(source, cfg: Config) -> dict:
-    """{short: (qualified name, Delta folder, version)} for the tables training reads, from a Warehouse
-    (Spark) or a path-mode workdir (Delta logs, no JVM)."""
+    """{short: (qualified name, Delta folder, version)} for the tables training reads, from a Warehouse or a
+    path-mode workdir. Path mode reads the latest versions from the Delta logs (no Spark job needed);
+    a metastore warehouse asks Spark for versions and locations."""
+    from bertxml.deltaread import delta_files
+
     out = {}
     for short in (t.LABELED_NOTES, t.LABEL_VOCAB, t.CHUNKS):
         name = f"{cfg.warehouse.schema}.{short}"
-        if hasattr(source, "spark"):
+        if hasattr(source, "spark") and not source.path_mode:
             version = source.version(name)
-            if version is None:
-                out[short] = (name, None, None)
-                continue
-            path = (source.path(name) if source.path_mode else
-                    source.spark.sql(f"DESCRIBE DETAIL {name}").first()["location"])
+            path = source.spark.sql(f"DESCRIBE DETAIL {name}").first()["location"] if version is not None else None
         else:
-            path = table_path(source, cfg.warehouse.schema, short)
-            if not (path / "_delta_log").exists():
-                out[short] = (name, None, None)
-                continue
-            from bertxml.deltaread import delta_files
-
-            version = delta_files(str(path))[0]
-        out[short] = (name, str(path), int(version))
+            path = source.path(name) if hasattr(source, "spark") else table_path(source, cfg.warehouse.schema, short)
+            version = delta_files(str(path))[0] if (Path(path) / "_delta_log").exists() else None
+        out[short] = (name, str(path) if version is not None else None, version)
     return out
 
 

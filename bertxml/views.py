@@ -10,11 +10,11 @@ from bertxml import tables as t
 
 VIEWS = {
     "predicted_codes": ((t.PREDICTIONS, t.MODEL_LABELS), """
-        SELECT p.note_id, p.note_date, c.code, l.description,
+        SELECT p.note_id, p.note_date, p.code, l.description,
                element_at(p.probabilities, l.label_index + 1) AS probability, p.model_version
-        FROM {schema}.predictions p
-        LATERAL VIEW explode(p.predicted_codes) c AS code
-        JOIN {schema}.model_labels l ON l.model_version = p.model_version AND l.code = c.code"""),
+        FROM (SELECT note_id, note_date, model_version, probabilities, explode(predicted_codes) AS code
+              FROM {schema}.predictions) p
+        JOIN {schema}.model_labels l ON l.model_version = p.model_version AND l.code = p.code"""),
     "latest_auc": ((t.AUC_REPORT,), """
         SELECT * EXCEPT (rn) FROM (
           SELECT *, row_number() OVER (PARTITION BY model_version, dataset ORDER BY created_at DESC) AS rn

