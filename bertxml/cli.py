@@ -78,6 +78,87 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def _vocab_dir(args, wh) -> Path:
+    return Path(args.vocab) if getattr(args, "vocab", None) else wh.workdir / "vocab"
+
+
+def cmd_vocab(args) -> int:
+    from bertxml.vocab import run_vocab
+
+    wh = open_warehouse(args, "vocab")
+    out = Path(args.out) if args.out else wh.workdir / "vocab"
+    result = run_vocab(wh, wh.cfg, args.corpus or wh.cfg.vocab.corpus, out)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from bertxml.tokenize import run_tokenize
+
+    wh = open_warehouse(args, "tokenize")
+    result = run_tokenize(wh, wh.cfg, _vocab_dir(args, wh), args.max_len or wh.cfg.model.max_len)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from bertxml.pretrain import run_pretrain
+
+    wh = open_warehouse(args, "pretrain")
+    out = run_pretrain(wh, wh.cfg, _vocab_dir(args, wh), args.out, args.corpus or wh.cfg.vocab.corpus)
+    print(out)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from bertxml.train import run_train
+
+    wh = open_warehouse(args, "train")
+    out = run_train(wh, wh.cfg, model_kind=args.model, init=args.init, out_dir=args.out,
+                    encoder_dir=args.encoder, resume=args.resume)
+    print(out)
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from bertxml.retrain import run_retrain
+
+    wh = open_warehouse(args, "retrain")
+    out = run_retrain(wh, wh.cfg, as_of_version=args.as_of_version, as_of_timestamp=args.as_of_timestamp,
+                      notes_source=args.notes, diagnoses_source=args.diagnoses, out_dir=args.out)
+    print(out)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from bertxml.score import run_score
+
+    wh = open_warehouse(args, "score")
+    result = run_score(wh, wh.cfg, date=args.date, since_last=args.since_last, model_dir=args.model,
+                       notes_source=args.notes)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from bertxml.evaluate import run_evaluate
+
+    wh = open_warehouse(args, "evaluate")
+    result = run_evaluate(wh, wh.cfg, split=args.split, date=args.date, date_from=args.date_from,
+                          date_to=args.date_to, model_dir=args.model, notes_source=args.notes,
+                          diagnoses_source=args.diagnoses)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from bertxml.explain import run_explain
+
+    wh = open_warehouse(args, "explain")
+    result = run_explain(wh, wh.cfg, args.note_id, code=args.code, model_dir=args.model, html_path=args.html)
+    return 0 if result else 1
+
+
 def cmd_sql_server(args) -> int:
     from bertxml.sqlserver import serve
 
@@ -120,6 +201,63 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("etl", parents=[common, inputs], help="filter, label, impute, split (paper §4.1)")
     p.add_argument("--min-code-count", type=int, help="label vocabulary threshold (etl.min_code_count)")
     p.set_defaults(func=cmd_etl)
+
+    corpus = argparse.ArgumentParser(add_help=False)
+    corpus.add_argument("--corpus", action="append", metavar="SOURCE",
+                        help="unlabelled text (table or parquet:PATH with a text column), repeatable")
+    sized = argparse.ArgumentParser(add_help=False)
+    sized.add_argument("--size", choices=["tiny", "small", "big"], help="model preset (conf/model/SIZE.yaml)")
+
+    p = sub.add_parser("vocab", parents=[common, corpus], help="train the EHR WordPiece vocabulary")
+    p.add_argument("--out", help="vocabulary folder (default WORKDIR/vocab)")
+    p.set_defaults(func=cmd_vocab)
+
+    p = sub.add_parser("tokenize", parents=[common], help="tokenise and chunk labeled notes into bertxml.chunks")
+    p.add_argument("--vocab", help="vocabulary folder (default WORKDIR/vocab)")
+    p.add_argument("--max-len", type=int, help="chunk length in tokens (model.max_len)")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("pretrain", parents=[common, corpus, sized], help="MLM + NSP pretraining from scratch")
+    p.add_argument("--vocab", help="vocabulary folder (default WORKDIR/vocab)")
+    p.add_argument("--out", help="encoder folder (default WORKDIR/models/encoder-SIZE-TIME)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", parents=[common, sized], help="fine-tune for ICD coding")
+    p.add_argument("--model", choices=["bertxml", "cls"], default="bertxml", help="ICD head")
+    p.add_argument("--encoder", help="our pretrained encoder folder (default: the newest)")
+    p.add_argument("--init", help="start from an HF BERT checkpoint folder instead (e.g. MiniLM)")
+    p.add_argument("--out", help="model folder (default WORKDIR/models/MODEL_VERSION)")
+    p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("retrain", parents=[common, inputs, sized],
+                       help="ETL -> vocabulary -> pretraining -> fine-tuning -> evaluation, from a snapshot")
+    p.add_argument("--out", help="model folder (default WORKDIR/models/MODEL_VERSION)")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("score", parents=[common], help="score a night's notes into bertxml.predictions")
+    p.add_argument("--date", help="note_date to score (default: yesterday, UTC)")
+    p.add_argument("--since-last", action="store_true", help="score every note this model has not scored yet")
+    p.add_argument("--model", help="model folder (default: the newest under WORKDIR/models)")
+    p.add_argument("--notes", metavar="SOURCE", help="notes: a table name or parquet:/csv:/delta:PATH")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", parents=[common], help="AUC reports into bertxml.auc_report/code_auc")
+    p.add_argument("--split", choices=["dev", "test"])
+    p.add_argument("--date")
+    p.add_argument("--from", dest="date_from")
+    p.add_argument("--to", dest="date_to")
+    p.add_argument("--model", help="model folder (default: the newest under WORKDIR/models)")
+    p.add_argument("--notes", metavar="SOURCE")
+    p.add_argument("--diagnoses", metavar="SOURCE")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("explain", parents=[common], help="label attention for one note (shows PHI: opt-in)")
+    p.add_argument("note_id")
+    p.add_argument("--code")
+    p.add_argument("--model")
+    p.add_argument("--html", help="write an attention-shaded HTML rendering here")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("sql", parents=[common], help="run Spark SQL over the warehouse")
     p.add_argument("query")

@@ -18,7 +18,8 @@ Normalisation, in order (`build_normalizer`):
 1. De-identification placeholders become one of a small fixed set of tokens, `@name@ @date@ @id@ @contact@
    @location@ @age@ @phi@`, whatever the de-identifier wrote: `@subnum@`-style tags (the paper's Figure 3),
    MIMIC-style `[**Known lastname 123**]` / `[**2151-7-16**]` and `<PHI>`/`<NAME>`-style tags. The class is
-   read from keywords in the placeholder (`PLACEHOLDER_RULES`, tried in order; no keyword: `@phi@`). Each is
+   read from keywords in the placeholder (`PLACEHOLDER_RULES`, tried in order; a MIMIC placeholder of only
+   digits, '-' and '/' is a date; no keyword: `@phi@`). Each is
    one token that the model sees, rather than punctuation around a word that looks like text.
 2. BERT's clean-up: control characters dropped, whitespace unified, CJK characters spaced; lower-casing and
    accent stripping (VocabConfig.lowercase, as in BERT uncased).
@@ -51,7 +52,7 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]   # in SPECIAL's
 # (placeholder, keyword regex) in the order they are tried: a date before anything with a number in it,
 # a contact (pager number) before an id, a location (ward name) before a name.
 PLACEHOLDER_RULES = [
-    ("@date@", r"date|year|month|day|holiday|dob|\d{1,4}[-/]\d{1,2}(?:[-/]\d{1,4})?"),
+    ("@date@", r"date|year|month|day|holiday|dob"),
     ("@contact@", r"phone|fax|pager|e-?mail|url|contact"),
     ("@age@", r"\bage\b"),
     ("@location@", r"hospital|location|address|street|state|country|city|ward|university|college|company"
@@ -67,6 +68,7 @@ _MIMIC = r"\[\*\*[^\]\n]{{0,60}}?(?:{kw})[^\]\n]{{0,60}}?\*\*\]"      # [**Known
 _AT = r"@[a-z_0-9]{{0,30}}?(?:{kw})[a-z_0-9]{{0,30}}@"               # @subnum@, @name@
 _TAG = r"<\s*(?:phi\b[^<>\n]{{0,40}}?)?(?:{kw})[^<>\n]{{0,40}}>"      # <NAME>, <PHI TYPE="DATE">
 _CANONICAL = "|".join(p.strip("@") for p in PLACEHOLDERS)
+_MIMIC_NUMERIC_DATE = r"\[\*\*[\d\s/-]{1,20}\*\*\]"                   # [**2151-7-16**], [**2151**]
 
 
 def placeholder_patterns() -> list[tuple[str, str]]:
@@ -75,7 +77,10 @@ def placeholder_patterns() -> list[tuple[str, str]]:
     for placeholder, kw in PLACEHOLDER_RULES:
         # Keywords must not match inside an already canonical "@name@" (an earlier rule's output).
         at = r"@(?!(?:%s)@)[a-z_0-9]{0,30}?(?:%s)[a-z_0-9]{0,30}@" % (_CANONICAL, kw)
-        pairs.append(("(?i)" + "|".join([_MIMIC.format(kw=kw), at, _TAG.format(kw=kw)]), placeholder))
+        syntaxes = [_MIMIC.format(kw=kw), at, _TAG.format(kw=kw)]
+        if placeholder == "@date@":
+            syntaxes.append(_MIMIC_NUMERIC_DATE)
+        pairs.append(("(?i)" + "|".join(syntaxes), placeholder))
     generic = "|".join([r"\[\*\*[^\]\n]{0,60}?\*\*\]", r"@(?!(?:%s)@)[a-z_]{1,30}@" % _CANONICAL,
                         r"<\s*/?\s*phi\b[^<>\n]{0,40}>"])
     pairs.append(("(?i)" + generic, GENERIC_PLACEHOLDER))
@@ -104,6 +109,7 @@ def describe_normalization(cfg: VocabConfig) -> dict:
             "tokens": PLACEHOLDERS,
             "syntaxes": ["[**...**] (MIMIC)", "@word@ (the paper's Figure 3)", "<NAME>, <PHI ...> tags"],
             "rules": [{"placeholder": p, "keywords": kw} for p, kw in PLACEHOLDER_RULES]
+                     + [{"placeholder": "@date@", "keywords": "[** digits, '-' and '/' only **]"}]
                      + [{"placeholder": GENERIC_PLACEHOLDER, "keywords": "(any other placeholder)"}],
             "regexes": [{"placeholder": p, "regex": r} for r, p in placeholder_patterns()],
             "note": "tried in order, case-insensitively; each placeholder is one token (an added token)",
