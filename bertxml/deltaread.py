@@ -283,11 +283,11 @@ def read_delta(table_path, version: int | None = None, columns: list[str] | None
                 value = _partition_value((add.get("partitionValues") or {}).get(name), schema.field(name).type)
                 table = table.append_column(name, pa.array([value.as_py()] * table.num_rows,
                                                            schema.field(name).type))
-        order = [c for c in schema.names if c in needed]
-        table = table.select(order)
-        # Spark's parquet may name list items differently or keep timestamps as INT96 (ns): one schema.
-        table = table.cast(pa.schema([schema.field(c) for c in order]).with_metadata(None), safe=False) \
-            if table.schema != pa.schema([schema.field(c) for c in order]) else table
+        target = pa.schema([schema.field(c) for c in schema.names if c in needed])
+        table = table.select(target.names).replace_schema_metadata(None)
+        if not table.schema.equals(target):
+            # Spark may write timestamps as INT96 (ns) or name list items otherwise: one schema for all files.
+            table = table.cast(target, safe=False)
         if expr is not None:
             table = ds.dataset(table).to_table(filter=expr)
         pieces.append(table)

@@ -40,6 +40,17 @@ def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     return cls_id, sep_id
 
 
+def _untruncated(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer itself, or a copy without truncation and padding (an off-the-shelf tokenizer.json may
+    truncate at 128 or 512 tokens, which would silently drop the rest of a note)."""
+    if tokenizer.truncation is None and tokenizer.padding is None:
+        return tokenizer
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
 def _check_max_len(max_len: int) -> int:
     if int(max_len) < MIN_MAX_LEN:
         raise ValueError(f"max_len must be at least {MIN_MAX_LEN}, got {max_len}")
@@ -59,6 +70,7 @@ def encode_chunks(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[
     """
     max_len = _check_max_len(max_len)
     cls_id, sep_id = _special_ids(tokenizer)
+    tokenizer = _untruncated(tokenizer)
     body = max_len - 2
     out = []
     for enc in tokenizer.encode_batch([text or "" for text in texts], add_special_tokens=False):
@@ -82,6 +94,7 @@ def chunk_notes(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[li
     """`encode_chunks` plus each chunk's sentence starts, for a batch of notes."""
     max_len = _check_max_len(max_len)
     cls_id, sep_id = _special_ids(tokenizer)
+    tokenizer = _untruncated(tokenizer)
     body = max_len - 2
     texts = [text or "" for text in texts]
     out = []
@@ -139,19 +152,23 @@ def chunk_notes_df(notes, tokenizer_json: str, code_index: dict[str, int], max_l
 
 
 def chunk_stats(chunks) -> dict:
-    """Counts over a chunks DataFrame of one max_len: notes, chunks, chunks per note, notes over max_len."""
+    """Counts over a chunks DataFrame of one max_len: notes, chunks, chunks per note, notes over max_len.
+
+    One pass, grouped by split only: a note has exactly one chunk 0, and a chunk 1 when it is over max_len.
+    """
     from pyspark.sql import functions as F
 
-    per_note = chunks.groupBy("note_id", "split").agg(F.count("*").alias("n"))
-    row = per_note.agg(F.count("*").alias("notes"), F.sum("n").alias("chunks"),
-                       F.sum(F.when(F.col("n") > 1, 1).otherwise(0)).alias("over"),
-                       F.max("n").alias("most")).first()
-    by_split = {r["split"]: r["count"] for r in per_note.groupBy("split").count().collect()}
-    notes, n_chunks = int(row["notes"] or 0), int(row["chunks"] or 0)
+    rows = chunks.groupBy("split").agg(
+        F.sum(F.when(F.col("chunk_index") == 0, 1).otherwise(0)).alias("notes"),
+        F.count("*").alias("chunks"),
+        F.sum(F.when(F.col("chunk_index") == 1, 1).otherwise(0)).alias("over"),
+        F.max("chunk_index").alias("last")).collect()
+    notes, n_chunks = sum(r["notes"] for r in rows), sum(r["chunks"] for r in rows)
     return {"notes": notes, "chunks": n_chunks,
             "chunks_per_note": round(n_chunks / notes, 4) if notes else 0.0,
-            "notes_over_max_len": int(row["over"] or 0), "most_chunks_in_a_note": int(row["most"] or 0),
-            "notes_by_split": by_split}
+            "notes_over_max_len": sum(r["over"] for r in rows),
+            "most_chunks_in_a_note": max((r["last"] + 1 for r in rows), default=0),
+            "notes_by_split": {r["split"]: r["notes"] for r in rows}}
 
 
 def run_tokenize(wh, cfg, vocab_dir: str | Path | None = None, max_len: int | None = None) -> dict:

@@ -32,13 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers import decoders
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 

@@ -3,6 +3,7 @@ import datetime as dt
 import json
 
 import pytest
+from tokenizers import Tokenizer
 
 from bertxml import tables as t
 from bertxml.config import VocabConfig
@@ -32,6 +33,13 @@ def test_chunks_are_bounded_wrapped_and_lossless(tok):
     assert len(chunks[4]) == -(-160 // 6)
     with pytest.raises(ValueError, match="max_len"):
         encode_chunks(tok, ["a"], 2)
+
+
+def test_a_truncating_tokenizer_still_gives_the_whole_note(tok):
+    truncating = Tokenizer.from_str(tok.to_str())
+    truncating.enable_truncation(4)
+    assert encode_chunks(truncating, ["a " * 12], 8) == encode_chunks(tok, ["a " * 12], 8)
+    assert truncating.truncation is not None                   # the caller's tokenizer is left as it was
 
 
 def test_sentence_starts_are_line_openings_in_chunk_positions(tok):
@@ -73,8 +81,11 @@ def test_run_tokenize(spark, wh, cfg, tok, tmp_path):
     assert meta["labeled_notes_version"] == 0 and meta["label_vocab_version"] == 0
     assert meta["tokenizer_sha256"] == stats["tokenizer_sha256"] and len(meta["tokenizer_sha256"]) == 64
 
-    # Another max_len sits beside it; rerunning one replaces only its own rows.
-    assert run_tokenize(wh, cfg, tmp_path / "vocab", max_len=32)["chunks"] == 3
+    # Another max_len's chunks sit beside them; a rerun replaces only its own max_len, never duplicates.
+    other = [("n1", "train", 32, 0, [CLS, SEP], [], [])]
+    wh.write(spark.createDataFrame(other, t.CHUNKS_SCHEMA), wh.name(t.CHUNKS), mode="append")
     assert run_tokenize(wh, cfg, tmp_path / "vocab", max_len=16)["chunks"] == 4
     counts = {r.max_len: r["count"] for r in wh.table(wh.name(t.CHUNKS)).groupBy("max_len").count().collect()}
-    assert counts == {16: 4, 32: 3}
+    assert counts == {16: 4, 32: 1}
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        run_tokenize(wh, cfg, tmp_path / "vocab", max_len=2048)

@@ -3,6 +3,8 @@ import datetime as dt
 import json
 import random
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from bertxml import tables as t
@@ -110,8 +112,7 @@ def test_run_vocab_end_to_end(spark, wh, cfg, tmp_path):
     rows += [labeled_row("d1", "dev", "Patient denies pain ."), labeled_row("d2", "dev", "zyxwv pain 12 .")]
     wh.write(spark.createDataFrame(rows, t.LABELED_NOTES_SCHEMA), wh.name(t.LABELED_NOTES))
     corpus = tmp_path / "corpus.parquet"
-    spark.createDataFrame([("c1", "bisoprolol twice daily", "x")], "note_id string, text string, other string") \
-        .write.parquet(str(corpus))
+    pq.write_table(pa.table({"note_id": ["c1"], "text": ["bisoprolol twice daily"], "other": ["x"]}), corpus)
     cfg.vocab.size, cfg.vocab.min_frequency = 120, 1
     out = run_vocab(wh, cfg, [f"parquet:{corpus}"], tmp_path / "vocab")
     assert out["texts"] == 31 and out["oov_split"] == "dev" and out["oov_notes"] == 2
@@ -121,6 +122,7 @@ def test_run_vocab_end_to_end(spark, wh, cfg, tmp_path):
     report = json.loads((tmp_path / "vocab" / "oov_report.json").read_text())
     # ours: only "zyxwv" is split; BERT uncased: "zyxwv" too (digits kept, "12" is a word it holds).
     assert report["oov_per_note_ours"] == pytest.approx(0.5) == out["oov_per_note_ours"]
+    assert report["oov_per_note_reference"] == pytest.approx(0.5)
     assert set(report) >= {"oov_per_note_ours", "oov_per_note_reference", "notes"}
     runs = wh.table(wh.name(t.JOB_RUNS)).filter("job = 'vocab'").collect()
     assert len(runs) == 1 and runs[0].status == "succeeded"
