@@ -12,7 +12,7 @@ What it makes, deterministically for a seed (the same seed and size give the sam
   mention most of the encounter's codes in mixed forms, deny or attribute to family codes it does not have,
   and a long tail of notes past 1,024 tokens (paper §1: long input sequences);
 - the rows the ETL must drop or reject (paper §4.1 filters and plain bad data), at the configured rates:
-  see `NOTE_DEFECTS` and `DIAGNOSIS_DEFECTS`.
+  see `NOTE_DEFECTS` and the comment under it.
 
 Each patient is generated from its own RNG seeded with (seed, patient index), inside Spark tasks over
 `spark.range(n_patients)`; notes and diagnoses are two passes of the same generator (the diagnoses pass
@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from bertxml import tables as t
@@ -57,6 +57,7 @@ MED_CUE = 0.3                    # ... and, when it has a medication cue, named 
 LONG_WORDS = (1100, 2500)        # words in a long note: past 1,024 WordPiece tokens
 NORMAL_WORDS = (150, 600)
 ARROW_BATCH_ROWS = 2048          # rows per Arrow batch handed back to Spark
+MIN_PATIENTS_PER_TASK = 1000     # ~5,000 notes: below that a task's start-up costs more than its work
 
 NOTE_TYPES = {"progress_note": 0.50, "history_and_physical": 0.12, "consult_note": 0.12,
               "discharge_summary": 0.10, "nursing_note": 0.16}
@@ -77,7 +78,6 @@ NOTE_DEFECTS = (("erroneous", "drop"),        # status = 'erroneous'
 # Per diagnosis row at bad_row_rate each: the code written in a variant the ETL normalises and keeps
 # (' e119 ', 'i10'), an extra malformed row, an extra well-shaped unknown code; and per encounter at
 # bad_row_rate: no diagnosis rows at all (its notes still mention codes).
-DIAGNOSIS_DEFECTS = ("variant_format", "malformed_code", "unknown_code", "encounter_without_diagnoses")
 UNKNOWN_SHAPED_CODES = ("Z99.999", "Q00.99", "E11.99", "I10.1", "K21.99", "J44.99")
 MALFORMED_CODES = ("", None, "12345", "N/A", "#REF!", "ICD10")   # plus a corrupted real code, 'E11..9X!'
 
@@ -254,7 +254,6 @@ class PatientGenerator:
         self.acute_cum = _cumulative([weights[k] for k in self.acute_idx])
         self.all_idx = list(range(len(self.codes)))
         self.all_cum = _cumulative(weights)
-        self.is_chronic = chronic
         self.desc_forms = [list(f) for f in catalog["description_forms"]]
         self.abbr = [list(f) for f in catalog["abbreviations"]]
         self.syn = [list(f) for f in catalog["synonyms"]]
@@ -398,7 +397,8 @@ class PatientGenerator:
     def _lab_panel(self, rand, date: dt.date) -> str:
         when = date - dt.timedelta(days=int(rand() * 30))
         name, results = self.lab_panels[int(rand() * len(self.lab_panels))]
-        values = ", ".join([f"{label} {fmt.format(lo + rand() * span)}{unit}" for label, unit, lo, span, fmt in results])
+        values = ", ".join([f"{label} {fmt.format(lo + rand() * span)}{unit}"
+                            for label, unit, lo, span, fmt in results])
         return f"{when:%m/%d/%Y} {name}: {values}."
 
     def _vitals(self, rand, p: _Patient | None, prefix: str = "Vitals") -> str:
@@ -581,12 +581,13 @@ def _record_batch(rows: list[tuple], schema: pa.Schema) -> pa.RecordBatch:
 def generate_warehouse(spark: SparkSession, cfg: GenerateConfig) -> tuple[DataFrame, DataFrame]:
     """(notes, diagnoses) with exactly NOTES_SCHEMA and DIAGNOSES_SCHEMA, generated lazily in parallel.
 
-    Both are computed from `spark.range(n_patients)` in cfg.partitions tasks; each action recomputes
-    them, identically. Nothing is written.
+    Both are computed from `spark.range(n_patients)` in at most cfg.partitions tasks of at least
+    MIN_PATIENTS_PER_TASK patients each; each action recomputes them, identically. Nothing is written.
     """
     gen = PatientGenerator(cfg)
     n = n_patients(cfg)
-    ids = spark.range(0, n, numPartitions=max(1, min(cfg.partitions, n)))
+    # cfg.partitions is an upper bound: rows depend only on (seed, patient index), never on the split
+    ids = spark.range(0, n, numPartitions=max(1, min(cfg.partitions, n // MIN_PATIENTS_PER_TASK)))
     notes = ids.mapInArrow(gen.note_batches, NOTES_RAW).select(
         *[F.col(c) for c in ("note_id", "patient_id", "encounter_id")],
         F.date_from_unix_date("day").alias("note_date"),
@@ -600,22 +601,24 @@ def generate_warehouse(spark: SparkSession, cfg: GenerateConfig) -> tuple[DataFr
 def run_generate(wh, cfg: GenerateConfig) -> dict:
     """Write the synthetic `ehr.notes` and `ehr.diagnoses` (each one Delta overwrite) and count them.
 
-    Returns {"notes", "diagnoses", "patients", "versions": {table: Delta version}}. Logs names and
-    counts only, never text.
+    Returns {"notes", "diagnoses", "patients", "versions": {table: Delta version}, "run_id"}. Logs
+    table names and counts only, never text.
     """
     from bertxml.runs import job_run
 
     notes_table, diagnoses_table = wh.cfg.warehouse.notes, wh.cfg.warehouse.diagnoses
     with job_run(wh, "generate") as run:
         notes, diagnoses = generate_warehouse(wh.spark, cfg)
-        lineage = json.dumps({"run_id": run.run_id, "generate": dataclasses.asdict(cfg)})
         log.info("generating about %d notes for %d patients (seed %d, %d codes) into %s and %s",
                  cfg.notes, n_patients(cfg), cfg.seed, cfg.n_codes, notes_table, diagnoses_table)
-        run.outputs[notes_table] = wh.write(notes, notes_table, metadata=lineage)
-        run.outputs[diagnoses_table] = wh.write(diagnoses, diagnoses_table, metadata=lineage)
-        # counted from the written tables: recounting the lazy frames would generate everything again
-        counts = {"notes": wh.table(notes_table, version=run.outputs[notes_table]).count(),
-                  "diagnoses": wh.table(diagnoses_table, version=run.outputs[diagnoses_table]).count(),
+        # rows are counted while they are written: counting the lazy frames would generate them again
+        notes_seen, diagnoses_seen = Observation(), Observation()
+        lineage = json.dumps({"run_id": run.run_id, "generate": dataclasses.asdict(cfg)})
+        run.outputs[notes_table] = wh.write(notes.observe(notes_seen, F.count(F.lit(1)).alias("rows")),
+                                            notes_table, metadata=lineage)
+        run.outputs[diagnoses_table] = wh.write(
+            diagnoses.observe(diagnoses_seen, F.count(F.lit(1)).alias("rows")), diagnoses_table, metadata=lineage)
+        counts = {"notes": notes_seen.get["rows"], "diagnoses": diagnoses_seen.get["rows"],
                   "patients": n_patients(cfg)}
         for name, value in counts.items():
             run.count(name, value)

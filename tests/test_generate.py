@@ -6,7 +6,7 @@ task does, so they stay fast.
 """
 import datetime as dt
 import re
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, namedtuple
 from dataclasses import replace
 
 import pytest
@@ -32,10 +32,15 @@ def small(spark):
     return _sorted(notes.collect()), _sorted(diagnoses.collect())
 
 
+Note = namedtuple("Note", [f.name for f in NOTES_SCHEMA.fields])
+Diagnosis = namedtuple("Diagnosis", [f.name for f in DIAGNOSES_SCHEMA.fields])
+
+
 @pytest.fixture(scope="module")
-def defective(spark):
-    notes, diagnoses = generate_warehouse(spark, DEFECTIVE)
-    return notes.collect(), diagnoses.collect()
+def defective():
+    """Rows as Spark would write them (test_spark_rows_are_the_per_patient_generator_rows), dates as days."""
+    return ([Note(*r) for r in _python_rows(DEFECTIVE, "notes")],
+            [Diagnosis(*r) for r in _python_rows(DEFECTIVE, "diagnoses")])
 
 
 def _python_rows(cfg: GenerateConfig, kind: str, patients: int | None = None) -> list[tuple]:
@@ -69,6 +74,15 @@ def test_same_seed_same_rows_other_seed_other_rows(spark, small):
     assert _sorted(diagnoses.collect()) == small[1]
     other, _ = generate_warehouse(spark, replace(SMALL, seed=12))
     assert _sorted(other.collect()) != small[0]
+
+
+def test_rows_do_not_depend_on_partitioning(spark, monkeypatch, small):
+    import bertxml.generate as generate
+
+    monkeypatch.setattr(generate, "MIN_PATIENTS_PER_TASK", 10)        # 3 tasks instead of 1
+    notes, _ = generate_warehouse(spark, replace(SMALL, partitions=3))
+    assert notes.rdd.getNumPartitions() == 3
+    assert _sorted(notes.collect()) == small[0]
 
 
 def test_spark_rows_are_the_per_patient_generator_rows(small):
