@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: install
-	.venv/bin/bertxml demo --workdir $(WORKDIR)
+	.venv/bin/bertxml demo --workdir $(WORKDIR) --conf conf/local.yaml
 
 test: install
 	$(PY) -m pytest -q tests

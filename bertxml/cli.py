@@ -168,8 +168,10 @@ def cmd_sql_server(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from bertxml.config import CONF_DIR
     from bertxml.demo import run_demo
 
+    args.conf = args.conf or [str(CONF_DIR / "local.yaml")]  # the embedded default
     wh = open_warehouse(args, "demo")
     return run_demo(wh)
 

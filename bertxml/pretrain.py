@@ -30,7 +30,7 @@ from tqdm import tqdm
 from bertxml import modeldir
 from bertxml import tables as t
 from bertxml.config import Config
-from bertxml.data import ChunkSet, bucketed_batches, eval_batches, load_chunks, pretraining_batch
+from bertxml.data import ChunkSet, bucketed_batches, load_chunks, pretraining_batch
 from bertxml.model import BertForPretraining, bert_config, count_parameters
 from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, _source_tables, _unfinished_model_dir, autocast, autocast_dtype,
                            check_resume, chunks_metadata, file_sha256, load_checkpoint, lr_at, make_optimizer,
@@ -62,14 +62,15 @@ def load_corpus_chunks(wh, specs, tokenizer, max_len: int) -> tuple[ChunkSet, di
 @torch.no_grad()
 def pretraining_loss(model: BertForPretraining, chunks: ChunkSet, cfg: Config, special: dict, vocab_size: int,
                      device, amp, max_batches: int) -> dict:
-    """Mean MLM/NSP loss over up to max_batches fixed batches of chunks (same masks every call)."""
+    """Mean MLM/NSP loss over up to max_batches batches of chunks: a fixed random sample of batches (not
+    the shortest chunks) with the same masks and pairs at every call, so before/after compare."""
     pc = cfg.pretrain
     if not len(chunks):
         return {}
     was_training = model.training
     model.eval()
     sums, n = {"loss": 0.0, "mlm_loss": 0.0, "nsp_loss": 0.0}, 0
-    for b, index in enumerate(eval_batches(chunks.lengths, pc.batch_size)[:max_batches]):
+    for b, index in enumerate(bucketed_batches(chunks.lengths, pc.batch_size, pc.seed + 1, 0)[:max_batches]):
         batch = pretraining_batch(chunks, index, nsp=pc.nsp, seed=pc.seed + 1, step=b, max_len=pc.max_len,
                                   special=special, vocab_size=vocab_size, mlm_probability=pc.mlm_probability)
         with autocast(device, amp):
@@ -188,7 +189,7 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
                 (out["loss"] / len(group)).backward()
                 for key in window:
                     if key in out:
-                        window[key] += float(out[key]) / len(group)
+                        window[key] += float(out[key].detach()) / len(group)
                 window_tokens += int(batch["attention_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), pc.clip) if pc.clip > 0 else None
             optimizer.step()

@@ -23,8 +23,9 @@ What a run does, each table written in ONE Delta transaction:
 The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
 max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all chunks of a batch of notes
 sorted by length and cut into batches of at most `score.batch_size * max_len` tokens, each padded only to
-its own longest chunk (no padding to max_len); SDPA attention; `torch.inference_mode`; a note's
-probability per code is the max over its chunks (paper §4.1).
+its own longest chunk (no padding to max_len); SDPA attention in the encoder, and the label attention
+head as one fused SDPA call too (`label_attention_sdpa`, checked against the model's head at load);
+`torch.inference_mode`; a note's probability per code is the max over its chunks (paper §4.1).
 
 Bad input, and what happens to it:
 - empty, short, dropped or duplicated notes: rejected with the ETL's reason;
@@ -273,8 +274,8 @@ class BertScorer:
     device: None/'auto' (see `resolve_device`), 'cpu', 'cuda', 'cuda:1'. batch_size: chunks per forward
     pass at full length; a pass holds at most batch_size * max_len tokens, so short chunks go more to a
     pass. max_chunks_per_note: longer notes are scored on their first chunks (flagged `truncated`).
-    num_threads: torch intra-op threads (None: leave torch's setting). cpu_bf16: bf16 autocast on CPU too
-    (always on GPU).
+    num_threads: torch intra-op threads (None: leave torch's setting). cpu_bf16: run in bf16 on the CPU too
+    (weights cast once; on GPU bf16 autocast is always on).
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
@@ -300,7 +301,13 @@ class BertScorer:
         self.token_budget = self.batch_size * self.max_len
         self.max_chunks = max(1, int(max_chunks_per_note))
         self.pad_id = int(self.model.config.pad_token_id or 0)
-        self.bf16 = self.device.type == "cuda" or bool(cpu_bf16)
+        self.fused_head = self.model.head_type == "bertxml" and fused_head_matches(self.model, self.device)
+        # GPU: bf16 autocast (fp32 weights, bf16 matmuls). CPU with cpu_bf16: the weights are cast to bf16
+        # once, because CPU autocast re-casts every weight on every pass and ends up slower than fp32.
+        self.autocast = self.device.type == "cuda"
+        self.bf16 = self.autocast or bool(cpu_bf16)
+        if self.bf16 and not self.autocast:
+            self.model.to(torch.bfloat16)
         log.info("scorer %s (%s, %d labels, max_len %d) on %s%s", self.info.model_version, self.info.model_kind,
                  self.info.n_labels, self.max_len, self.device, " bf16" if self.bf16 else "")
 
@@ -329,7 +336,7 @@ class BertScorer:
             return out
         lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
         start = 0
         with torch.inference_mode(), autocast:
             while start < n:
@@ -340,8 +347,17 @@ class BertScorer:
                 for row, i in enumerate(take):
                     ids[row, :lengths[i]] = chunks[i]
                     mask[row, :lengths[i]] = 1
-                logits = self.model(torch.from_numpy(ids).to(self.device, non_blocking=True),
-                                    torch.from_numpy(mask).to(self.device, non_blocking=True))["logits"]  # (B, M)
+                ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
+                mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
+                if self.fused_head:
+                    # The encoder gets the mask as (B, 1, 1, T) booleans, which transformers passes to SDPA
+                    # as is (a 2-D mask is expanded to (B, 1, T, T)), or none when nothing is padded.
+                    padded = lengths[take[-1]] != width
+                    keep = (mask_t != 0)[:, None, None, :] if padded else None
+                    hidden = self.model.bert(input_ids=ids_t, attention_mask=keep).last_hidden_state  # (B, T, H)
+                    logits = label_attention_sdpa(self.model.head, hidden, mask_t if padded else None)  # (B, M)
+                else:
+                    logits = self.model(ids_t, mask_t)["logits"]  # (B, M)
                 out[torch.from_numpy(take)] = logits.float().cpu()
                 start += len(take)
         return out
@@ -364,6 +380,46 @@ class BertScorer:
 
     def __call__(self, texts) -> np.ndarray:
         return self.score(texts).probs
+
+
+def label_attention_sdpa(head, hidden, attention_mask):
+    """The label attention head (paper eq. 2-4, `bertxml.model.LabelAttention`) as ONE fused
+    scaled-dot-product-attention call: queries are the label vectors l_j, keys and values the token
+    states, scale 1 (eq. 2 has no 1/sqrt(H)). Same logits as the module, without materialising the
+    (B, M, T) attention matrix, which at M = 2,292 labels costs more than a small encoder.
+
+    hidden (B, T, H), attention_mask (B, T) or None (no padding: SDPA's faster unmasked path) -> logits (B, M).
+    """
+    import torch.nn.functional as F
+
+    b = hidden.shape[0]
+    queries = head.label_vectors.to(hidden.dtype)[None, None].expand(b, 1, -1, -1)  # (B, 1, M, H)
+    states = hidden[:, None]  # (B, 1, T, H)
+    keep = None if attention_mask is None else attention_mask[:, None, None, :] != 0  # (B, 1, 1, T)
+    context = F.scaled_dot_product_attention(queries, states, states, attn_mask=keep, scale=1.0)[:, 0]  # (B, M, H)
+    return head.w_a(F.relu(head.w_b(context))).squeeze(-1)  # (B, M) eq. 4 logits
+
+
+def fused_head_matches(model, device, tolerance: float = 1e-4) -> bool:
+    """Check, once at load, that `label_attention_sdpa` gives the model's own head logits on a random
+    padded batch; if the module ever changes (a scale, a bias), the engine falls back to it."""
+    import torch
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(2, 7, model.config.hidden_size, generator=gen).to(device)
+        mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], device=device)
+        with torch.inference_mode():
+            fused = label_attention_sdpa(model.head, hidden, mask).float()
+            diff = (model.head(hidden, mask).float() - fused).abs().max()
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the module
+        log.warning("fused label attention unavailable (%s): using the model's head", exc)
+        return False
+    if float(diff) > tolerance:
+        log.warning("fused label attention differs from the model's head by %.2e: using the model's head",
+                    float(diff))
+        return False
+    return True
 
 
 def _load_tokenizer(model_dir: Path):
@@ -485,10 +541,14 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
     """
     import pandas as pd
 
-    predict = worker_predictor(model_dir, device, options)
-    info = getattr(predict, "info", None) or read_model_info(model_dir, options.get("threshold_default", 0.5))
-    codes = np.array(info.codes, dtype=object)
+    predict = info = codes = None
     for frame in frames:
+        if len(frame) == 0:
+            continue
+        if predict is None:  # on the first notes: a task with an empty partition never loads the model
+            predict = worker_predictor(model_dir, device, options)
+            info = getattr(predict, "info", None) or read_model_info(model_dir, options.get("threshold_default", 0.5))
+            codes = np.array(info.codes, dtype=object)
         texts = frame["text"].tolist()
         if hasattr(predict, "score"):
             scored = predict.score(texts)
@@ -617,13 +677,16 @@ def _read_notes(wh, spec: str):
 
 def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: str | Path | None = None,
               notes_source: str | None = None) -> dict:
-    """Score one night (`date`, default yesterday UTC) or every not-yet-scored note (`since_last`).
+    """Score one night (`date`, default yesterday UTC) or catch up (`since_last`).
 
-    Writes bertxml.predictions (MERGE on note_id, model_version), bertxml.model_labels (MERGE on
-    model_version, label_index) and bertxml.rejects (replaceWhere job='score' and the batches covered),
-    then refreshes the views. Returns the job's counts: notes_read, rejected, rejected_by_reason,
-    notes_scored, chunks, notes_truncated, notes_per_s, ... Raises on failure (the exit status): a bad
-    model folder (ModelDirError), a bad source schema (SchemaError), a night with no notes (NoNotesError,
+    A night: every note dated `date` is filtered and the kept ones scored (a rerun rescores them: same
+    rows). Catch-up: the dates holding a note neither scored by this model version nor rejected are
+    processed as nights, scoring only their notes not yet scored.
+    Writes bertxml.predictions (MERGE on note_id, model_version), bertxml.model_labels (on model_version,
+    label_index) and bertxml.rejects (replaceWhere job = 'score' and the nights processed), then refreshes
+    the views. Returns the job's counts (notes_read, rejected, rejected_by_reason, notes_scored, chunks,
+    notes_truncated, notes_per_s, ...). Raises on failure, for the exit status: a bad model folder
+    (ModelDirError), a bad source schema (SchemaError), a night with no notes at all (NoNotesError,
     unless cfg.score.allow_empty).
     """
     from pyspark import StorageLevel
@@ -640,37 +703,73 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
         info = read_model_info(model_dir, cfg.score.threshold_default)  # fails here, before Spark work
         run.inputs["model"] = {"dir": str(info.model_dir), "model_version": info.model_version}
         run.count("model_version", info.model_version)
-        run.count("batch", "since-last" if since_last else night.isoformat())
         notes, read = _read_notes(wh, notes_source or cfg.warehouse.notes)
         run.inputs["notes"] = read
-        preds_name = wh.name(t.PREDICTIONS)
-        if since_last:
-            if wh.exists(preds_name):
-                version = wh.version(preds_name)
-                run.inputs[preds_name] = version
-                done = (wh.table(preds_name, version=version)
-                        .filter(F.col("model_version") == info.model_version).select("note_id"))
-                notes = notes.join(done, "note_id", "left_anti")
-        else:
+        done = _scored_ids(wh, run, info.model_version)
+        if night is not None:
+            nights = [night]
             notes = notes.filter(F.col("note_date") == F.lit(night))
+        else:
+            nights = _pending_nights(wh, notes, done)
+            notes = notes.filter(F.col("note_date").isin([d for d in nights if d is not None])
+                                 | (F.col("note_date").isNull() if None in nights else F.lit(False)))
+        batches = [d.isoformat() if d is not None else "undated" for d in nights]
+        run.count("batches", batches if len(batches) <= 31 else f"{len(batches)} nights")
+        if not nights:
+            log.info("score: every note is scored or rejected already (model %s)", info.model_version)
+            for key in ("notes_read", "rejected", "notes_scored", "chunks", "notes_truncated"):
+                run.count(key, 0)
+            return {"run_id": run.run_id, **run.counts, "outputs": run.outputs}
 
         flagged = flag_notes(notes, cfg).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            by_reason = {r["reason"]: r["n"] for r in flagged.groupBy("reason").agg(F.count("*").alias("n")).collect()}
-            n_read = sum(by_reason.values())
-            run.count("notes_read", n_read)
-            if n_read == 0 and not since_last and not cfg.score.allow_empty:
+            by_reason = {r["reason"]: r["n"]
+                         for r in flagged.groupBy("reason").agg(F.count("*").alias("n")).collect()}
+            run.count("notes_read", sum(by_reason.values()))
+            if not by_reason and not since_last and not cfg.score.allow_empty:
                 raise NoNotesError(f"no notes dated {night} in {read['source']}: the feed may not have landed "
                                    f"(set score.allow_empty=true to accept an empty night)")
             kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_chars", F.length("text"))
-            _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, night)
+            if since_last and done is not None:
+                kept = kept.join(done, "note_id", "left_anti")
+            _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, batches)
         finally:
             flagged.unpersist()
         create_views(wh)
         return {"run_id": run.run_id, **run.counts, "outputs": run.outputs}
 
 
-def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_reason: dict, night) -> None:
+def _scored_ids(wh, run, model_version: str):
+    """note_id of every note this model version has scored (None when nothing is scored yet), read at a
+    pinned Delta version so the job sees one snapshot however long it runs."""
+    from pyspark.sql import functions as F
+
+    name = wh.name(t.PREDICTIONS)
+    if not wh.exists(name):
+        return None
+    version = wh.version(name)
+    run.inputs[name] = version
+    return wh.table(name, version=version).filter(F.col("model_version") == model_version).select("note_id")
+
+
+def _pending_nights(wh, notes, done) -> list:
+    """Dates (None for undated) holding a note that is neither scored by this model nor rejected by an
+    earlier scoring run: the nights a catch-up must process. Reads ids and dates only, not the text."""
+    from pyspark.sql import functions as F
+
+    pending = notes.select("note_id", "note_date")
+    if done is not None:
+        pending = pending.join(done, "note_id", "left_anti")
+    rejects = wh.name(t.REJECTS)
+    if wh.exists(rejects):
+        seen = wh.table(rejects).filter(F.col("job") == "score").select("note_id").distinct()
+        pending = pending.join(seen, "note_id", "left_anti")
+    return sorted((r[0] for r in pending.select("note_date").distinct().collect()),
+                  key=lambda d: (d is None, d or dt.date.min))
+
+
+def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_reason: dict,
+                     batches: list[str]) -> None:
     """Run the model over the kept notes (one Spark action, timed) and write the three tables."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -678,14 +777,13 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
     from bertxml.etl import reject_rows
 
     spark = wh.spark
-    n_kept = by_reason.get(None, 0)
     scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
     note_cols = [f.name for f in t.NOTES_SCHEMA.fields if f.name != "text"] + ["text_chars"]
     rejected = (flagged.filter(F.col("reason").isNotNull()).withColumn("text_chars", F.length("text"))
                 .select(*note_cols, "reason"))
     seconds, stats, scored = 0.0, {}, None
     try:
-        if n_kept:
+        if by_reason.get(None):
             scored = score_notes(kept, info.model_dir, cfg.score).persist(StorageLevel.MEMORY_AND_DISK)
             started = time.perf_counter()
             with arrow_batch_conf(spark, cfg.score.arrow_batch_notes):  # the one action that runs the model
@@ -696,26 +794,21 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
             rejected = rejected.unionByName(scored.filter(F.col("reason").isNotNull()).select(*note_cols, "reason"))
         ok = stats.get(None)
         n_scored = int(ok["n"]) if ok else 0
+        n_run = sum(int(r["n"]) for r in stats.values())  # notes through the model, incl. 'no_tokens'
         if n_scored:
-            labels = spark.createDataFrame(info.label_rows(), t.MODEL_LABELS_SCHEMA)
-            run.outputs[wh.name(t.MODEL_LABELS)] = wh.merge(labels, wh.name(t.MODEL_LABELS),
-                                                            ["model_version", "label_index"])
+            _write_model_labels(wh, run, info)
             preds = scored.filter(F.col("reason").isNull()).select(
                 "note_id", "patient_id", "note_date", F.lit(info.model_version).alias("model_version"),
                 F.lit(run.run_id).alias("run_id"), F.lit(scored_at).cast("timestamp").alias("scored_at"),
                 "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
             preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in t.PREDICTIONS_SCHEMA.fields])
-            run.outputs[wh.name(t.PREDICTIONS)] = wh.merge(preds, wh.name(t.PREDICTIONS), ["note_id", "model_version"])
+            name = wh.name(t.PREDICTIONS)
+            run.outputs[name] = wh.merge(preds, name, ["note_id", "model_version"])
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
         n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)
         reject_df = reject_rows(rejected, "notes", "score", "-", run.run_id).withColumn(
             "batch", F.coalesce(F.get_json_object("record", "$.note_date"), F.lit("undated")))
-        if night is not None:
-            batches = [night.isoformat()]
-        else:
-            batches = sorted(r[0] for r in flagged.select(
-                F.coalesce(F.col("note_date").cast("string"), F.lit("undated"))).distinct().collect())
         rejects_name = wh.name(t.REJECTS)
         if batches and (n_rejected or wh.exists(rejects_name)):
             where = "job = 'score' AND batch IN (" + ", ".join(f"'{b}'" for b in batches) + ")"
@@ -731,10 +824,22 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
         run.count("chunks", int(ok["chunks"] or 0) if ok else 0)
         run.count("notes_truncated", int(ok["truncated"] or 0) if ok else 0)
         run.count("scoring_seconds", round(seconds, 2))
-        run.count("notes_per_s", round(n_kept / seconds, 2) if seconds else None)
-        if n_kept == 0:
-            log.warning("score: nothing to score (%s)",
-                        "caught up" if night is None else f"every note of {night} was rejected")
+        run.count("notes_per_s", round(n_run / seconds, 2) if seconds and n_run else None)
+        if n_scored == 0:
+            log.warning("score: no note scored in %s", ", ".join(batches[:5]))
     finally:
         if scored is not None:
             scored.unpersist()
+
+
+def _write_model_labels(wh, run, info: ModelInfo) -> None:
+    """The model's label vocabulary into bertxml.model_labels (MERGE on model_version, label_index), once
+    per model version: the views join predictions to codes through it."""
+    from pyspark.sql import functions as F
+
+    name = wh.name(t.MODEL_LABELS)
+    if wh.exists(name) and (wh.table(name).filter(F.col("model_version") == info.model_version).count()
+                            == info.n_labels):
+        return
+    labels = wh.spark.createDataFrame(info.label_rows(), t.MODEL_LABELS_SCHEMA)
+    run.outputs[name] = wh.merge(labels, name, ["model_version", "label_index"])

@@ -603,7 +603,8 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
         setattr(cfg.model, key, getattr(raw.config, key))
     model = raw
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            raw, device_ids=[local_rank] if device.type == "cuda" else None)
     optimizer = make_optimizer(raw, tc.lr, tc.weight_decay)
     amp = autocast_dtype(device, tc.bf16)
 
@@ -644,7 +645,9 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step",
                disable=rank != 0 or not sys.stderr.isatty())
-    window_loss, window_steps, window_tokens, window_start = torch.zeros(()), 0, 0, time.perf_counter()
+    lengths = train_set.lengths
+    # the loss is summed on the device and read at log time only: no GPU sync per micro-batch
+    window_loss, window_steps, window_tokens, window_start = torch.zeros((), device=device), 0, 0, time.perf_counter()
     while state["step"] < total_steps:
         epoch = state["step"] // steps_per_epoch
         batches = epoch_batches(epoch)
@@ -659,15 +662,16 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
             torch.manual_seed(step_seed(tc.seed, step, rank))
             model.train()
             for k, index in enumerate(group):
-                batch = {key: value.to(device) for key, value in coding_batch(train_set, index, n_labels, pad_id).items()}
+                batch = coding_batch(train_set, index, n_labels, pad_id)  # (B, T) ids and mask, (B, M) labels
+                batch = {key: value.to(device) for key, value in batch.items()}
                 # DDP all-reduces gradients on the last micro-batch of the step only
                 sync = nullcontext() if world == 1 or k == len(group) - 1 else model.no_sync()
                 with sync:
                     with autocast(device, amp):
                         loss = model(**batch)["loss"] / len(group)
                     loss.backward()
-                window_loss += loss.detach().float().cpu()
-                window_tokens += int(batch["attention_mask"].sum()) * world
+                window_loss += loss.detach().float()
+                window_tokens += int(lengths[index].sum()) * world
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.clip) if tc.clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -684,7 +688,8 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
                 state["loss_history"].append({"step": step, "loss": round(float(window_loss) / window_steps, 5),
                                               "tokens_per_s": round(window_tokens / elapsed)})
                 state["tokens"] += window_tokens
-                window_loss, window_steps, window_tokens, window_start = torch.zeros(()), 0, 0, time.perf_counter()
+                window_loss, window_steps, window_tokens, window_start = torch.zeros((), device=device), 0, 0, \
+                    time.perf_counter()
 
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             if (tc.eval_every > 0 and step % tc.eval_every == 0) or (tc.eval_every <= 0 and end_of_epoch) \

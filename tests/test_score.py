@@ -94,6 +94,7 @@ def by_hand(model_dir, text, max_chunks=None):
 def test_predict_fn_shapes_and_max_over_chunks(model_dir):
     texts = [SENTENCES[0], LONG, "", SENTENCES[2] + " " + SENTENCES[3]]
     predict = make_predict_fn(model_dir, device="cpu", batch_size=2)
+    assert predict.fused_head     # the label attention runs as one SDPA call, checked against the module
     probs = predict(texts)
     assert probs.shape == (4, len(CODES)) and probs.dtype == np.float32
     assert ((probs > 0) & (probs < 1)).all()
@@ -103,6 +104,8 @@ def test_predict_fn_shapes_and_max_over_chunks(model_dir):
     # Bucketing and batch size change which chunks share a padded pass, never the result.
     np.testing.assert_allclose(make_predict_fn(model_dir, device="cpu", batch_size=64)(texts), probs, atol=1e-5)
     np.testing.assert_allclose(predict(np.array(texts, dtype=object)), probs, atol=1e-6)
+    bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)(texts)    # bf16 weights: close, not equal
+    assert np.abs(bf16 - probs).max() < 2e-2
     scored = predict.score(texts)
     assert scored.n_chunks.tolist()[0] == 1 and scored.n_chunks[1] > 3 and scored.n_tokens[2] == 0
     assert not scored.truncated.any()
@@ -205,9 +208,9 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     assert wh.table(wh.name(t.REJECTS)).filter("job = 'score'").count() == 6
     assert wh.table(wh.name(t.MODEL_LABELS)).count() == len(CODES)
 
-    # Catch-up: only the notes this model has not scored (night 2); the rejected ones are tried again.
+    # Catch-up: the nights holding a note neither scored nor rejected (night 2), processed as nights.
     caught_up = run_score(wh, cfg, since_last=True, model_dir=model_dir)
-    assert caught_up["notes_scored"] == 2 and caught_up["rejected"] == 6
+    assert caught_up["batches"] == ["2025-03-02"] and caught_up["notes_scored"] == 2 and caught_up["rejected"] == 0
     assert {k[0] for k in predictions(wh)} == {"n1", "n2", "n3", "n4", "dup", "m1", "m2"}
     assert wh.table(wh.name(t.REJECTS)).filter("job = 'score'").count() == 6
     assert run_score(wh, cfg, since_last=True, model_dir=model_dir)["notes_scored"] == 0

@@ -1,0 +1,238 @@
+"""Scoring throughput: the engine against a textbook baseline, the Spark UDF against the engine, and model
+FLOPs utilisation (figures, not a test).
+
+    .venv/bin/python benchmarks/score.py [--notes 300] [--size tiny] [--labels 2292] [--max-len 512]
+                                         [--reps 2] [--no-spark]
+
+On a realistic note-length mix (a seeded sample of MTSamples reports and CodiEsp clinical cases, read from
+../shared/data with pyarrow; never copied), with a random-init BertForIcdCoding of the given size
+(conf/model/<size>.yaml) and the paper's 2,292 codes, and a WordPiece vocabulary trained on the corpus on
+the fly:
+
+1. notes/s of the scoring engine (`make_predict_fn`: length-bucketed, no padding to max_len, SDPA, the
+   label attention as one fused SDPA call, inference_mode) against a textbook baseline on the same weights
+   (every chunk padded to max_len, fp32, eager attention, the model's own head, batches in note order,
+   no_grad). Target on this CPU: >= 4x. Also the engine with bf16 autocast on the CPU.
+2. the Spark path (`score.score_notes`: mapInPandas, model loaded once per worker, one thread per task)
+   against the engine called directly with the same number of threads in all. Target: >= 0.85.
+3. model FLOPs utilisation: the model FLOPs of the real (unpadded) tokens per second, against a measured
+   matmul peak of this machine (fp32, and bf16 for the bf16 row).
+
+Timings are the best of --reps runs, the two sides interleaved, so a busy machine hurts both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from bertxml.config import ModelConfig, VocabConfig, model_preset
+from bertxml.model import BertForIcdCoding, bert_config, save_model
+from bertxml.modeldir import write_model_dir
+from bertxml.score import make_predict_fn
+from bertxml.tokenize import encode_chunks
+from bertxml.vocab import train_tokenizer
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SOURCES = {"mtsamples": DATA / "mtsamples" / "corpus.parquet", "codiesp": DATA / "codiesp" / "notes.parquet"}
+
+
+def load_texts(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """(sample of n note texts from both corpora, every text for the vocabulary)."""
+    texts = []
+    for path in SOURCES.values():
+        texts += [x for x in pq.read_table(path, columns=["text"]).column("text").to_pylist() if x]
+    rng = np.random.default_rng(seed)
+    return [texts[i] for i in rng.choice(len(texts), size=min(n, len(texts)), replace=False)], texts
+
+
+def build_model_dir(root: Path, tokenizer, size: str, n_labels: int, max_len: int) -> Path:
+    fields = {k: v for k, v in model_preset(size).items() if k in ModelConfig.__dataclass_fields__}
+    mcfg = ModelConfig(**{**fields, "max_len": max_len})
+    torch.manual_seed(0)
+    model = BertForIcdCoding(bert_config(mcfg, tokenizer.get_vocab_size()), n_labels, "bertxml")
+    out = root / f"bench-{size}"
+    save_model(model, out)
+    tokenizer.save(str(out / "tokenizer.json"))
+    labels = [{"label_index": i, "code": f"C{i:04d}", "description": None, "train_count": 0, "is_chronic": False}
+              for i in range(n_labels)]
+    write_model_dir(out, model_version=f"bench-{size}", model_kind="bertxml", config={}, inputs={}, max_len=max_len,
+                    dev_metrics={}, parameters=0, train_seconds=0.0, tokenizer_file=out / "tokenizer.json",
+                    label_vocab=labels, thresholds={})
+    return out
+
+
+class TextbookScorer:
+    """The baseline: same weights, eager attention, every chunk padded to max_len, batches of batch_size
+    chunks in note order, the model's own forward, fp32, torch.no_grad."""
+
+    def __init__(self, model_dir: Path, tokenizer, max_len: int, batch_size: int = 16):
+        import json
+
+        import safetensors.torch
+        from transformers import BertConfig
+
+        meta = json.loads((model_dir / "model_config.json").read_text())
+        config = BertConfig.from_dict(meta["bert_config"], attn_implementation="eager")
+        self.model = BertForIcdCoding(config, meta["n_labels"], meta["head"])
+        safetensors.torch.load_model(self.model, model_dir / "model.safetensors", strict=True)
+        self.model.eval()
+        self.tokenizer, self.max_len, self.batch_size = tokenizer, max_len, batch_size
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        notes = encode_chunks(self.tokenizer, texts, self.max_len)
+        flat = [c for chunks in notes for c in chunks]
+        owner = np.repeat(np.arange(len(notes)), [len(c) for c in notes])
+        out = np.full((len(notes), self.model.n_labels), -np.inf, dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(flat), self.batch_size):
+                rows = flat[start:start + self.batch_size]
+                ids = torch.zeros((len(rows), self.max_len), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, r in enumerate(rows):
+                    ids[i, :len(r)] = torch.tensor(r)
+                    mask[i, :len(r)] = 1
+                logits = self.model(ids, mask)["logits"].numpy()
+                for i, note in enumerate(owner[start:start + len(rows)]):
+                    out[note] = np.maximum(out[note], logits[i])
+        return 1 / (1 + np.exp(-out))
+
+
+def model_flops(lengths: np.ndarray, cfg, n_labels: int) -> float:
+    """Forward FLOPs of the real tokens (2 per multiply-add): per layer the Q, K, V, O projections and the
+    FFN (2 T (4 H^2 + 2 H I)) and the attention (4 T^2 H); the label attention 4 M T H + 2 M H^2."""
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    t = lengths.astype(np.float64)
+    encoder = layers * (2 * t * (4 * h * h + 2 * h * i) + 4 * t * t * h)
+    head = 4 * n_labels * t * h + 2 * n_labels * h * h
+    return float((encoder + head).sum())
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul at the current thread count (the machine's practical peak)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def best_of(fns: dict, reps: int) -> dict:
+    """Interleaved best-of-reps wall time of each fn."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _timed(fn))
+    return best
+
+
+def spark_vs_direct(model_dir: Path, texts: list[str], threads: int, reps: int) -> dict:
+    """notes/s of score_notes (one task, one thread, per core) and of the engine called directly with the
+    same total threads; warm workers (the first action starts them and loads the model)."""
+    from bertxml.config import Config
+    from bertxml.score import arrow_batch_conf, score_notes
+    from bertxml.warehouse import get_spark
+
+    cfg = Config()
+    cfg.spark.master = f"local[{threads}]"
+    cfg.spark.shuffle_partitions = threads
+    cfg.score.partitions = threads
+    spark = get_spark(cfg, app="bertxml-bench-score")
+    df = spark.createDataFrame([(f"n{i}", x) for i, x in enumerate(texts)], "note_id string, text string").cache()
+    df.count()
+    scored = score_notes(df, model_dir, cfg.score)
+
+    def run_spark():
+        with arrow_batch_conf(spark, cfg.score.arrow_batch_notes):
+            scored.write.format("noop").mode("overwrite").save()
+
+    cold = _timed(run_spark)
+    torch.set_num_threads(threads)
+    engine = make_predict_fn(model_dir, device="cpu")
+    times = best_of({"spark": run_spark, "direct": lambda: engine(texts)}, reps)
+    spark.stop()
+    return {"cold_s": cold, **times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--notes", type=int, default=300)
+    parser.add_argument("--size", default="tiny", help="conf/model/<size>.yaml (tiny, small, big)")
+    parser.add_argument("--labels", type=int, default=2292, help="codes (paper: 2,292)")
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--vocab-size", type=int, default=20000)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--no-spark", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+
+    texts, corpus = load_texts(args.notes, args.seed)
+    started = time.perf_counter()
+    tokenizer = train_tokenizer((corpus[i:i + 500] for i in range(0, len(corpus), 500)),
+                                VocabConfig(size=args.vocab_size))
+    vocab_s = time.perf_counter() - started
+    tmp = Path(tempfile.mkdtemp(prefix="bertxml-bench-score-"))
+    model_dir = build_model_dir(tmp, tokenizer, args.size, args.labels, args.max_len)
+    chunks = [c for note in encode_chunks(tokenizer, texts, args.max_len) for c in note]
+    lengths = np.array([len(c) for c in chunks])
+    words = np.array([len(x.split()) for x in texts])
+    print(f"{len(texts)} notes (MTSamples + CodiEsp), words/note median {np.median(words):.0f} p90 "
+          f"{np.percentile(words, 90):.0f}; {len(chunks)} chunks of <= {args.max_len} tokens, real tokens "
+          f"{lengths.sum() / (len(chunks) * args.max_len):.0%} of padded; vocabulary {tokenizer.get_vocab_size()} "
+          f"trained in {vocab_s:.1f}s; model {args.size}, {args.labels} codes; {torch.get_num_threads()} threads")
+
+    engine = make_predict_fn(model_dir, device="cpu")
+    engine_bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)
+    baseline = TextbookScorer(model_dir, tokenizer, args.max_len)
+    warm = texts[:4]
+    for fn in (engine, engine_bf16, baseline):
+        fn(warm)
+    p_engine, p_base, p_bf16 = engine(texts), baseline(texts), engine_bf16(texts)
+    times = best_of({"baseline": lambda: baseline(texts), "engine": lambda: engine(texts),
+                     "engine_bf16": lambda: engine_bf16(texts)}, args.reps)
+
+    mcfg = engine.model.config
+    flops = model_flops(lengths, mcfg, args.labels)
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    n = len(texts)
+    rows = [("textbook baseline (pad to max_len, eager, fp32)", times["baseline"], peak32, 0.0),
+            ("engine (bucketed, SDPA, fused head, fp32)", times["engine"], peak32,
+             float(np.abs(p_engine - p_base).max())),
+            ("engine, bf16 weights on CPU (cpu_bf16)", times["engine_bf16"], peak16, float(np.abs(p_bf16 - p_base).max()))]
+    print(f"\nmatmul peak: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s; "
+          f"model FLOPs of the real tokens {flops / 1e9:.0f} GFLOP")
+    print(f"{'scorer':50s} {'seconds':>8s} {'notes/s':>8s} {'speed-up':>8s} {'MFU':>6s} {'max|dp|':>9s}")
+    for name, sec, peak, diff in rows:
+        print(f"{name:50s} {sec:8.2f} {n / sec:8.1f} {times['baseline'] / sec:7.2f}x {flops / sec / peak:6.1%} "
+              f"{diff:9.2e}")
+
+    if not args.no_spark:
+        res = spark_vs_direct(model_dir, texts, args.threads, args.reps)
+        print(f"\nSpark path ({args.threads} tasks x 1 thread, Arrow batches of 256 notes) vs the engine called "
+              f"directly ({args.threads} threads):")
+        print(f"{'path':50s} {'seconds':>8s} {'notes/s':>8s} {'ratio':>8s}")
+        print(f"{'engine, direct':50s} {res['direct']:8.2f} {n / res['direct']:8.1f} {1:7.2f}x")
+        print(f"{'Spark mapInPandas, warm workers':50s} {res['spark']:8.2f} {n / res['spark']:8.1f} "
+              f"{res['direct'] / res['spark']:7.2f}x")
+        print(f"{'Spark mapInPandas, first run (workers start)':50s} {res['cold_s']:8.2f} {n / res['cold_s']:8.1f} "
+              f"{res['direct'] / res['cold_s']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

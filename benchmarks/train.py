@@ -1,0 +1,180 @@
+"""Training throughput: tokens/s and model FLOPs utilisation (MFU) of pre-training and fine-tuning steps.
+
+    .venv/bin/python benchmarks/train.py [--sizes tiny small] [--seq-len 256] [--batch 8] [--steps 3]
+                                         [--attention-dropout 0]
+
+For each model size (conf/model/*.yaml), task (pretrain: MLM+NSP; finetune: BERT-XML label attention) and
+precision (float32; bf16 autocast) it times full optimizer steps as bertxml.train runs them (forward under
+autocast, backward, clipping, AdamW) on random token batches of one length, on the CPU (all its cores) and,
+when CUDA is present, on the GPU.
+
+MFU = model FLOPs per second / measured peak. The peak is measured here with large float32 and bf16 matmuls
+(the best this machine does, not a datasheet figure). Model FLOPs per step, forward + backward = 3 x forward:
+    6 * N * tokens                 N = encoder parameters without the embeddings (the matmuls per token)
+  + 12 * layers * T * H * tokens   self-attention scores and weighted sums
+  + pretrain: 6 * H * (H + V) * tokens  (MLM transform and decoder, computed at every position)
+  + finetune: 6 * B * M * (2 * T * H + H * H + H)  (label attention, eq. 2-4)
+Tokens are padded tokens (every row has length T here). Timing lives here; tests never assert on it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bertxml.config import ModelConfig, model_preset  # noqa: E402
+from bertxml.model import BertForIcdCoding, BertForPretraining, bert_config, count_parameters  # noqa: E402
+from bertxml.train import autocast, make_optimizer  # noqa: E402
+
+VOCAB = 20000      # paper §4.2.1: 20K WordPieces
+N_LABELS = 300     # about the label vocabulary of the synthetic warehouse
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best FLOP/s of repeated n x n matmuls in dtype (n = 2048 on the CPU, 8192 on a GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    a @ b  # warm-up
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_flops(cfg: ModelConfig, n_nonembedding: int, task: str, batch: int, seq_len: int) -> float:
+    """Forward + backward FLOPs of one step (see the module docstring)."""
+    tokens, h, layers = batch * seq_len, cfg.hidden_size, cfg.num_hidden_layers
+    flops = 6 * n_nonembedding * tokens + 12 * layers * seq_len * h * tokens
+    if task == "pretrain":
+        flops += 6 * h * (h + VOCAB) * tokens
+    else:
+        flops += 6 * batch * N_LABELS * (2 * seq_len * h + h * h + h)
+    return float(flops)
+
+
+def build(cfg: ModelConfig, task: str) -> torch.nn.Module:
+    config = bert_config(cfg, VOCAB, pad_token_id=0)
+    return BertForPretraining(config) if task == "pretrain" else BertForIcdCoding(config, N_LABELS, "bertxml")
+
+
+def encoder_nonembedding(model: torch.nn.Module) -> int:
+    """Encoder parameters without the embedding tables (heads are counted by their own FLOP terms)."""
+    encoder = model.bert
+    return count_parameters(encoder) - count_parameters(encoder.embeddings)
+
+
+def time_steps(model, task: str, device, amp, batch: int, seq_len: int, steps: int) -> float:
+    """Seconds per optimizer step: the fastest of `steps` after one warm-up step (on a shared machine the
+    fastest step is the one least disturbed by other work, like the matmul peak it is compared with)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, VOCAB, (batch, seq_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    if task == "pretrain":
+        labels = torch.where(torch.rand(batch, seq_len, generator=g).to(device) < 0.15, ids, torch.full_like(ids, -100))
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+                  "mlm_labels": labels, "nsp_labels": torch.randint(2, (batch,), generator=g).to(device)}
+    else:
+        inputs = {"input_ids": ids, "attention_mask": mask,
+                  "labels": (torch.rand(batch, N_LABELS, generator=g) < 0.02).float().to(device)}
+    optimizer = make_optimizer(model, 1e-4, 0.01)
+    model.train()
+    times = []
+    for _ in range(steps + 1):
+        sync(device)
+        start = time.perf_counter()
+        with autocast(device, amp):
+            loss = model(**inputs)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def run(device: torch.device, sizes: list[str], batch: int, seq_len: int, steps: int,
+        attention_dropout: float | None = None) -> list[dict]:
+    peaks = {"fp32": measure_peak(device, torch.float32), "bf16": measure_peak(device, torch.bfloat16)}
+    print(f"\n{device.type.upper()}  ({torch.get_num_threads()} threads)" if device.type == "cpu"
+          else f"\nGPU  {torch.cuda.get_device_name(device)}")
+    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
+    header = f"{'size':6} {'task':9} {'precision':9} {'batch x len':>11} {'step s':>8} {'tokens/s':>10} " \
+             f"{'GFLOP/s':>9} {'MFU':>6}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for size in sizes:
+        cfg = ModelConfig(**model_preset(size))
+        cfg.max_len = seq_len
+        if attention_dropout is not None:
+            cfg.attention_probs_dropout_prob = attention_dropout
+        for task in ("pretrain", "finetune"):
+            for precision in ("fp32", "bf16"):
+                torch.manual_seed(0)
+                model = build(cfg, task).to(device)
+                amp = torch.bfloat16 if precision == "bf16" else None
+                seconds = time_steps(model, task, device, amp, batch, seq_len, steps)
+                flops = model_flops(cfg, encoder_nonembedding(model), task, batch, seq_len)
+                row = {"size": size, "task": task, "precision": precision, "seconds": seconds,
+                       "tokens_per_s": batch * seq_len / seconds, "flops_per_s": flops / seconds,
+                       "mfu": flops / seconds / peaks[precision]}
+                rows.append(row)
+                print(f"{size:6} {task:9} {precision:9} {f'{batch} x {seq_len}':>11} {seconds:8.3f} "
+                      f"{row['tokens_per_s']:10,.0f} {row['flops_per_s'] / 1e9:9,.1f} {row['mfu']:6.1%}", flush=True)
+                del model
+    # measured again at the end: the higher of the two is this machine's peak (MFU never flatters)
+    again = {"fp32": measure_peak(device, torch.float32), "bf16": measure_peak(device, torch.bfloat16)}
+    if any(again[k] > peaks[k] for k in peaks):
+        peaks = {k: max(peaks[k], again[k]) for k in peaks}
+        print(f"peak re-measured at the end: fp32 {peaks['fp32'] / 1e9:,.0f}, bf16 {peaks['bf16'] / 1e9:,.0f} "
+              f"GFLOP/s; MFU with it:")
+        for row in rows:
+            row["mfu"] = row["flops_per_s"] / peaks[row["precision"]]
+            print(f"  {row['size']:6} {row['task']:9} {row['precision']:9} MFU {row['mfu']:6.1%}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after a warm-up)")
+    parser.add_argument("--attention-dropout", type=float, default=None,
+                        help="override the presets' 0.1: with 0, PyTorch's CPU SDPA takes its fused flash kernel "
+                             "(attention dropout sends it to the unfused math path)")
+    parser.add_argument("--gpu-batch", type=int, default=32)
+    parser.add_argument("--gpu-seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"bertxml training benchmark: vocabulary {VOCAB}, {N_LABELS} labels, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if args.attention_dropout is not None:
+        print(f"attention dropout {args.attention_dropout} (presets: 0.1)")
+    run(torch.device("cpu"), args.sizes, args.batch, args.seq_len, args.steps, args.attention_dropout)
+    if torch.cuda.is_available():
+        run(torch.device("cuda"), args.sizes + ["big"] if "big" not in args.sizes else args.sizes,
+            args.gpu_batch, args.gpu_seq_len, max(args.steps, 5), args.attention_dropout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Evaluation (paper §4.4): micro and macro AUC, the low-frequency macro AUC of Table 3, F1 and P@k, and the
+per-code AUC histogram of Figure 2, for a model on a split or on nightly batches since coded.
+
+    bertxml evaluate [--split dev|test | --date D | --from D --to D] [--model DIR]
+
+- `--split dev|test`: the notes of `bertxml.labeled_notes` in that split, with their ETL labels.
+- `--date D`, `--from D --to D`: the notes of those nights from the notes SOURCE, labelled exactly as the
+  ETL labels them (`bertxml.etl.label_notes`: encounter codes plus chronic codes imputed from every
+  diagnosis known now), so a model's drift shows night by night. Notes whose encounter has no diagnosis
+  yet are left out (counted). A range writes one report row for the whole range and one per night.
+
+A note's probabilities come from `bertxml.predictions` when this model version has scored it, else
+from the model on the fly through the same pandas-UDF path as `bertxml score` (`score.score_notes`).
+Labels are matched to the model's outputs by code string (its label_vocab.json); codes outside the
+model's vocabulary cannot be predicted and are ignored.
+
+Everything is computed in Spark, so it scales with the data: the (note, code, probability, label) rows
+are grouped into counts per (code, probability) and the AUC is the Mann-Whitney statistic from the rank
+sum with average ranks for ties,
+    AUC = (R_pos - P (P + 1) / 2) / (P N),   R_pos = sum over positives of their average rank,
+per code (a window per code) and over all pairs (micro: ranks over value buckets whose offsets come from
+a small prefix sum, so no single partition holds every probability). Only per-code summaries reach the
+driver. Codes with no positive or no negative note are skipped and counted.
+
+Writes (append-only; a rerun adds a new run): `bertxml.auc_report` (one row per dataset),
+`bertxml.code_auc` (per-code AUCs of the main dataset), and WORKDIR/reports/<run_id>/: code_auc_hist.png
+(Figure 2) and report.json (metrics, model, inputs and the resolved config). The view bertxml.latest_auc
+shows the newest report per model version and dataset.
+
+`auc_report_from_arrays` is the same report from in-memory arrays with scikit-learn (for `bertxml compare`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from bertxml import tables as t
+from bertxml.config import Config
+
+log = logging.getLogger("bertxml.evaluate")
+
+N_BUCKETS = 4096          # value buckets for the micro AUC's ranks: logit in [-32, 32] at 1/64 resolution
+P_AT = (5, 8)
+METRICS = ("micro_auc", "macro_auc", "macro_auc_low_freq", "n_codes_scored", "n_codes_skipped",
+           "n_codes_low_freq", "n_notes", "micro_f1", "macro_f1", "p_at_5", "p_at_8")
+
+
+# ---- the per-code summary -> the report (shared by the Spark and the array paths) -------------------------
+def summarize_codes(n_pos, n_neg, auc, tp, fp, train_counts, low_freq_threshold: int) -> dict:
+    """Macro AUCs and F1s from per-code arrays (M,): positives, negatives, AUC (NaN when skipped), true and
+    false positives at the code's threshold, train counts. Macro F1 averages the codes with a positive."""
+    n_pos, n_neg = np.asarray(n_pos, dtype=np.float64), np.asarray(n_neg, dtype=np.float64)
+    auc, tp, fp = (np.asarray(a, dtype=np.float64) for a in (auc, tp, fp))
+    scored = (n_pos > 0) & (n_neg > 0)
+    low = scored & (np.asarray(train_counts, dtype=np.float64) < low_freq_threshold)
+    fn = n_pos - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(n_pos > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+    denom = 2 * tp.sum() + fp.sum() + fn.sum()
+    return {
+        "macro_auc": float(auc[scored].mean()) if scored.any() else None,
+        "macro_auc_low_freq": float(auc[low].mean()) if low.any() else None,
+        "n_codes_scored": int(scored.sum()),
+        "n_codes_skipped": int((~scored).sum()),
+        "n_codes_low_freq": int(low.sum()),
+        "micro_f1": float(2 * tp.sum() / denom) if denom else None,
+        "macro_f1": float(np.nanmean(f1)) if (n_pos > 0).any() else None,
+    }
+
+
+def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) column indices of each row's k highest probabilities; ties go to the higher index (as Spark's
+    sort_array over (probability, index) structs, descending)."""
+    m = probs.shape[1]
+    order = np.argsort(-probs[:, ::-1], axis=1, kind="stable")[:, :min(k, m)]
+    return m - 1 - order
+
+
+def auc_report_from_arrays(y_true, probs, train_counts, low_freq_threshold: int = 2000,
+                           thresholds=None) -> dict:
+    """The auc_report metrics from arrays, with scikit-learn: y_true (n, M) 0/1, probs (n, M), train_counts
+    (M,), thresholds (M,) per code (default 0.5). Adds "code_auc": (M,) per-code AUCs, NaN when skipped."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true).astype(np.int64)
+    p = np.asarray(probs, dtype=np.float32)
+    n, m = y.shape
+    thr = np.full(m, 0.5, dtype=np.float32) if thresholds is None else np.asarray(thresholds, dtype=np.float32)
+    n_pos = y.sum(axis=0)
+    n_neg = n - n_pos
+    code_auc = np.full(m, np.nan)
+    for j in np.flatnonzero((n_pos > 0) & (n_neg > 0)):
+        code_auc[j] = roc_auc_score(y[:, j], p[:, j])
+    hit = p >= thr[None, :]
+    out = summarize_codes(n_pos, n_neg, code_auc, (hit & (y == 1)).sum(axis=0), (hit & (y == 0)).sum(axis=0),
+                          train_counts, low_freq_threshold)
+    flat = y.ravel()
+    out["micro_auc"] = float(roc_auc_score(flat, p.ravel())) if 0 < flat.sum() < flat.size else None
+    out["n_notes"] = int(n)
+    for k in P_AT:
+        top = top_k_indices(p, k)
+        out[f"p_at_{k}"] = float(np.take_along_axis(y, top, axis=1).sum(axis=1).mean() / top.shape[1]) if n else None
+    out["code_auc"] = code_auc
+    return {key: out[key] for key in (*METRICS, "code_auc")}
+
+
+# ---- Spark: AUCs by rank sums ----------------------------------------------------------------------------
+def score_counts(df, keys: list[str], score_col: str = "probability", label_col: str = "label"):
+    """(keys..., score, n_pos, n_neg): how many positive and negative rows share each score value."""
+    from pyspark.sql import functions as F
+
+    label = F.col(label_col).cast("long")
+    return df.groupBy(*keys, F.col(score_col).alias("score")).agg(
+        F.sum(label).alias("n_pos"), F.sum(1 - label).alias("n_neg"))
+
+
+def _rank_sum_auc(counts, keys: list[str], below):
+    """Aggregate counts (keys..., score, n_pos, n_neg) with `below` (rows ranked under each score value) into
+    (keys..., n_pos, n_neg, auc): average rank = below + (n + 1) / 2; AUC = (R_pos - P(P+1)/2) / (P N)."""
+    from pyspark.sql import functions as F
+
+    n = (F.col("n_pos") + F.col("n_neg")).cast("double")
+    ranked = counts.withColumn("_r", F.col("n_pos").cast("double") * (below + (n + 1) / 2))
+    agg = ranked.groupBy(*keys).agg(F.sum("n_pos").alias("n_pos"), F.sum("n_neg").alias("n_neg"),
+                                    F.sum("_r").alias("_rank_sum"))
+    p, q = F.col("n_pos").cast("double"), F.col("n_neg").cast("double")
+    auc = F.when((p > 0) & (q > 0), (F.col("_rank_sum") - p * (p + 1) / 2) / (p * q))
+    return agg.select(*keys, "n_pos", "n_neg", auc.alias("auc"))
+
+
+def auc_from_counts(counts, keys: list[str]):
+    """Per-key AUC (e.g. per code) from score_counts output: one window per key ordered by score."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+
+    w = Window.partitionBy(*keys).orderBy("score").rowsBetween(Window.unboundedPreceding, -1)
+    below = F.coalesce(F.sum(F.col("n_pos") + F.col("n_neg")).over(w), F.lit(0)).cast("double")
+    return _rank_sum_auc(counts, keys, below)
+
+
+def _bucket(score):
+    """A monotone map of a score to 0..N_BUCKETS-1 (logit grid): equal scores share a bucket and a higher
+    score never lands in a lower one, so ranks can be counted bucket by bucket."""
+    from pyspark.sql import functions as F
+
+    p = score.cast("double")
+    logit = F.log(p) - F.log1p(-p)
+    cell = F.floor((logit + 32.0) * (N_BUCKETS / 64.0))
+    return (F.when(p <= 0, 0).when(p >= 1, N_BUCKETS - 1)
+            .otherwise(F.least(F.greatest(cell, F.lit(0)), F.lit(N_BUCKETS - 1))).cast("int"))
+
+
+def micro_auc_from_counts(counts, by: list[str]):
+    """(by..., n_pos, n_neg, auc) over ALL (row, code) pairs of each `by` group from score_counts output.
+
+    A global rank would put every value in one partition; instead values are bucketed (`_bucket`), each
+    bucket's offset is the prefix sum of the bucket sizes before it (a few thousand rows), and ranks are
+    counted within buckets in parallel.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+
+    g = counts.groupBy(*by, "score").agg(F.sum("n_pos").alias("n_pos"), F.sum("n_neg").alias("n_neg"))
+    g = g.withColumn("_bucket", _bucket(F.col("score")))
+    sizes = g.groupBy(*by, "_bucket").agg(F.sum(F.col("n_pos") + F.col("n_neg")).alias("_n"))
+    before = Window.partitionBy(*by).orderBy("_bucket").rowsBetween(Window.unboundedPreceding, -1)
+    offsets = sizes.select(*by, "_bucket", F.coalesce(F.sum("_n").over(before), F.lit(0)).alias("_offset"))
+    g = g.join(offsets, [*by, "_bucket"])
+    within = Window.partitionBy(*by, "_bucket").orderBy("score").rowsBetween(Window.unboundedPreceding, -1)
+    inside = F.coalesce(F.sum(F.col("n_pos") + F.col("n_neg")).over(within), F.lit(0))
+    below = (F.col("_offset") + inside).cast("double")
+    return _rank_sum_auc(g, by, below)
+
+
+def auc_by_code(df, code_col: str = "code", score_col: str = "probability", label_col: str = "label",
+                by: tuple[str, ...] = ()):
+    """Per-code AUC in Spark: df rows (by..., code, score, label 0/1) -> (by..., code, n_pos, n_neg, auc),
+    auc null for a code with no positive or no negative row. Ties get average ranks (= sklearn)."""
+    keys = [*by, code_col]
+    return auc_from_counts(score_counts(df, keys, score_col, label_col), keys)
+
+
+def micro_auc(df, score_col: str = "probability", label_col: str = "label", by: tuple[str, ...] = ()):
+    """Micro AUC in Spark over all rows of df (per `by` group): (by..., n_pos, n_neg, auc)."""
+    from pyspark.sql import functions as F
+
+    if not by:
+        df, by = df.withColumn("_all", F.lit(0)), ("_all",)
+    out = micro_auc_from_counts(score_counts(df, list(by), score_col, label_col), list(by))
+    return out.drop("_all") if by == ("_all",) else out
+
+
+def precision_at_k(k: int, n_labels: int):
+    """Column: the share of a note's k most probable codes that are its true codes (`label_idx`)."""
+    from pyspark.sql import functions as F
+
+    k = min(k, n_labels)
+    ranked = F.sort_array(F.transform("probabilities", lambda p, i: F.struct(p.alias("p"), i.alias("i"))), asc=False)
+    top = F.transform(F.slice(ranked, 1, k), lambda s: s["i"])
+    return F.size(F.array_intersect(top, F.col("label_idx"))) / F.lit(float(k))
+
+
+# ---- the evaluation sets ---------------------------------------------------------------------------------
+def _labels(labeled, code_map):
+    """(note_id, label_idx ARRAY<INT>): the label indices of a note's codes that are in the model's vocabulary."""
+    from pyspark.sql import functions as F
+
+    pairs = labeled.select("note_id", F.explode_outer("codes").alias("code"))
+    pairs = pairs.join(F.broadcast(code_map.select("code", "code_index")), "code", "left")
+    return pairs.groupBy("note_id").agg(F.array_sort(F.collect_set("code_index")).alias("label_idx"))
+
+
+def note_probabilities(wh, labeled, info, cfg: Config, run):
+    """(note_id, probabilities) for the labeled notes: from bertxml.predictions where this model version
+    scored the note, the rest scored now through the scoring UDF (not written anywhere)."""
+    from pyspark.sql import functions as F
+
+    from bertxml.score import score_notes
+
+    ids = labeled.select("note_id")
+    preds_name = wh.name(t.PREDICTIONS)
+    have = None
+    if wh.exists(preds_name):
+        version = wh.version(preds_name)
+        run.inputs[preds_name] = version
+        have = (wh.table(preds_name, version=version).filter(F.col("model_version") == info.model_version)
+                .select("note_id", "probabilities").join(ids, "note_id", "left_semi"))
+        labeled = labeled.join(have.select("note_id"), "note_id", "left_anti")
+    fresh = score_notes(labeled.select("note_id", "text"), info.model_dir, cfg.score)
+    fresh = fresh.filter(F.col("reason").isNull()).select("note_id", "probabilities")
+    return fresh if have is None else have.unionByName(fresh)
+
+
+def _dataset_names(split, date_from, date_to) -> tuple[str, bool]:
+    if split:
+        return split, False
+    if date_from == date_to:
+        return f"date:{date_from.isoformat()}", False
+    return f"dates:{date_from.isoformat()}..{date_to.isoformat()}", True
+
+
+def labeled_for_dates(wh, cfg: Config, date_from: dt.date, date_to: dt.date, run, notes_source=None,
+                      diagnoses_source=None):
+    """The notes of [date_from, date_to] labelled as the ETL labels them, from every diagnosis known now."""
+    from pyspark.sql import functions as F
+
+    from bertxml.etl import label_notes
+    from bertxml.icd import icd_reference
+
+    notes, read_n = wh.read_source(notes_source or cfg.warehouse.notes, t.NOTES_SCHEMA, "notes")
+    diagnoses, read_d = wh.read_source(diagnoses_source or cfg.warehouse.diagnoses, t.DIAGNOSES_SCHEMA, "diagnoses")
+    run.inputs.update({"notes": read_n, "diagnoses": read_d})
+    notes = notes.filter(F.col("note_date").between(F.lit(date_from), F.lit(date_to)))
+    reference = icd_reference(wh.spark, cfg.etl.chronic_source)
+    labeled, rejects = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
+    left_out = {r["reason"]: r["n"] for r in rejects.filter(F.col("source") == "notes")
+                .groupBy("reason").agg(F.count("*").alias("n")).collect()}
+    run.count("notes_left_out_by_reason", dict(sorted(left_out.items())))
+    return labeled.select("note_id", "note_date", "text", "codes")
+
+
+# ---- the job -----------------------------------------------------------------------------------------------
+def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from=None, date_to=None,
+                 model_dir: str | Path | None = None, notes_source: str | None = None,
+                 diagnoses_source: str | None = None) -> dict:
+    """Evaluate a model (default: the newest under WORKDIR/models) on a split (default
+    cfg.evaluate.default_split) or on nights (`date`, or `date_from`..`date_to`).
+
+    Appends bertxml.auc_report rows (one per dataset) and bertxml.code_auc rows, draws the Figure 2
+    histogram. Returns {"run_id", "model_version", "dataset", "metrics": {dataset: {...}}, "report_dir",
+    ...counts}.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from bertxml.runs import job_run
+    from bertxml.score import arrow_batch_conf, find_model_dir, parse_date, read_model_info
+    from bertxml.views import create_views
+
+    if date is not None:
+        if date_from is not None or date_to is not None:
+            raise ValueError("give --date or --from/--to, not both")
+        date_from = date_to = date
+    if (date_from is None) != (date_to is None):
+        raise ValueError("--from and --to go together")
+    if split and date_from is not None:
+        raise ValueError("give --split or dates, not both")
+    if date_from is None:
+        split = split or cfg.evaluate.default_split
+        if split not in ("train", "dev", "test"):
+            raise ValueError(f"--split must be dev or test (or train), got {split!r}")
+    else:
+        date_from, date_to = parse_date(date_from), parse_date(date_to)
+        if date_to < date_from:
+            raise ValueError(f"--from {date_from} is after --to {date_to}")
+    main, per_night = _dataset_names(split, date_from, date_to)
+    spark = wh.spark
+
+    with job_run(wh, "evaluate") as run:
+        info = read_model_info(Path(model_dir) if model_dir else find_model_dir(wh.workdir),
+                               cfg.score.threshold_default)
+        run.inputs["model"] = {"dir": str(info.model_dir), "model_version": info.model_version}
+        run.count("model_version", info.model_version)
+        run.count("dataset", main)
+        code_map = spark.createDataFrame(
+            [(i, c, r.get("description"), int(r.get("train_count") or 0), float(info.thresholds[i]))
+             for i, (c, r) in enumerate(zip(info.codes, info.labels))],
+            "code_index INT, code STRING, description STRING, train_count BIGINT, threshold FLOAT")
+
+        if split:
+            name = wh.name(t.LABELED_NOTES)
+            version = wh.version(name)
+            if version is None:
+                raise FileNotFoundError(f"table {name} does not exist: run `bertxml etl` first")
+            run.inputs[name] = version
+            labeled = wh.table(name, version=version).filter(F.col("split") == split) \
+                .select("note_id", "note_date", "text", "codes")
+        else:
+            labeled = labeled_for_dates(wh, cfg, date_from, date_to, run, notes_source, diagnoses_source)
+
+        labeled = labeled.persist(StorageLevel.MEMORY_AND_DISK)  # read by the scoring, the dates and the labels
+        with arrow_batch_conf(spark, cfg.score.arrow_batch_notes):
+            probs = note_probabilities(wh, labeled, info, cfg, run)
+            notes = (probs.join(labeled.select("note_id", "note_date"), "note_id")
+                     .join(_labels(labeled, code_map), "note_id"))
+            datasets = (F.array(F.lit(main), F.concat(F.lit("date:"), F.col("note_date").cast("string")))
+                        if per_night else F.array(F.lit(main)))
+            notes = notes.select(F.explode(datasets).alias("dataset"), "note_id", "probabilities", "label_idx") \
+                .persist(StorageLevel.MEMORY_AND_DISK)
+            try:
+                metrics = _metrics(notes, code_map, info, cfg)
+            finally:
+                notes.unpersist()
+                labeled.unpersist()
+        if not metrics:
+            raise ValueError(f"no labelled note to evaluate in {main}")
+        run.count("n_notes", metrics[main]["n_notes"])
+
+        created = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        report_rows = [(run.run_id, info.model_version, name, *[m[k] for k in METRICS], created)
+                       for name, m in sorted(metrics.items(), key=lambda kv: (kv[0] != main, kv[0]))]
+        report_df = spark.createDataFrame([_typed(r) for r in report_rows], t.AUC_REPORT_SCHEMA)
+        run.outputs[wh.name(t.AUC_REPORT)] = wh.write(report_df, wh.name(t.AUC_REPORT), mode="append")
+        per_code = metrics[main]["per_code"]
+        code_rows = [(run.run_id, info.model_version, main, c, r.get("description"),
+                      None if np.isnan(per_code["auc"][i]) else float(per_code["auc"][i]),
+                      int(per_code["n_pos"][i]), int(r.get("train_count") or 0))
+                     for i, (c, r) in enumerate(zip(info.codes, info.labels))]
+        run.outputs[wh.name(t.CODE_AUC)] = wh.write(spark.createDataFrame(code_rows, t.CODE_AUC_SCHEMA),
+                                                    wh.name(t.CODE_AUC), mode="append")
+        create_views(wh)
+
+        report_dir = wh.workdir / "reports" / run.run_id
+        report_dir.mkdir(parents=True, exist_ok=True)
+        plot_code_auc_histogram(per_code["auc"], report_dir / "code_auc_hist.png",
+                                f"{info.model_version} on {main}")
+        summary = {name: {k: m[k] for k in METRICS} for name, m in metrics.items()}
+        (report_dir / "report.json").write_text(json.dumps(
+            {"run_id": run.run_id, "model_version": info.model_version, "model_dir": str(info.model_dir),
+             "dataset": main, "metrics": summary, "inputs": run.inputs, "config": cfg.to_dict()},
+            indent=2, default=str))
+        for key in ("micro_auc", "macro_auc", "macro_auc_low_freq", "n_codes_scored", "n_codes_skipped"):
+            run.count(key, summary[main][key])
+        run.outputs["report_dir"] = str(report_dir)
+        return {"run_id": run.run_id, "model_version": info.model_version, "dataset": main, "metrics": summary,
+                "report_dir": str(report_dir), **run.counts}
+
+
+def _typed(row: tuple) -> tuple:
+    """Python scalars for createDataFrame: numpy numbers and NaN become float/int/None."""
+    out = []
+    for v in row:
+        if isinstance(v, (np.floating, float)):
+            out.append(None if np.isnan(v) else float(v))
+        elif isinstance(v, np.integer):
+            out.append(int(v))
+        else:
+            out.append(v)
+    return tuple(out)
+
+
+def _metrics(notes, code_map, info, cfg: Config) -> dict:
+    """{dataset: metrics + "per_code"} from notes (dataset, note_id, probabilities, label_idx), in Spark."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    m = info.n_labels
+    exploded = notes.select("dataset", F.posexplode("probabilities").alias("code_index", "probability"),
+                            "label_idx").select(
+        "dataset", "code_index", "probability",
+        F.array_contains("label_idx", F.col("code_index")).cast("int").alias("label"))
+    counts = score_counts(exploded, ["dataset", "code_index"]).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        per_code = auc_from_counts(counts, ["dataset", "code_index"])
+        hits = (counts.join(F.broadcast(code_map.select("code_index", "threshold")), "code_index")
+                .withColumn("_hit", F.col("score") >= F.col("threshold"))
+                .groupBy("dataset", "code_index")
+                .agg(F.sum(F.when(F.col("_hit"), F.col("n_pos")).otherwise(0)).alias("tp"),
+                     F.sum(F.when(F.col("_hit"), F.col("n_neg")).otherwise(0)).alias("fp")))
+        rows = per_code.join(hits, ["dataset", "code_index"]).collect()       # M rows per dataset
+        micro = {r["dataset"]: r["auc"] for r in micro_auc_from_counts(counts, ["dataset"]).collect()}
+    finally:
+        counts.unpersist()
+    at_k = notes.groupBy("dataset").agg(F.count("*").alias("n_notes"), *[
+        F.avg(precision_at_k(k, m)).alias(f"p_at_{k}") for k in P_AT]).collect()
+    train_counts = np.array([int(r.get("train_count") or 0) for r in info.labels])
+    out = {}
+    for row in at_k:
+        name = row["dataset"]
+        arrays = {k: np.zeros(m) for k in ("n_pos", "n_neg", "tp", "fp")}
+        arrays["auc"] = np.full(m, np.nan)
+        for r in (r for r in rows if r["dataset"] == name):
+            j = r["code_index"]
+            for k in ("n_pos", "n_neg", "tp", "fp"):
+                arrays[k][j] = r[k]
+            arrays["auc"][j] = np.nan if r["auc"] is None else r["auc"]
+        summary = summarize_codes(arrays["n_pos"], arrays["n_neg"], arrays["auc"], arrays["tp"], arrays["fp"],
+                                  train_counts, cfg.evaluate.low_freq_threshold)
+        out[name] = {**summary, "micro_auc": micro.get(name), "n_notes": int(row["n_notes"]),
+                     **{f"p_at_{k}": row[f"p_at_{k}"] for k in P_AT}, "per_code": arrays}
+    return out
+
+
+def plot_code_auc_histogram(aucs, path: str | Path, title: str) -> Path:
+    """Paper Figure 2: the distribution of per-code AUCs (skipped codes left out), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(aucs, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.hist(values, bins=np.linspace(0, 1, 51), color="#4c72b0", edgecolor="white")
+    ax.set_xlabel("AUC")
+    ax.set_ylabel("ICD-10 codes")
+    high = int((values >= 0.98).sum())
+    ax.set_title(f"{title}\n{len(values)} codes, {high} with AUC >= 0.98", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,237 @@
+"""Why the model predicted a code: the label attention of BERT-XML over a note's tokens (paper §4.5, Figure 3).
+
+    bertxml explain NOTE_ID [--code C] [--model DIR] [--html FILE]
+
+For each predicted code of the note (or the one asked with --code) this prints the most attended tokens
+and the spans (whole words, neighbours merged) they form, from the attention a_ij of eq. 2 in the chunk
+that decided the note's probability (the note's probability is the max over its chunks, so that chunk is
+the evidence). With --html it writes the note with the attended text shaded, darker for higher weight,
+like the paper's Figure 3.
+
+Note text is PHI. Explanations are opt-in: this command is the opt-in, it prints a one-line warning to
+stderr, and nothing of the text is written to any table (its job_runs row holds the note id, the codes
+and counts only). The HTML file is created readable by its owner only (0600). Library callers get the
+text back in the returned dict: print it only where PHI may be shown.
+
+Only models with the label-attention head ("bertxml") can be explained; a "cls" model has no per-code
+attention and gets a clear error.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bertxml import tables as t
+from bertxml.config import Config
+
+log = logging.getLogger("bertxml.explain")
+
+PHI_WARNING = ("WARNING: bertxml explain shows clinical note text (PHI); view it only where you are "
+               "allowed to, and do not paste it into tickets or chat.")
+
+
+def explain_text(scorer, text: str, code: str | None = None, top_k: int = 10) -> dict:
+    """Attention explanation of one note's text by a `BertScorer` with the "bertxml" head.
+
+    Returns {"model_version", "n_chunks", "truncated", "codes": [{code, description, probability,
+    threshold, predicted, chunk_index, special_share, top_tokens: [{token, text, start, end, weight}],
+    spans: [{text, start, end, weight}]}]}; start/end are character offsets into `text`. Codes: `code`
+    when given, else every predicted code, else (nothing predicted) the most probable one.
+    """
+    import torch
+
+    from bertxml.score import CHARS_PER_TOKEN_CAP, _clean_text
+
+    model, info = scorer.model, scorer.info
+    if getattr(model, "head_type", None) != "bertxml":
+        raise ValueError(f"{info.model_version} is a {info.model_kind!r} model without label attention: "
+                         f"explain needs a 'bertxml' model")
+    if code is not None and code not in info.codes:
+        raise ValueError(f"code {code!r} is not in {info.model_version}'s label vocabulary "
+                         f"({info.n_labels} codes, e.g. {list(info.codes[:5])})")
+    text = _clean_text(text)
+    capped = text[:scorer.max_chunks * scorer.max_len * CHARS_PER_TOKEN_CAP]
+    chunks, _, truncated = scorer.encode([text])
+    chunks = chunks[0]
+    enc = scorer.tokenizer.encode(capped, add_special_tokens=False)
+    offsets, word_ids, pieces = enc.offsets, enc.word_ids, enc.tokens
+    # encode_chunks cuts the same encoding into consecutive pieces: chunk c, position p (1..len-2) is
+    # token first[c] + p - 1 of the note.
+    first = np.concatenate([[0], np.cumsum([len(c) - 2 for c in chunks])[:-1]]).astype(int)
+    if sum(len(c) - 2 for c in chunks) > len(enc.ids):
+        raise RuntimeError("the scorer's chunks do not match the tokenizer's encoding of the note")
+
+    logits, attention = [], []
+    with torch.inference_mode():
+        for ids in chunks:
+            out = model(torch.tensor([ids], device=scorer.device), return_attention=True)
+            logits.append(out["logits"][0].float().cpu())            # (M,)
+            attention.append(out["attention"][0].float().cpu())      # (M, T)
+    logits = torch.stack(logits)                                    # (n_chunks, M)
+    probs = torch.sigmoid(logits.max(dim=0).values).numpy()         # (M,) max over chunks, as in scoring
+    codes = list(info.codes)
+    if code is not None:
+        chosen = [codes.index(code)]
+    else:
+        chosen = [int(j) for j in np.flatnonzero(probs >= info.thresholds)]
+        chosen = sorted(chosen, key=lambda j: -probs[j]) or [int(np.argmax(probs))]
+
+    explained = []
+    for j in chosen:
+        c = int(torch.argmax(logits[:, j]))                          # the chunk that set the probability
+        weights = attention[c][j].numpy()                           # (T,) eq. 2, sums to 1 over the chunk
+        content = weights[1:len(chunks[c]) - 1]                     # without [CLS] and [SEP]
+        tokens = np.arange(len(content)) + first[c]                 # note token index of each weight
+        top = np.argsort(-content, kind="stable")[:top_k]
+        top_tokens = [{"token": pieces[tokens[i]], "text": text[offsets[tokens[i]][0]:offsets[tokens[i]][1]],
+                       "start": int(offsets[tokens[i]][0]), "end": int(offsets[tokens[i]][1]),
+                       "weight": float(content[i])} for i in top]
+        explained.append({
+            "code": codes[j], "description": info.labels[j].get("description"), "probability": float(probs[j]),
+            "threshold": float(info.thresholds[j]), "predicted": bool(probs[j] >= info.thresholds[j]),
+            "chunk_index": c, "special_share": float(weights[0] + weights[len(chunks[c]) - 1]),
+            "top_tokens": top_tokens,
+            "spans": _spans(text, content, tokens, set(top.tolist()), offsets, word_ids)[:top_k],
+            "_weights": {int(tok): float(w) for tok, w in zip(tokens, content)},
+        })
+    return {"model_version": info.model_version, "n_chunks": len(chunks), "truncated": bool(truncated[0]),
+            "codes": explained, "_offsets": offsets}
+
+
+def _spans(text, content, tokens, top: set, offsets, word_ids) -> list[dict]:
+    """The words holding a top token, neighbouring words merged, as spans sorted by summed weight."""
+    words = {word_ids[tokens[i]] for i in top if word_ids[tokens[i]] is not None}
+    spans, current = [], None
+    for i, tok in enumerate(tokens):
+        word = word_ids[tok]
+        if word in words:
+            if current is not None and (word == current["word"] or word == current["word"] + 1):
+                current.update(end=offsets[tok][1], word=word, weight=current["weight"] + float(content[i]))
+            else:
+                current = {"start": offsets[tok][0], "end": offsets[tok][1], "word": word,
+                           "weight": float(content[i])}
+                spans.append(current)
+        else:
+            current = None
+    return sorted(({"text": text[s["start"]:s["end"]], "start": int(s["start"]), "end": int(s["end"]),
+                    "weight": s["weight"]} for s in spans), key=lambda s: -s["weight"])
+
+
+def format_explanation(result: dict, top_k: int = 10) -> str:
+    """Plain-text rendering of run_explain's result for the terminal (contains note text: PHI)."""
+    lines = [f"note {result['note_id']}  model {result['model_version']}  chunks {result['n_chunks']}"
+             + ("  (truncated)" if result["truncated"] else "")]
+    for c in result["codes"]:
+        flag = "predicted" if c["predicted"] else "not predicted"
+        lines.append(f"{c['code']}  {c['description'] or ''}  p={c['probability']:.3f} "
+                     f"(threshold {c['threshold']:.3f}, {flag}), chunk {c['chunk_index']}")
+        lines.append("  tokens: " + ", ".join(f"{x['text']!r} {x['weight']:.3f}" for x in c["top_tokens"][:top_k]))
+        lines.append("  spans:  " + ", ".join(f"{x['text']!r} {x['weight']:.3f}" for x in c["spans"][:top_k]))
+    return "\n".join(lines)
+
+
+def render_html(text: str, result: dict, note_id: str) -> str:
+    """The note once per explained code, each token of the deciding chunk shaded by its attention weight
+    (alpha = weight / the chunk's largest), like the paper's Figure 3. Everything is HTML-escaped."""
+    offsets = result["_offsets"]
+    sections = []
+    for c in result["codes"]:
+        weights = c["_weights"]
+        top = max(weights.values()) if weights else 1.0
+        parts, pos = [], 0
+        for tok in sorted(weights):
+            start, end = offsets[tok]
+            if start < pos or end <= start:
+                continue
+            parts.append(html.escape(text[pos:start]))
+            alpha = weights[tok] / top if top > 0 else 0.0
+            parts.append(f'<span style="background: rgba(200, 30, 30, {alpha:.3f})" '
+                         f'title="{weights[tok]:.4f}">{html.escape(text[start:end])}</span>')
+            pos = end
+        parts.append(html.escape(text[pos:]))
+        flag = "predicted" if c["predicted"] else "not predicted"
+        sections.append(
+            f"<h2>{html.escape(c['code'])} {html.escape(c['description'] or '')}</h2>"
+            f"<p class=meta>p = {c['probability']:.3f}, threshold {c['threshold']:.3f} ({flag}); "
+            f"attention of chunk {c['chunk_index']} (the chunk that set the probability)</p>"
+            f"<div class=note>{''.join(parts)}</div>")
+    return ("<!doctype html><html><head><meta charset=utf-8><meta name=robots content=noindex>"
+            f"<title>bertxml explain {html.escape(note_id)}</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+            ".note{white-space:pre-wrap;font-family:monospace;line-height:1.6;border:1px solid #ccc;padding:1em}"
+            ".phi{background:#fff3cd;padding:.5em}.meta{color:#555}</style></head><body>"
+            f"<p class=phi>{html.escape(PHI_WARNING)}</p>"
+            f"<h1>Note {html.escape(note_id)}, model {html.escape(result['model_version'])}</h1>"
+            + "".join(sections) + "</body></html>")
+
+
+def write_private(path: str | Path, content: str) -> Path:
+    """Write a file readable by its owner only (0600): it holds PHI."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(content)
+    os.chmod(path, 0o600)
+    return path
+
+
+def read_note_text(wh, cfg: Config, note_id: str, notes_source: str | None = None) -> str:
+    """A note's text by id: from the notes SOURCE, else from bertxml.labeled_notes. Raises LookupError."""
+    from pyspark.sql import functions as F
+
+    tried = []
+    spec = notes_source or cfg.warehouse.notes
+    try:
+        notes, _ = wh.read_source(spec, t.NOTES_SCHEMA, "notes")
+        texts = {r[0] for r in notes.filter(F.col("note_id") == note_id).select("text").limit(5).collect()}
+        tried.append(spec)
+    except FileNotFoundError:
+        texts = set()
+    if not texts and wh.exists(wh.name(t.LABELED_NOTES)):
+        tried.append(wh.name(t.LABELED_NOTES))
+        texts = {r[0] for r in wh.table(wh.name(t.LABELED_NOTES)).filter(F.col("note_id") == note_id)
+                 .select("text").limit(5).collect()}
+    if not texts:
+        raise LookupError(f"note {note_id!r} not found in {', '.join(tried) or spec}")
+    if len(texts) > 1:
+        raise LookupError(f"note id {note_id!r} has {len(texts)} different texts in the source")
+    return texts.pop()
+
+
+def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_dir: str | Path | None = None,
+                html_path: str | Path | None = None, top_k: int = 10) -> dict:
+    """Explain one note's predictions (see the module docstring). Prints the PHI warning to stderr; returns
+    {"note_id", "model_version", "n_chunks", "truncated", "codes": [...], "html_path"} (with note text: PHI;
+    render it with `format_explanation`). Writes the HTML only when html_path is given; no table ever
+    receives the text."""
+    from bertxml.runs import job_run
+    from bertxml.score import find_model_dir, make_predict_fn
+
+    print(PHI_WARNING, file=sys.stderr)
+    with job_run(wh, "explain") as run:
+        model_dir = Path(model_dir) if model_dir else find_model_dir(wh.workdir)
+        run.inputs["model"] = str(model_dir)
+        text = read_note_text(wh, cfg, note_id)
+        scorer = make_predict_fn(model_dir, device=None if cfg.score.device == "auto" else cfg.score.device,
+                                 max_chunks_per_note=cfg.score.max_chunks_per_note,
+                                 threshold_default=cfg.score.threshold_default)
+        result = explain_text(scorer, text, code, top_k)
+        result["note_id"] = note_id
+        if html_path:
+            result["html_path"] = str(write_private(html_path, render_html(text, result, note_id)))
+            run.outputs["html"] = "written"  # the path may name the patient: not recorded
+        # The job_runs row: ids and counts only, never text.
+        run.count("note_id", note_id)
+        run.count("model_version", result["model_version"])
+        run.count("codes_explained", [c["code"] for c in result["codes"]])
+        run.count("n_chunks", result["n_chunks"])
+    for c in result["codes"]:
+        c.pop("_weights", None)
+    result.pop("_offsets", None)
+    return result
