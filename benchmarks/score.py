@@ -22,6 +22,25 @@ The machine is shared, so timings are taken in a way that tolerates load from el
 timed in segments of --segment notes, each scorer --reps times per segment, interleaved, and a scorer's
 time is the sum over segments of its best repeat; the matmul peak is sampled on every round and the best
 kept. The load average is printed with the results.
+
+Measured on the 2-core AMD EPYC (AVX512-BF16) dev box, tiny model, 2,292 codes, 512 notes (69% of the
+padded tokens real at max_len 512, 49% at 1024), load average ~2 from other jobs:
+
+    max_len 512  (benchmarks/score.py --no-spark)                 notes/s  speed-up  MFU
+      textbook baseline (pad to max_len, eager, fp32)               30.7     1.00x   23% (fp32 peak 189 GFLOP/s)
+      engine, fp32 (the default)                                    88.3     2.88x   67%
+      engine, bf16 weights (score.cpu_bf16=true), max|dp| 1.5e-4   121.3     3.96x   22% (bf16 peak 807 GFLOP/s)
+    max_len 1024 (--max-len 1024 --no-spark)
+      textbook baseline                                             15.8     1.00x   13%
+      engine, fp32                                                  79.8     5.06x   63%
+      engine, bf16 weights                                         106.9     6.78x   21%
+    Spark path vs the engine called directly (default run; load ~4):
+      engine direct, 2 threads: 67.5 notes/s; mapInPandas, 2 tasks x 1 thread, warm: 84.3 notes/s (1.25x);
+      first run, workers starting and loading the model: 22.4 notes/s.
+
+Under heavier load (load average 6-10) the same commands gave engine/baseline 1.9x-4.3x: compare rows of
+one run only. The fp32 engine is near this CPU's fp32 matmul peak at max_len 512 (the tiny model's GEMMs are
+thin, K = 128), so 4x at 512 needs bf16; at 1024 the baseline's padding and eager T^2 attention cost more.
 """
 from __future__ import annotations
 

@@ -64,13 +64,11 @@ import numpy as np
 
 from bertxml import tables as t
 from bertxml.config import Config, ScoreConfig
+from bertxml.modeldir import LABEL_VOCAB_FILE, THRESHOLDS_FILE, TOKENIZER_FILE
 
 log = logging.getLogger("bertxml.score")
 
 CHARS_PER_TOKEN_CAP = 64   # text cut at max_chunks * max_len * this many characters before tokenising
-LABEL_VOCAB_FILE = "label_vocab.json"
-THRESHOLDS_FILE = "thresholds.json"
-TOKENIZER_FILE = "tokenizer.json"
 SCORE_COLUMNS = ("n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes")
 
 
@@ -84,14 +82,9 @@ class NoNotesError(RuntimeError):
 
 # ---- the model folder, read without torch (safe on the driver) --------------------------------------------
 def _load_manifest(model_dir: Path) -> dict:
-    try:
-        from bertxml.modeldir import load_manifest
-    except ImportError:  # pragma: no cover - modeldir is written in parallel
-        def load_manifest(d):
-            path = Path(d) / "manifest.json"
-            if not path.exists():
-                raise FileNotFoundError(f"{d} has no manifest.json: not a finished model folder")
-            return json.loads(path.read_text())
+    """`bertxml.modeldir.load_manifest`, its errors as ModelDirError."""
+    from bertxml.modeldir import load_manifest
+
     try:
         return load_manifest(model_dir)
     except FileNotFoundError as exc:
@@ -284,6 +277,7 @@ class BertScorer:
         import torch
 
         from bertxml.model import load_model
+        from bertxml.vocab import load_tokenizer
 
         self.info = read_model_info(model_dir, threshold_default)
         if self.info.model_kind not in ("bertxml", "cls"):
@@ -291,7 +285,7 @@ class BertScorer:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.device = torch.device(resolve_device(device))
-        self.tokenizer = _load_tokenizer(self.info.model_dir)
+        self.tokenizer = load_tokenizer(self.info.model_dir)
         self.model = load_model(self.info.model_dir, self.device)
         if self.model.n_labels != self.info.n_labels:
             raise ModelDirError(f"{model_dir}: the weights have {self.model.n_labels} labels, "
@@ -314,9 +308,12 @@ class BertScorer:
     # texts -> chunks ---------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> tuple[list[list[list[int]]], np.ndarray, np.ndarray]:
         """Texts -> (chunks per note, n_tokens (n,), truncated (n,)); at most max_chunks chunks a note."""
+        from bertxml.tokenize import encode_chunks
+
         char_cap = self.max_chunks * self.max_len * CHARS_PER_TOKEN_CAP
         cleaned = [_clean_text(x) for x in texts]
-        notes = _encode_chunks(self.tokenizer, [x[:char_cap] for x in cleaned], self.max_len)
+        # The training chunking: [CLS] piece [SEP], in order, no overlap (bertxml.tokenize).
+        notes = encode_chunks(self.tokenizer, [x[:char_cap] for x in cleaned], self.max_len)
         n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
         truncated = np.array([len(c) > self.max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)])
         return [c[:self.max_chunks] for c in notes], n_tokens, truncated
@@ -420,31 +417,6 @@ def fused_head_matches(model, device, tolerance: float = 1e-4) -> bool:
                     float(diff))
         return False
     return True
-
-
-def _load_tokenizer(model_dir: Path):
-    try:
-        from bertxml.vocab import load_tokenizer
-    except ImportError:  # pragma: no cover - vocab is written in parallel
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
-    return load_tokenizer(model_dir)
-
-
-def _encode_chunks(tokenizer, texts: list[str], max_len: int) -> list[list[list[int]]]:
-    """The training chunking (`bertxml.tokenize.encode_chunks`): [CLS] piece [SEP], in order, no overlap."""
-    try:
-        from bertxml.tokenize import encode_chunks
-    except ImportError:  # pragma: no cover - tokenize is written in parallel
-        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        body = max_len - 2
-        out = []
-        for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
-            ids = enc.ids
-            out.append([[cls_id, *ids[s:s + body], sep_id] for s in range(0, max(len(ids), 1), body)])
-        return out
-    return encode_chunks(tokenizer, texts, max_len)
 
 
 # ---- the registry of model kinds ----------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from bertxml import tables as t
 from bertxml.config import ModelConfig, VocabConfig
 from bertxml.model import BertForIcdCoding, bert_config, save_model
 from bertxml.modeldir import write_model_dir
-from bertxml.score import (ModelDirError, NoNotesError, make_predict_fn, predicted_codes, read_model_info,
-                           run_score, top_codes)
+from bertxml.score import (PREDICTORS, ModelDirError, NoNotesError, make_predict_fn, predicted_codes,
+                           read_model_info, register_predictor, run_score, score_frames, top_codes)
 from bertxml.tokenize import encode_chunks
 from bertxml.vocab import train_tokenizer
 
@@ -138,6 +138,30 @@ def test_model_dir_problems_are_clear_errors(tmp_path, model_dir):
         make_predict_fn(unknown)
     info = read_model_info(model_dir)
     assert info.codes == tuple(CODES) and info.model_version == "bertxml-test-a" and info.max_len == MAX_LEN
+
+
+def test_a_registered_model_kind_scores_through_the_udf_body(tmp_path):
+    """A baseline kind plugs in with register_predictor; the UDF body handles a probabilities-only predictor."""
+    import pandas as pd
+
+    d = tmp_path / "logreg-x"
+    d.mkdir()
+    labels = [{"label_index": i, "code": c, "description": None, "train_count": 1, "is_chronic": False}
+              for i, c in enumerate(CODES[:3])]
+    write_model_dir(d, model_version="logreg-x", model_kind="test-logreg", config={}, inputs={}, max_len=0,
+                    dev_metrics={}, parameters=0, train_seconds=0.0, tokenizer_file=Path(__file__),
+                    label_vocab=labels, thresholds={"I10": 0.25})
+    register_predictor("test-logreg", lambda model_dir, device: lambda texts: np.tile(
+        np.array([0.1, 0.3, 0.2], dtype=np.float32), (len(texts), 1)))
+    try:
+        frames = [pd.DataFrame({"note_id": ["a", "b"], "text": ["x", "y"]}), pd.DataFrame({"note_id": [], "text": []})]
+        cols = ["note_id", "n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes"]
+        out = pd.concat(score_frames(iter(frames), str(d), "cpu", {}, 2, cols))
+    finally:
+        PREDICTORS.pop("test-logreg")
+    assert out["note_id"].tolist() == ["a", "b"] and out["reason"].isna().all()
+    assert out["predicted_codes"].iloc[0] == ["I10"]           # 0.3 >= 0.25; the others at the 0.5 default
+    assert [c["code"] for c in out["top_codes"].iloc[0]] == ["I10", "J45.909"]
 
 
 # ---- the nightly job --------------------------------------------------------------------------------------
