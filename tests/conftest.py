@@ -44,3 +44,14 @@ def wh(spark, tmp_path, cfg):
 @pytest.fixture(autouse=True)
 def _bertxml_logs(caplog):
     caplog.set_level(logging.INFO, logger="bertxml")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine they lose a lot to contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,14 +20,6 @@ from test_score import CODES, SENTENCES, make_model_dir
 D1, D2 = dt.date(2025, 3, 1), dt.date(2025, 3, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("models"), thresholds={c: 0.5 for c in CODES})

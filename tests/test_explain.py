@@ -17,14 +17,6 @@ from test_score import CODES, SENTENCES, make_model_dir
 TEXT = SENTENCES[0] + "\n" + SENTENCES[5] + "\n" + SENTENCES[6] + " <b>&</b>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     # I10 always predicted, the others never: the explanation covers exactly one code.

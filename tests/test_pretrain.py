@@ -29,14 +29,6 @@ THREE_NOTES = ChunkSet.from_notes(
     [[], [], []])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def segments(ids: np.ndarray) -> tuple[list, list]:
     first, second = [i for i, x in enumerate(ids) if x == SEP][:2]
     return ids[1:first].tolist(), ids[first + 1:second].tolist()

@@ -40,15 +40,6 @@ D1, D2 = dt.date(2025, 3, 1), dt.date(2025, 3, 2)
 MAX_LEN = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a shared machine they lose a lot to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model_dir(root, version="bertxml-test-a", head="bertxml", codes=CODES, seed=0, max_len=MAX_LEN,
                    thresholds=None, kind=None, weight_labels=None) -> Path:
     """A finished model folder under root/version. weight_labels != len(codes) makes a broken folder

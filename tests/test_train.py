@@ -31,14 +31,6 @@ CODES = ["A00.1", "B01.2", "C02.3", "D04.5"]
 MAX_LEN = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A tiny warehouse: vocabulary folder, labeled_notes, label_vocab and chunks (shared with test_pretrain.py)
 
