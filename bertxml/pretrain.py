@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,7 +34,7 @@ from bertxml.config import Config
 from bertxml.data import ChunkSet, bucketed_batches, load_chunks, pretraining_batch
 from bertxml.model import BertForPretraining, bert_config, count_parameters
 from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, _source_tables, _unfinished_model_dir, autocast, autocast_dtype,
-                           check_resume, chunks_metadata, file_sha256, load_checkpoint, lr_at, make_optimizer,
+                           check_resume, chunks_metadata, file_sha256, load_checkpoint, lr_at, make_optimizer, set_lr,
                            pick_device, planned_steps, save_checkpoint, set_threads, size_label, special_ids,
                            step_seed)
 
@@ -143,7 +144,9 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
     if not len(train_set):
         raise ValueError("no train chunks to pre-train on")
     torch.manual_seed(pc.seed)
-    model = BertForPretraining(bert_config(cfg.model, vocab_size, special["pad"])).to(device)
+    model = BertForPretraining(bert_config(cfg.model, vocab_size, special["pad"]))
+    model.init_mlm_bias(np.bincount(np.concatenate(train_set.input_ids), minlength=vocab_size)[:vocab_size])
+    model = model.to(device)
     optimizer = make_optimizer(model, pc.lr, pc.weight_decay)
     lengths = train_set.lengths + (1 if pc.nsp else 0)  # an NSP pair has one [SEP] more
 
@@ -174,8 +177,7 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
                 break
             group = batches[first:first + pc.grad_accum]
             lr = lr_at(step, total_steps, pc.lr, pc.warmup)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr)
             torch.manual_seed(step_seed(pc.seed, step))
             model.train()
             for k, index in enumerate(group):

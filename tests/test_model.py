@@ -151,6 +151,30 @@ def test_label_vectors_are_mean_of_description_word_embeddings():
     assert torch.equal(vectors[3], words[[50, 51, 50]].mean(0))
 
 
+@pytest.mark.parametrize("head", ["bertxml", "cls"])
+def test_output_bias_starts_at_the_label_prior(head):
+    model = tiny_model(head)
+    rates = torch.tensor([0.01, 0.05, 0.2, 0.5, 0.0])[: model.n_labels]
+    model.init_output_bias(rates)
+    if head == "cls":
+        expected = torch.logit(rates.clamp(1e-4, 1 - 1e-4))
+        assert torch.allclose(model.head.out.bias, expected)
+    else:  # W_a is shared by all codes: it starts at the mean frequency
+        assert model.head.w_a.bias.item() == pytest.approx(torch.logit(rates.clamp(1e-4, 1 - 1e-4).mean()).item())
+    with pytest.raises(ValueError, match="label rates"):
+        model.init_output_bias(torch.ones(model.n_labels + 1) * 0.1)
+
+
+def test_mlm_bias_starts_at_unigram_log_frequency():
+    model = tiny_pretraining()
+    counts = torch.zeros(model.config.vocab_size)
+    counts[5], counts[6] = 30, 10
+    model.init_mlm_bias(counts)
+    bias = model.model.cls.predictions.bias.detach()
+    assert bias[5] - bias[6] == pytest.approx(torch.log(torch.tensor(3.0)).item(), abs=1e-5)
+    assert bias.exp().sum().item() == pytest.approx(1.0, abs=1e-4)  # a log-probability per token
+
+
 def test_label_init_checks_its_input():
     with pytest.raises(ValueError, match="3 descriptions for 4 labels"):
         tiny_model("bertxml").init_label_embeddings([[5], [6], [7]])

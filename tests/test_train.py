@@ -22,7 +22,7 @@ from bertxml import tables as t
 from bertxml import train as train_mod
 from bertxml.config import Config, ModelConfig
 from bertxml.data import ChunkSet, bucketed_batches, eval_batches, load_chunks, shard_batches
-from bertxml.train import (auc_metrics, lr_at, make_optimizer, optimizer_tensors, load_optimizer_tensors,
+from bertxml.train import (auc_metrics, lr_at, make_optimizer, set_lr, optimizer_tensors, load_optimizer_tensors,
                            run_train, tune_thresholds)
 
 SYLLABLES = [c + v for c in "bdfgklmnprst" for v in "aeiou"]       # 60 filler words, no digits
@@ -185,6 +185,16 @@ def test_no_weight_decay_on_biases_and_layernorm():
     decay, no_decay = make_optimizer(model, 1e-3, 0.01).param_groups
     assert decay["weight_decay"] == 0.01 and [p.shape for p in decay["params"]] == [(4, 4)]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_head_parameters_learn_at_their_own_scale():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = make_optimizer(model, 1e-3, 0.01, fast=list(model[1].parameters()), fast_scale=10.0)
+    set_lr(opt, 2e-4)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert [lr_of[id(p)] for p in model[0].parameters()] == pytest.approx([2e-4, 2e-4])
+    assert [lr_of[id(p)] for p in model[1].parameters()] == pytest.approx([2e-3, 2e-3])
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4  # every parameter exactly once
 
 
 def test_optimizer_state_round_trips_through_safetensors(tmp_path):

@@ -1,4 +1,4 @@
-"""spark-submit entry point: `spark-submit jobs/tokenize.py [options]` runs `bertxml tokenize [options]`."""
+"""spark-submit entry point: `spark-submit jobs/tokenize_chunks.py [options]` runs `bertxml tokenize [options]`."""
 import sys
 
 from bertxml.cli import main
