@@ -148,10 +148,17 @@ class Warehouse:
         return found
 
     def _register(self, name: str) -> str:
+        """Point the session's catalog entry `name` at this warehouse's folder. The session remembers
+        where each name points (a conf key), so a session reused for another workdir (tests, benchmarks)
+        re-points the name instead of reading the other warehouse's table or a deleted folder."""
         schema = name.rpartition(".")[0]
+        location, key = str(self.path(name)), f"bertxml.registered.{name}"
+        if self.spark.conf.get(key, None) == location:
+            return name
         self.spark.sql(f"CREATE DATABASE IF NOT EXISTS `{schema}`")
-        if not self.spark.catalog.tableExists(name):
-            self.spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING DELTA LOCATION '{self.path(name)}'")
+        self.spark.sql(f"DROP TABLE IF EXISTS {name}")  # external: only the catalog entry goes
+        self.spark.sql(f"CREATE TABLE {name} USING DELTA LOCATION '{location}'")
+        self.spark.conf.set(key, location)
         return name
 
     def exists(self, name: str) -> bool:
