@@ -5,6 +5,7 @@
     bertxml sql "SELECT ..." --format json   # Spark SQL over the warehouse
     bertxml sql-server --port 10000          # JDBC/ODBC (beeline, BI tools) over the warehouse
     bertxml demo                             # the main job end to end on the embedded default
+    bertxml compare                          # the paper's Tables 2-3 on this warehouse (bertxml.model_comparison)
 
 Every command takes --workdir DIR (default ./warehouse), --conf FILE (YAML over the defaults, repeatable)
 and --set section.key=value (repeatable). Exit status 0 on success, 1 on a job error, 2 on bad usage.
@@ -113,10 +114,30 @@ def cmd_pretrain(args) -> int:
 def cmd_train(args) -> int:
     from bertxml.train import run_train
 
+    if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.baselines)
+        from bertxml.baselines import run_train_baseline
+
+        if args.init or args.encoder or args.resume:
+            print(f"error: --init/--encoder/--resume are for the BERT models, not {args.model}", file=sys.stderr)
+            return 2
+        wh = open_warehouse(args, "train")
+        print(run_train_baseline(wh, wh.cfg, args.model, out_dir=args.out))
+        return 0
     wh = open_warehouse(args, "train")
     out = run_train(wh, wh.cfg, model_kind=args.model, init=args.init, out_dir=args.out,
                     encoder_dir=args.encoder, resume=args.resume)
     print(out)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from bertxml.compare import run_compare
+
+    wh = open_warehouse(args, "compare")
+    result = run_compare(wh, wh.cfg, models=args.models, max_lens=args.max_lens, split=args.split,
+                         encoder_dir=args.encoder, vocab_dir=args.vocab)
+    print(result["markdown"])
+    print(json.dumps({k: v for k, v in result.items() if k not in ("markdown", "rows")}, default=str))
     return 0
 
 
@@ -225,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train", parents=[common, sized], help="fine-tune for ICD coding")
-    p.add_argument("--model", choices=["bertxml", "cls"], default="bertxml", help="ICD head")
+    p.add_argument("--model", choices=["bertxml", "cls", "logreg", "bilstm"], default="bertxml",
+                   help="ICD head, or one of the paper's baselines (logreg, bilstm)")
     p.add_argument("--encoder", help="our pretrained encoder folder (default: the newest)")
     p.add_argument("--init", help="start from an HF BERT checkpoint folder instead (e.g. MiniLM)")
     p.add_argument("--out", help="model folder (default WORKDIR/models/MODEL_VERSION)")
@@ -253,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notes", metavar="SOURCE")
     p.add_argument("--diagnoses", metavar="SOURCE")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", parents=[common],
+                       help="train and measure the paper's Table 2/3 models into bertxml.model_comparison")
+    p.add_argument("--models", help="comma list from logreg,bilstm,cls,bertxml,minilm (compare.models)")
+    p.add_argument("--max-lens", help="comma list of chunk lengths for the BERT rows, e.g. 512,1024")
+    p.add_argument("--split", choices=["dev", "test"], help="where every model is measured (compare.split)")
+    p.add_argument("--encoder", help="our pretrained encoder folder (default: the newest encoder-* folder)")
+    p.add_argument("--vocab", help="vocabulary folder for missing chunk lengths (default WORKDIR/vocab)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("explain", parents=[common], help="label attention for one note (shows PHI: opt-in)")
     p.add_argument("note_id")

@@ -439,6 +439,22 @@ def register_predictor(kind: str, factory: Callable, validate: Callable[[ModelIn
         VALIDATORS[kind] = validate
 
 
+def _baseline_factory(model_dir, device=None, **options):
+    from bertxml.baselines import load_predictor
+
+    return load_predictor(model_dir, device, **options)
+
+
+def _check_baseline_dir(info: ModelInfo) -> None:
+    from bertxml.baselines import check_model_dir
+
+    check_model_dir(info)
+
+
+for _kind in ("logreg", "bilstm"):  # the paper's baselines (bertxml.baselines), imported on first use
+    register_predictor(_kind, _baseline_factory, _check_baseline_dir)
+
+
 def make_predict_fn(model_dir: str | Path, device: str | None = None, **options) -> Callable:
     """The predictor of a model folder, by its manifest's model_kind: `predict(texts) -> (n, M) float32`
     note-level probabilities, columns in label_vocab.json order. Plain Python: no Spark needed.

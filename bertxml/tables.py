@@ -150,3 +150,28 @@ CODE_AUC_SCHEMA = StructType([
     StructField("n_pos", LongType()),
     StructField("train_count", LongType()),
 ])
+
+# `bertxml compare` (paper Tables 2 and 3): one row per (run_id, model, max_len), every model of a run trained
+# on the same pinned tables and measured on the same notes with the same metric function. A run's rows are
+# written in one transaction; a rerun is a new run_id (the newest per model: ORDER BY created_at DESC).
+MODEL_COMPARISON_SCHEMA = StructType([
+    StructField("run_id", StringType(), False),
+    StructField("dataset", StringType(), False),      # the split measured: 'dev' | 'test'
+    StructField("model", StringType(), False),        # logreg | bilstm | cls | bertxml | minilm-bertxml | minilm-cls
+    StructField("max_len", IntegerType(), False),     # chunk length (baselines: the first max_len tokens)
+    StructField("micro_auc", DoubleType()),
+    StructField("macro_auc", DoubleType()),
+    StructField("macro_auc_low_freq", DoubleType()),  # Table 3: codes with < low_freq_threshold train notes
+    StructField("n_codes", IntegerType()),            # codes with a positive and a negative note (in macro_auc)
+    StructField("n_codes_low_freq", IntegerType()),
+    StructField("low_freq_threshold", IntegerType()),
+    StructField("n_notes", LongType()),
+    StructField("micro_f1", DoubleType()),            # at the model's dev-tuned thresholds
+    StructField("train_seconds", DoubleType()),       # the training loop (manifest.train_seconds)
+    StructField("parameters", LongType()),
+    StructField("model_version", StringType(), False),
+    StructField("model_dir", StringType(), False),    # scorable: `bertxml score|evaluate --model DIR`
+    StructField("initialised_from", StringType()),    # encoder or checkpoint folder; null for baselines
+    StructField("inputs", StringType()),              # JSON: table -> Delta version the model was trained on
+    StructField("created_at", TimestampType(), False),
+])
