@@ -633,18 +633,10 @@ def load_predictor(model_dir, device=None, **options) -> BaselinePredictor:
 def check_model_dir(info) -> None:
     """Driver-side check of a baseline folder (no weights loaded): files present, and the weights' output
     size equal to label_vocab.json's number of codes. Raises bertxml.score.ModelDirError."""
-    from bertxml.modeldir import TOKENIZER_FILE
-    from bertxml.score import ModelDirError, _safetensors_shapes
+    from bertxml.score import ModelDirError, check_weights_folder
 
     d = info.model_dir
-    for name in (TOKENIZER_FILE, CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / name).exists():
-            raise ModelDirError(f"{d} has no {name}")
-    arch = json.loads((d / CONFIG_FILE).read_text())
-    if int(arch.get("n_labels", -1)) != info.n_labels:
-        raise ModelDirError(f"{d}: label_vocab.json lists {info.n_labels} codes but {CONFIG_FILE} says the "
-                            f"weights have {arch.get('n_labels')} labels")
-    shapes = _safetensors_shapes(d / WEIGHTS_FILE)
+    _, shapes = check_weights_folder(info, CONFIG_FILE, WEIGHTS_FILE)
     out = shapes.get("intercept") if info.model_kind == "logreg" else shapes.get("out.bias")
     if out is None or out[0] != info.n_labels:
         raise ModelDirError(f"{d}: the weights' output layer has shape {out}, not {info.n_labels} labels")

@@ -180,19 +180,26 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
+def check_weights_folder(info: ModelInfo, config_file: str, weights_file: str) -> tuple[dict, dict]:
+    """Any model folder: tokenizer, config and weights present, and the config's n_labels equal to
+    label_vocab.json's number of codes. Returns (config, {weight name: shape}) without loading weights."""
+    d = info.model_dir
+    for name in (TOKENIZER_FILE, config_file, weights_file):
+        if not (d / name).exists():
+            raise ModelDirError(f"{d} has no {name}")
+    meta = json.loads((d / config_file).read_text())
+    if int(meta.get("n_labels", -1)) != info.n_labels:
+        raise ModelDirError(f"{d}: {LABEL_VOCAB_FILE} lists {info.n_labels} codes but {config_file} says the "
+                            f"weights have {meta.get('n_labels')} labels: the folder mixes two label vocabularies")
+    return meta, _safetensors_shapes(d / weights_file)
+
+
 def _check_bert_dir(info: ModelInfo) -> None:
     """A BERT model folder: tokenizer.json, model_config.json and weights whose label count is M."""
     from bertxml.model import CONFIG_FILE, WEIGHTS_FILE
 
     d = info.model_dir
-    for name in (TOKENIZER_FILE, CONFIG_FILE, WEIGHTS_FILE):
-        if not (d / name).exists():
-            raise ModelDirError(f"{d} has no {name}")
-    meta = json.loads((d / CONFIG_FILE).read_text())
-    if int(meta.get("n_labels", -1)) != info.n_labels:
-        raise ModelDirError(f"{d}: {LABEL_VOCAB_FILE} lists {info.n_labels} codes but {CONFIG_FILE} says the "
-                            f"weights have {meta.get('n_labels')} labels: the folder mixes two label vocabularies")
-    shapes = _safetensors_shapes(d / WEIGHTS_FILE)
+    meta, shapes = check_weights_folder(info, CONFIG_FILE, WEIGHTS_FILE)
     head = shapes.get("head.label_vectors") or shapes.get("head.out.weight")
     if head is None or head[0] != info.n_labels:
         raise ModelDirError(f"{d}: the weights' output layer has shape {head}, not {info.n_labels} labels "
