@@ -446,7 +446,7 @@ def train_bilstm(inputs, cfg: Config) -> Path:
     bc = cfg.baseline
     out_dir = Path(inputs.out_dir)
     device = pick_device()
-    set_threads(cfg.train.threads, device)
+    set_threads(bc.threads or cfg.train.threads, device)
     tokenizer = Tokenizer.from_file(inputs.tokenizer_file)
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     vocab_size, m = tokenizer.get_vocab_size(), len(inputs.labels)

@@ -370,7 +370,8 @@ def comparison_markdown(rows: list[dict], dataset: str, low_freq: int, run_id: s
         scored = [r for r in candidates if r["macro_auc"] is not None]
         return max(scored, key=lambda r: r["macro_auc"]) if scored else None
 
-    for r in (best([r for r in rows if r["model"] in BASELINES]), best([r for r in rows if r["model"] not in BASELINES])):
+    non_bert, bert = [r for r in rows if r["model"] in BASELINES], [r for r in rows if r["model"] not in BASELINES]
+    for r in (best(non_bert), best(bert)):
         if r is not None:
             lines.append(f"| {r['label']} | {_fmt(r['macro_auc_low_freq'])} | {r['n_codes_low_freq']} | "
                          f"{_fmt(r['macro_auc'])} |")

@@ -187,6 +187,9 @@ class BaselineConfig:
     bilstm_lr: float = 1.0e-3           # paper: 1e-5 on ~5M notes; far too slow to move on a small set
     bilstm_weight_decay: float = 0.01
     bilstm_clip: float = 1.0            # gradient norm clipping; 0 turns it off
+    threads: int = 0                    # torch CPU threads for the BiGRU; 0: train.threads. Its thousands of
+                                        # small ops a batch gain ~20% from a 2nd thread on an idle 2-core CPU
+                                        # and run 7x slower with it when another job holds a core
 
 
 @dataclass

@@ -113,7 +113,8 @@ def test_plan_follows_the_paper_rows_and_the_overrides():
                     "bertxml@1024"]
     assert [f"{e.model}@{e.max_len}" for e in plan(cfg, "bertxml,logreg", "1024")] == ["logreg@512", "bertxml@1024"]
     cfg.compare.baseline_max_len, cfg.compare.minilm_head = 0, "cls"
-    assert [f"{e.model}@{e.max_len}" for e in plan(cfg, ["bilstm", "minilm"], [256])] == ["bilstm@256", "minilm-cls@256"]
+    rows = [f"{e.model}@{e.max_len}" for e in plan(cfg, ["bilstm", "minilm"], [256])]
+    assert rows == ["bilstm@256", "minilm-cls@256"]
     with pytest.raises(ValueError, match="unknown model"):
         plan(cfg, "bert")
 
@@ -256,4 +257,18 @@ def test_compare_writes_the_comparison_table(toy_wh):
     assert md == result["markdown"] and "| EHR BERT + XML (max length 32) |" in md and "Table 3" in md
     # each comparison folder is a model folder the scorer takes
     assert read_model_info(rows[("bilstm", BASE_LEN)]["model_dir"]).model_kind == "bilstm"
-    shutil.rmtree(wh.workdir / "models")
+
+
+def test_compare_keeps_the_other_rows_when_a_model_fails(toy_wh, tmp_path):
+    wh, vocab_dir, _ = toy_wh
+    cfg = baseline_config()
+    cfg.compare.baseline_max_len = BASE_LEN
+    broken = tmp_path / "encoder-broken"
+    shutil.copytree(make_encoder(wh, vocab_dir, cfg), broken)
+    (broken / "model.safetensors").unlink()                        # an encoder folder without its weights
+    name = wh.name(t.MODEL_COMPARISON)
+    before = {r[0] for r in wh.table(name).select("run_id").distinct().collect()} if wh.exists(name) else set()
+    with pytest.raises(RuntimeError, match=r"1 of 2 models failed \(cls@32\)"):
+        run_compare(wh, cfg, models="logreg,cls", max_lens="32", encoder_dir=broken)
+    new = [r for r in wh.table(name).collect() if r["run_id"] not in before]
+    assert [(r["model"], r["max_len"]) for r in new] == [("logreg", BASE_LEN)]
