@@ -44,6 +44,7 @@ from torch import nn
 
 from bertxml import modeldir
 from bertxml.config import Config, config_from_dict
+from bertxml.train import fmt_metric
 
 log = logging.getLogger("bertxml.baselines")
 
@@ -269,12 +270,8 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
                              thresholds={c: float(th) for c, th in zip(codes, thresholds)},
                              extra={**extra, "tokenizer_sha256": inputs.extra.get("tokenizer_sha256")})
     log.info("%s %s: dev macro AUC %s, micro AUC %s -> %s", inputs.model_kind, inputs.model_version,
-             _fmt(dev_metrics.get("macro_auc")), _fmt(dev_metrics.get("micro_auc")), out_dir)
+             fmt_metric(dev_metrics.get("macro_auc")), fmt_metric(dev_metrics.get("micro_auc")), out_dir)
     return out_dir
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,8 +482,8 @@ def train_bilstm(inputs, cfg: Config) -> Path:
         history.append(metrics)
         if selection_score(metrics) > selection_score(best):
             best, best_state = metrics, {k: v.detach().clone() for k, v in model.state_dict().items()}
-        log.info("bilstm dev at step %d: macro AUC %s, micro AUC %s", at_step, _fmt(metrics["macro_auc"]),
-                 _fmt(metrics["micro_auc"]))
+        log.info("bilstm dev at step %d: macro AUC %s, micro AUC %s", at_step, fmt_metric(metrics["macro_auc"]),
+                 fmt_metric(metrics["micro_auc"]))
 
     epoch, window = 0, []
     while step < total_steps:

@@ -117,6 +117,14 @@ class ChunkSet:
                    [a for s in sets for a in s.input_ids], [a for s in sets for a in s.label_ids],
                    [a for s in sets for a in s.sentence_starts])
 
+    def token_counts(self, vocab_size: int, block: int = 10_000) -> np.ndarray:
+        """(V,) how often each token id occurs, counted a block of chunks at a time (no copy of the corpus)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for start in range(0, len(self), block):
+            ids = np.concatenate(self.input_ids[start:start + block])
+            counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+        return counts
+
     def label_rates(self, n_labels: int) -> np.ndarray:
         """(M,) the share of chunks that carry each label (what a chunk-level head should predict a priori)."""
         counts = np.zeros(n_labels, dtype=np.float64)

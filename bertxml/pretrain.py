@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -145,7 +144,7 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
         raise ValueError("no train chunks to pre-train on")
     torch.manual_seed(pc.seed)
     model = BertForPretraining(bert_config(cfg.model, vocab_size, special["pad"]))
-    model.init_mlm_bias(np.bincount(np.concatenate(train_set.input_ids), minlength=vocab_size)[:vocab_size])
+    model.init_mlm_bias(train_set.token_counts(vocab_size))
     model = model.to(device)
     optimizer = make_optimizer(model, pc.lr, pc.weight_decay)
     lengths = train_set.lengths + (1 if pc.nsp else 0)  # an NSP pair has one [SEP] more
