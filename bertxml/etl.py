@@ -7,10 +7,11 @@ Reads the notes and diagnoses tables and writes, each in one Delta transaction:
 - `bertxml.label_vocab`: the codes seen more than `min_code_count` times in the train split;
 - `bertxml.rejects`: every dropped or bad row's identifiers with a reason (never its text).
 
-Rules, each a function below: `note_reject_reason` (paper's filters and bad rows), `dedupe_notes`,
+Rules, each a function below: `note_reject_reason` (paper's filters and bad rows), `mark_duplicates`,
 `clean_diagnoses`, `encounter_codes`, `impute_chronic_codes`, `assign_split`, `build_label_vocab`.
-The notes' text is only ever joined against small, broadcast tables, so the ETL costs about a read and
-a write of the notes table.
+The notes' text is never shuffled: it is only joined against small, broadcast tables. It is read three
+times (a text-less classification that both outputs share, the labeled_notes write, and the rows of
+repeated note ids) and written once; see README "ETL throughput" for what that costs against a copy.
 """
 from __future__ import annotations
 
@@ -33,8 +34,16 @@ SPLITS = ("train", "dev", "test")
 
 
 # ---- notes: the paper's filters and bad rows ------------------------------------------------------------
+def _trimmed_shorter_than(col: Column, n: int) -> Column:
+    """length(trim(col)) < n without reading long texts twice: a text that neither starts nor ends with a
+    space (the only character Spark's trim removes) is its own trim, and 4n bytes hold at least n
+    characters. Counting characters is the ETL's costliest per-row step otherwise."""
+    padded = col.startswith(" ") | col.endswith(" ")
+    return F.when(padded | (F.octet_length(col) < 4 * n), F.length(F.trim(col)) < n).otherwise(F.lit(False))
+
+
 def _blank(col: Column) -> Column:
-    return col.isNull() | (F.trim(col) == "")
+    return col.isNull() | _trimmed_shorter_than(col, 1)
 
 
 def _in_lower(col: Column, values: list[str]) -> Column:
@@ -55,26 +64,41 @@ def note_reject_reason(cfg: EtlConfig) -> Column:
             .when(_in_lower(F.col("status"), cfg.drop_statuses), "dropped_status")
             .when(_in_lower(F.col("author_role"), cfg.drop_author_roles), "dropped_author_role")
             .when(_in_lower(F.col("note_type"), cfg.drop_note_types), "dropped_note_type")
-            .when(F.length(F.trim(F.col("text"))) < cfg.min_text_chars, "short_text"))
+            .when(_trimmed_shorter_than(F.col("text"), cfg.min_text_chars), "short_text"))
+
+
+def with_row_hash(notes: DataFrame) -> DataFrame:
+    """Add `_row_hash`, a hash of every input column: equal hashes = identical copies of a row."""
+    return notes.withColumn("_row_hash", F.xxhash64(*[F.col(c) for c in notes.columns if c != "reason"]))
+
+
+def duplicate_ids(notes: DataFrame) -> DataFrame:
+    """(note_id, conflicting): every id on more than one row of `notes` (which carry `_row_hash`);
+    conflicting when its copies differ. Only (note_id, hash) pairs are shuffled."""
+    return (notes.groupBy("note_id")
+            .agg(F.count("*").alias("_copies"), F.min("_row_hash").alias("_lo"), F.max("_row_hash").alias("_hi"))
+            .filter(F.col("_copies") > 1)
+            .select("note_id", (F.col("_lo") != F.col("_hi")).alias("conflicting")))
+
+
+def mark_duplicates(notes: DataFrame, dups: DataFrame) -> DataFrame:
+    """Set `reason` on the repeated ids of `notes` (rows with `_row_hash`; `dups` from duplicate_ids).
+
+    Identical repeats (a re-load) keep one copy and mark the rest 'duplicate_row'; rows that share an id
+    but differ are all marked 'conflicting_note_id', since we cannot tell which is right. The few repeated
+    ids are broadcast, and only their rows are shuffled.
+    """
+    marked = notes.join(F.broadcast(dups), "note_id", "left")
+    rank = F.row_number().over(Window.partitionBy("note_id").orderBy("_row_hash"))
+    repeated = marked.filter(F.col("conflicting").isNotNull()).withColumn(
+        "reason", F.when(F.col("conflicting"), "conflicting_note_id").when(rank > 1, "duplicate_row"))
+    return marked.filter(F.col("conflicting").isNull()).unionByName(repeated).drop("conflicting")
 
 
 def dedupe_notes(notes: DataFrame) -> DataFrame:
-    """Mark repeated note ids in a `reason` column (null = keep).
-
-    Identical repeats (a re-load) keep one copy and mark the rest 'duplicate_row'; rows that share an id
-    but differ are all marked 'conflicting_note_id', since we cannot tell which is right. Only the narrow
-    (note_id, row hash) pairs are shuffled; the few duplicated ids are broadcast back.
-    """
-    hashed = notes.withColumn("_row_hash", F.xxhash64(*[F.col(c) for c in notes.columns if c != "reason"]))
-    dup_ids = (hashed.groupBy("note_id")
-               .agg(F.count("*").alias("_n"), F.countDistinct("_row_hash").alias("_variants"))
-               .filter(F.col("_n") > 1).drop("_n"))
-    marked = hashed.join(F.broadcast(dup_ids), "note_id", "left")
-    rank = F.row_number().over(Window.partitionBy("note_id").orderBy("_row_hash"))
-    dups = marked.filter(F.col("_variants").isNotNull()).withColumn(
-        "reason", F.when(F.col("_variants") > 1, "conflicting_note_id").when(rank > 1, "duplicate_row"))
-    singles = marked.filter(F.col("_variants").isNull())
-    return singles.unionByName(dups).drop("_row_hash", "_variants")
+    """mark_duplicates over notes that all have `reason` null (the nightly batch's rule, in one go)."""
+    hashed = with_row_hash(notes)
+    return mark_duplicates(hashed, duplicate_ids(hashed)).drop("_row_hash")
 
 
 # ---- diagnoses ----------------------------------------------------------------------------------------
@@ -104,9 +128,8 @@ def chronic_history(diagnoses: DataFrame, reference: DataFrame, min_encounters: 
     """(patient_id, chronic ARRAY<STRUCT<code, since>>): chronic codes a patient has on at least
     `min_encounters` separate encounters, with the date of their earliest occurrence."""
     chronic = F.broadcast(reference.filter("is_chronic").select("code"))
-    per_code = (diagnoses.join(chronic, "code")
-                .groupBy("patient_id", "code")
-                .agg(F.countDistinct("encounter_id").alias("n_encounters"),
+    per_code = (diagnoses.join(chronic, "code").groupBy("patient_id", "code")
+                .agg(F.size(F.collect_set("encounter_id")).alias("n_encounters"),
                      F.min("diagnosis_date").alias("since"))
                 .filter(F.col("n_encounters") >= min_encounters))
     return per_code.groupBy("patient_id").agg(F.collect_list(F.struct("code", "since")).alias("chronic"))
@@ -160,10 +183,11 @@ def build_label_vocab(labeled_notes: DataFrame, reference: DataFrame, min_code_c
 
 # ---- the whole transformation --------------------------------------------------------------------------
 def reject_rows(df: DataFrame, source: str, job: str, batch: str, run_id: str) -> DataFrame:
-    """Rows with a reason, as bertxml.rejects rows: identifiers and a JSON record without the text."""
+    """Rows with a reason, as bertxml.rejects rows: identifiers and a JSON record with the text's size in
+    bytes (`text_bytes`) instead of the text."""
     record_cols = [F.col(c) for c in df.columns if c not in ("text", "reason")]
     if "text" in df.columns:
-        record_cols.append(F.length("text").alias("text_chars"))
+        record_cols.append(F.octet_length("text").alias("text_bytes"))
     get = lambda c: F.col(c) if c in df.columns else F.lit(None).cast("string")  # noqa: E731
     return df.filter(F.col("reason").isNotNull()).select(
         F.lit(job).alias("job"), F.lit(source).alias("source"), get("note_id").alias("note_id"),
@@ -175,22 +199,33 @@ def reject_rows(df: DataFrame, source: str, job: str, batch: str, run_id: str) -
 
 def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cfg: EtlConfig,
                 run_id: str = "-") -> tuple[DataFrame, DataFrame]:
-    """The ETL as a transformation: (labeled_notes, rejects) from input-schema notes and diagnoses."""
-    diag = clean_diagnoses(diagnoses, reference, cfg)
+    """The ETL as a transformation: (labeled_notes, rejects) from input-schema notes and diagnoses.
+
+    The diagnoses are cleaned once, and the notes classified once without their text (ids, reason, text
+    size, row hash), into local checkpoints that both outputs read; the text itself is read only to write
+    labeled_notes. Runs those few Spark jobs now; the frames it returns are lazy.
+    """
+    diag = clean_diagnoses(diagnoses, reference, cfg).localCheckpoint()
     good_diag = diag.filter(F.col("reason").isNull())
-    notes = notes.withColumn("reason", note_reject_reason(cfg))
-    notes = dedupe_notes(notes.filter(F.col("reason").isNull())).unionByName(
-        notes.filter(F.col("reason").isNotNull()))
-    notes = (notes.join(F.broadcast(encounter_codes(good_diag)), "encounter_id", "left")
-             .withColumn("reason", F.coalesce(
-                 F.col("reason"), F.when(F.col("enc_codes").isNull(), F.lit("no_diagnoses")))))
-    kept = impute_chronic_codes(notes.filter(F.col("reason").isNull()),
+    codes = encounter_codes(good_diag).localCheckpoint()
+    flagged = with_row_hash(notes).withColumn("reason", note_reject_reason(cfg))
+    classified = flagged.withColumn("text_bytes", F.octet_length("text")).drop("text").localCheckpoint()
+    dups = duplicate_ids(classified.filter(F.col("reason").isNull())).localCheckpoint()
+
+    kept = mark_duplicates(flagged.filter(F.col("reason").isNull()), dups).filter(F.col("reason").isNull())
+    kept = impute_chronic_codes(kept.join(F.broadcast(codes), "encounter_id"),
                                 chronic_history(good_diag, reference, cfg.chronic_min_encounters))
     labeled = kept.select(
         "note_id", "patient_id", "encounter_id", "note_date",
         assign_split(F.col("patient_id"), cfg.split_salt, tuple(cfg.split_fractions)).alias("split"),
         "text", "codes", "imputed_codes")
-    rejects = reject_rows(notes.drop("enc_codes"), "notes", "etl", "all", run_id).unionByName(
+
+    checked = (mark_duplicates(classified.filter(F.col("reason").isNull()), dups)
+               .unionByName(classified.filter(F.col("reason").isNotNull()))
+               .join(F.broadcast(codes), "encounter_id", "left"))
+    checked = checked.withColumn("reason", F.coalesce(
+        F.col("reason"), F.when(F.col("enc_codes").isNull(), F.lit("no_diagnoses"))))
+    rejects = reject_rows(checked.drop("enc_codes", "_row_hash"), "notes", "etl", "all", run_id).unionByName(
         reject_rows(diag.drop("code"), "diagnoses", "etl", "all", run_id))
     return labeled, rejects
 
@@ -217,11 +252,13 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         run.outputs[wh.name(t.REJECTS)] = wh.write(rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
                                                     metadata=lineage)
 
-        per_split = {r["split"]: r["n"] for r in written.groupBy("split").agg(F.count("*").alias("n")).collect()}
+        by_split = written.groupBy("split").agg(F.count("*").alias("n"),
+                                                F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()
+        per_split = {r["split"]: r["n"] for r in by_split}
         reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in
                    wh.table(wh.name(t.REJECTS)).filter("job = 'etl'")
                    .groupBy("source", "reason").agg(F.count("*").alias("n")).collect()}
-        n_imputed = written.filter(F.size("imputed_codes") > 0).count()
+        n_imputed = sum(r["imputed"] for r in by_split)
         run.count("labeled_notes", sum(per_split.values()))
         run.count("labeled_notes_by_split", per_split)
         run.count("notes_with_imputed_codes", n_imputed)

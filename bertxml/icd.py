@@ -6,12 +6,18 @@ Descriptions come from `simple-icd-10-cm`; chronic flags from the AHRQ CCI as sh
 from __future__ import annotations
 
 import csv
+import json
+import logging
+import os
 import re
 from functools import lru_cache
-from importlib import resources
+from importlib import metadata, resources
+from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+log = logging.getLogger("bertxml.icd")
 
 # After normalisation: a letter, a digit, an alphanumeric, then optionally a dot and 1-4 alphanumerics.
 ICD10_SHAPE = r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$"
@@ -31,7 +37,7 @@ def normalize_code(code: str | None) -> str | None:
 
 def normalize_code_col(col: Column) -> Column:
     """normalize_code as a Spark column expression (no Python UDF on the hot path)."""
-    bare = F.upper(F.regexp_replace(col, r"[\s.]", ""))
+    bare = F.upper(F.translate(col, " \t\n\r\f\v.", ""))  # the characters normalize_code's [\s.] removes
     return F.when(bare.isNull() | (bare == ""), F.lit(None)).when(
         F.length(bare) <= 3, bare).otherwise(F.concat(bare.substr(1, 3), F.lit("."), bare.substr(F.lit(4), F.lit(100))))
 
@@ -42,11 +48,26 @@ def is_icd10_shaped(col: Column) -> Column:
 
 @lru_cache(maxsize=1)
 def icd10cm_descriptions() -> dict[str, str]:
-    """Every ICD-10-CM code (categories and leaves, dotted) -> its description."""
+    """Every ICD-10-CM code (categories and leaves, dotted) -> its description.
+
+    Building it walks simple-icd-10-cm's XML (~2.5 s); the result is kept as JSON in the user's cache
+    folder (BERTXML_CACHE_DIR, default ~/.cache/bertxml), keyed by the package version, for the next job.
+    """
+    cache = Path(os.environ.get("BERTXML_CACHE_DIR", Path.home() / ".cache" / "bertxml"))
+    cached = cache / f"icd10cm-descriptions-{metadata.version('simple-icd-10-cm')}.json"
+    if cached.exists():
+        return json.loads(cached.read_text(encoding="utf-8"))
     import simple_icd_10_cm as cm
 
-    return {c: cm.get_description(c) for c in cm.get_all_codes(with_dots=True)
-            if re.match(ICD10_SHAPE, c)}
+    descriptions = {c: cm.get_description(c) for c in cm.get_all_codes(with_dots=True) if re.match(ICD10_SHAPE, c)}
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(descriptions), encoding="utf-8")
+        partial.replace(cached)  # atomic: a reader sees the whole file or none
+    except OSError as exc:
+        log.info("could not cache the ICD-10-CM descriptions in %s: %s", cache, exc)
+    return descriptions
 
 
 @lru_cache(maxsize=2)

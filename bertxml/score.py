@@ -724,7 +724,7 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
             if not by_reason and not since_last and not cfg.score.allow_empty:
                 raise NoNotesError(f"no notes dated {night} in {read['source']}: the feed may not have landed "
                                    f"(set score.allow_empty=true to accept an empty night)")
-            kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_chars", F.length("text"))
+            kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_bytes", F.octet_length("text"))
             if since_last and done is not None:
                 kept = kept.join(done, "note_id", "left_anti")
             _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, batches)
@@ -773,8 +773,8 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
 
     spark = wh.spark
     scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
-    note_cols = [f.name for f in t.NOTES_SCHEMA.fields if f.name != "text"] + ["text_chars"]
-    rejected = (flagged.filter(F.col("reason").isNotNull()).withColumn("text_chars", F.length("text"))
+    note_cols = [f.name for f in t.NOTES_SCHEMA.fields if f.name != "text"] + ["text_bytes"]
+    rejected = (flagged.filter(F.col("reason").isNotNull()).withColumn("text_bytes", F.octet_length("text"))
                 .select(*note_cols, "reason"))
     seconds, stats, scored = 0.0, {}, None
     try:

@@ -148,7 +148,7 @@ def test_rejects_never_hold_note_text(spark, reference):
     _, rejects = label_notes(n, d, reference, EtlConfig())
     row = rejects.collect()[0]
     assert "secret" not in json.dumps(row.asDict(), default=str)
-    assert json.loads(row.record)["text_chars"] == len("secret words")
+    assert json.loads(row.record)["text_bytes"] == len("secret words")
 
 
 def test_split_is_deterministic_stable_and_patient_disjoint(spark):
@@ -219,3 +219,15 @@ def test_rerun_writes_same_tables_and_reads_snapshots(wh, spark):
     history = wh.spark.sql("SELECT inputs, status FROM bertxml.job_runs WHERE job = 'etl'").collect()
     assert len(history) == 4 and all(r.status == "succeeded" for r in history)
     assert sorted(json.loads(r.inputs)["notes"]["version"] for r in history) == [0, 0, 0, 1]
+
+
+def test_short_text_counts_characters_after_trimming_spaces(spark, reference):
+    notes = [note("padded", text=" " * 5000 + "x" * 49 + " " * 5000),  # long, but 49 characters once trimmed
+             note("accented", text="é" * 49),                           # 98 bytes, 49 characters
+             note("blank", text=" " * 3000),
+             note("tab", text="\t" + "y" * 49),                         # trim removes spaces only: 50 characters
+             note("keep", text="x" * 50)]
+    labeled, rejects = run(spark, reference, notes, [("P1", "E1", "I10", D(2024, 1, 1))])
+    assert set(labeled) == {"tab", "keep"}
+    assert rejects == [("notes", "accented", "short_text"), ("notes", "blank", "empty_text"),
+                       ("notes", "padded", "short_text")]
