@@ -12,7 +12,8 @@ the fly:
 1. notes/s of the scoring engine (`make_predict_fn`: length-bucketed, no padding to max_len, SDPA, the
    label attention as one fused SDPA call, inference_mode) against a textbook baseline on the same weights
    (every chunk padded to max_len, fp32, eager attention, the model's own head, batches in note order,
-   no_grad). Target on this CPU: >= 4x. Also the engine with bf16 autocast on the CPU.
+   no_grad). Target on this CPU: >= 4x. Both engine paths: fp32, and bf16 weights with the label
+   attention in blocks of codes (the default where the CPU has native bf16).
 2. the Spark path (`score.score_notes`: mapInPandas, model loaded once per worker, one thread per task)
    against the engine called directly with the same number of threads in all. Target: >= 0.85.
 3. model FLOPs utilisation: the model FLOPs of the real (unpadded) tokens per second, against a measured
@@ -24,23 +25,19 @@ time is the sum over segments of its best repeat; the matmul peak is sampled on 
 kept. The load average is printed with the results.
 
 Measured on the 2-core AMD EPYC (AVX512-BF16) dev box, tiny model, 2,292 codes, 512 notes (69% of the
-padded tokens real at max_len 512, 49% at 1024), load average ~2 from other jobs:
+padded tokens real at max_len 512), load average ~2 (this script alone):
 
-    max_len 512  (benchmarks/score.py --no-spark)                 notes/s  speed-up  MFU
-      textbook baseline (pad to max_len, eager, fp32)               30.7     1.00x   23% (fp32 peak 189 GFLOP/s)
-      engine, fp32 (the default)                                    88.3     2.88x   67%
-      engine, bf16 weights (score.cpu_bf16=true), max|dp| 1.5e-4   121.3     3.96x   22% (bf16 peak 807 GFLOP/s)
-    max_len 1024 (--max-len 1024 --no-spark)
-      textbook baseline                                             15.8     1.00x   13%
-      engine, fp32                                                  79.8     5.06x   63%
-      engine, bf16 weights                                         106.9     6.78x   21%
-    Spark path vs the engine called directly (default run; load ~4):
-      engine direct, 2 threads: 67.5 notes/s; mapInPandas, 2 tasks x 1 thread, warm: 84.3 notes/s (1.25x);
-      first run, workers starting and loading the model: 22.4 notes/s.
+    max_len 512                                              notes/s  speed-up  MFU
+      textbook baseline (pad to max_len, eager, fp32)           34.5     1.00x   25% (fp32 peak 195 GFLOP/s)
+      engine, fp32 (score.cpu_bf16=false)                       92.8     2.69x   68%
+      engine, bf16 weights + label blocks (the default here)   166.8     4.84x   29% (bf16 peak 828 GFLOP/s)
+    Spark path vs the engine called directly:
+      engine direct, 2 threads: 161.2 notes/s; mapInPandas, 2 tasks x 1 thread, warm: 146.3 notes/s
+      (0.91x); first run, workers starting and loading the model: 42.7 notes/s.
 
-Under heavier load (load average 6-10) the same commands gave engine/baseline 1.9x-4.3x: compare rows of
-one run only. The fp32 engine is near this CPU's fp32 matmul peak at max_len 512 (the tiny model's GEMMs are
-thin, K = 128), so 4x at 512 needs bf16; at 1024 the baseline's padding and eager T^2 attention cost more.
+Under load from other jobs (load average 3-10) the ratios have come out 1.9x-4.3x: compare rows of one
+run only. The fp32 engine is near this CPU's fp32 matmul peak (the tiny model's GEMMs are thin, K = 128),
+so the 4x comes from bf16, where CPU SDPA is slow and the label attention runs in label blocks.
 """
 from __future__ import annotations
 
@@ -56,10 +53,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from bertxml.config import ModelConfig, VocabConfig, model_preset
+from bertxml.config import ModelConfig, ScoreConfig, VocabConfig, model_preset
 from bertxml.model import BertForIcdCoding, bert_config, save_model
 from bertxml.modeldir import write_model_dir
-from bertxml.score import make_predict_fn
+from bertxml.score import make_predict_fn, use_cpu_bf16
 from bertxml.tokenize import encode_chunks
 from bertxml.vocab import train_tokenizer
 
@@ -239,8 +236,9 @@ def main() -> None:
           f"{lengths.sum() / (len(chunks) * args.max_len):.0%} of padded; vocabulary {tokenizer.get_vocab_size()} "
           f"trained in {vocab_s:.1f}s; model {args.size}, {args.labels} codes; {torch.get_num_threads()} threads")
 
-    engine = make_predict_fn(model_dir, device="cpu")
+    engine = make_predict_fn(model_dir, device="cpu", cpu_bf16=False)
     engine_bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)
+    default = "bf16" if use_cpu_bf16(ScoreConfig().cpu_bf16) else "fp32"
     baseline = TextbookScorer(model_dir, tokenizer, args.max_len)
     warm = texts[:4]
     for fn in (engine, engine_bf16, baseline):
@@ -256,9 +254,10 @@ def main() -> None:
     peak32, peak16 = peaks[torch.float32], peaks[torch.bfloat16]
     n = len(texts)
     rows = [("textbook baseline (pad to max_len, eager, fp32)", times["baseline"], peak32, 0.0),
-            ("engine (bucketed, SDPA, fused head, fp32)", times["engine"], peak32,
-             float(np.abs(p_engine - p_base).max())),
-            ("engine, bf16 weights on CPU (cpu_bf16)", times["engine_bf16"], peak16, float(np.abs(p_bf16 - p_base).max()))]
+            ("engine, fp32 (bucketed, SDPA, fused head)" + (" *" if default == "fp32" else ""), times["engine"],
+             peak32, float(np.abs(p_engine - p_base).max())),
+            ("engine, bf16 weights, label blocks" + (" *" if default == "bf16" else ""), times["engine_bf16"],
+             peak16, float(np.abs(p_bf16 - p_base).max()))]
     print(f"\nload average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; best matmul "
           f"peak: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s; model FLOPs of the real "
           f"tokens {flops / 1e9:.0f} GFLOP")
@@ -266,6 +265,7 @@ def main() -> None:
     for name, sec, peak, diff in rows:
         print(f"{name:50s} {sec:8.2f} {n / sec:8.1f} {times['baseline'] / sec:7.2f}x {flops / sec / peak:6.1%} "
               f"{diff:9.2e}")
+    print("* the default on this CPU (score.cpu_bf16=auto: bf16 where the CPU has AVX512-BF16 or AMX)")
 
     if not args.no_spark:
         res = spark_vs_direct(model_dir, texts, args.threads, max(args.reps, 4))

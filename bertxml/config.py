@@ -149,8 +149,9 @@ class ScoreConfig:
     max_replacement_share: float = 0.01  # more U+FFFD than this share of a note's characters: 'bad_text'
     device: str = "auto"                # "auto": the Spark task's GPU, else CUDA if present, else CPU
     num_threads: int = 0                # torch threads per worker; 0: the task's CPUs (spark.task.cpus)
-    cpu_bf16: bool = False              # bf16 on the CPU too (weights cast once): faster where the CPU has
-                                        # native bf16 (AVX512-BF16, AMX); GPUs always use bf16 autocast
+    cpu_bf16: str = "auto"              # bf16 on the CPU (weights cast once): "auto" = where the CPU has
+                                        # native bf16 (AVX512-BF16, AMX); true/false force it. GPUs always
+                                        # use bf16 autocast
     partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
 

@@ -25,7 +25,9 @@ max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all ch
 sorted by length and cut into batches of at most `score.batch_size * max_len` tokens, each padded only to
 its own longest chunk (no padding to max_len); SDPA attention in the encoder, and the label attention
 head as one fused SDPA call too (`label_attention_sdpa`, checked against the model's head at load);
-`torch.inference_mode`; a note's probability per code is the max over its chunks (paper §4.1).
+`torch.inference_mode`; a note's probability per code is the max over its chunks (paper §4.1). On a CPU
+with native bf16 (`score.cpu_bf16=auto`) the weights are cast to bf16 once and the label attention runs
+in blocks of codes (`label_attention_blocked`), since CPU SDPA runs bf16 no faster than fp32.
 
 Bad input, and what happens to it:
 - empty, short, dropped or duplicated notes: rejected with the ETL's reason;
@@ -256,6 +258,25 @@ def resolve_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 scoring pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def use_cpu_bf16(setting) -> bool:
+    """score.cpu_bf16 ('auto', true or false) -> whether to score in bf16 on the CPU."""
+    value = str(setting).strip().lower()
+    if value == "auto":
+        return native_cpu_bf16()
+    if value in ("true", "1", "yes", "false", "0", "no"):
+        return value in ("true", "1", "yes")
+    raise ValueError(f"score.cpu_bf16 must be auto, true or false, got {setting!r}")
+
+
 def _clean_text(text) -> str:
     """None -> ''; lone surrogates (not encodable as UTF-8, which the Rust tokenizer refuses) -> U+FFFD."""
     if text is None:
@@ -279,7 +300,7 @@ class BertScorer:
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
-                 max_chunks_per_note: int = 32, num_threads: int | None = None, cpu_bf16: bool = False,
+                 max_chunks_per_note: int = 32, num_threads: int | None = None, cpu_bf16="auto",
                  threshold_default: float = 0.5):
         import torch
 
@@ -302,11 +323,14 @@ class BertScorer:
         self.token_budget = self.batch_size * self.max_len
         self.max_chunks = max(1, int(max_chunks_per_note))
         self.pad_id = int(self.model.config.pad_token_id or 0)
-        self.fused_head = self.model.head_type == "bertxml" and fused_head_matches(self.model, self.device)
         # GPU: bf16 autocast (fp32 weights, bf16 matmuls). CPU with cpu_bf16: the weights are cast to bf16
         # once, because CPU autocast re-casts every weight on every pass and ends up slower than fp32.
         self.autocast = self.device.type == "cuda"
-        self.bf16 = self.autocast or bool(cpu_bf16)
+        self.bf16 = self.autocast or (self.device.type == "cpu" and use_cpu_bf16(cpu_bf16))
+        # The label attention: one SDPA call, or on a bf16 CPU label blocks (CPU SDPA runs bf16 at fp32 speed).
+        attend = label_attention_blocked if self.bf16 and not self.autocast else label_attention_sdpa
+        self.fused_head = (attend if self.model.head_type == "bertxml"
+                           and fused_head_matches(self.model, self.device, attend) else None)
         if self.bf16 and not self.autocast:
             self.model.to(torch.bfloat16)
         log.info("scorer %s (%s, %d labels, max_len %d) on %s%s", self.info.model_version, self.info.model_kind,
@@ -359,7 +383,7 @@ class BertScorer:
                     padded = lengths[take[-1]] != width
                     keep = (mask_t != 0)[:, None, None, :] if padded else None
                     hidden = self.model.bert(input_ids=ids_t, attention_mask=keep).last_hidden_state  # (B, T, H)
-                    logits = label_attention_sdpa(self.model.head, hidden, mask_t if padded else None)  # (B, M)
+                    logits = self.fused_head(self.model.head, hidden, mask_t if padded else None)  # (B, M)
                 else:
                     logits = self.model(ids_t, mask_t)["logits"]  # (B, M)
                 out[torch.from_numpy(take)] = logits.float().cpu()
@@ -401,12 +425,40 @@ def label_attention_sdpa(head, hidden, attention_mask):
     states = hidden[:, None]  # (B, 1, T, H)
     keep = None if attention_mask is None else attention_mask[:, None, None, :] != 0  # (B, 1, 1, T)
     context = F.scaled_dot_product_attention(queries, states, states, attn_mask=keep, scale=1.0)[:, 0]  # (B, M, H)
-    return head.w_a(F.relu(head.w_b(context))).squeeze(-1)  # (B, M) eq. 4 logits
+    return _label_logits(head, context)
 
 
-def fused_head_matches(model, device, tolerance: float = 1e-4) -> bool:
-    """Check, once at load, that `label_attention_sdpa` gives the model's own head logits on a random
-    padded batch; if the module ever changes (a scale, a bias), the engine falls back to it."""
+def label_attention_blocked(head, hidden, attention_mask, block: int = 256):
+    """`label_attention_sdpa` as plain matmuls over blocks of `block` labels, for bf16 on the CPU, where
+    the SDPA kernel runs at fp32 speed: each block's (B, block, T) scores stay in cache between the two
+    products and the softmax. About 3x faster than CPU SDPA at 2,292 labels, T = 512, in bf16."""
+    import torch
+
+    labels = head.label_vectors.to(hidden.dtype)  # (M, H)
+    keys = hidden.transpose(1, 2)  # (B, H, T)
+    bias = None
+    if attention_mask is not None:  # -inf on padding, added to every block's scores
+        bias = torch.zeros(attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
+        bias = bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, :]  # (B, 1, T)
+    context = hidden.new_empty((hidden.shape[0], labels.shape[0], hidden.shape[2]))  # (B, M, H)
+    for start in range(0, labels.shape[0], block):
+        scores = torch.matmul(labels[start:start + block], keys)  # (B, block, T); eq. 2 has no 1/sqrt(H)
+        if bias is not None:
+            scores += bias
+        context[:, start:start + block] = torch.matmul(torch.softmax(scores, dim=-1), hidden)
+    return _label_logits(head, context)
+
+
+def _label_logits(head, context):
+    """(B, M, H) label contexts -> (B, M) eq. 4 logits."""
+    import torch.nn.functional as F
+
+    return head.w_a(F.relu(head.w_b(context))).squeeze(-1)
+
+
+def fused_head_matches(model, device, attend=label_attention_sdpa, tolerance: float = 1e-4) -> bool:
+    """Check, once at load, that `attend` (label_attention_sdpa or _blocked) gives the model's own head
+    logits on a random padded batch; if the module ever changes (a scale, a bias), the engine falls back."""
     import torch
 
     try:
@@ -414,7 +466,7 @@ def fused_head_matches(model, device, tolerance: float = 1e-4) -> bool:
         hidden = torch.randn(2, 7, model.config.hidden_size, generator=gen).to(device)
         mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], device=device)
         with torch.inference_mode():
-            fused = label_attention_sdpa(model.head, hidden, mask).float()
+            fused = attend(model.head, hidden, mask).float()
             diff = (model.head(hidden, mask).float() - fused).abs().max()
     except Exception as exc:  # noqa: BLE001 - any failure means: use the module
         log.warning("fused label attention unavailable (%s): using the model's head", exc)

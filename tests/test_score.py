@@ -20,8 +20,9 @@ from bertxml import tables as t
 from bertxml.config import ModelConfig, VocabConfig
 from bertxml.model import BertForIcdCoding, bert_config, save_model
 from bertxml.modeldir import write_model_dir
-from bertxml.score import (PREDICTORS, ModelDirError, NoNotesError, make_predict_fn, predicted_codes,
-                           read_model_info, register_predictor, run_score, score_frames, top_codes)
+from bertxml.score import (PREDICTORS, ModelDirError, NoNotesError, label_attention_blocked, label_attention_sdpa,
+                           make_predict_fn, predicted_codes, read_model_info, register_predictor, run_score,
+                           score_frames, top_codes)
 from bertxml.tokenize import encode_chunks
 from bertxml.vocab import train_tokenizer
 
@@ -84,8 +85,8 @@ def by_hand(model_dir, text, max_chunks=None):
 # ---- the engine, without Spark ----------------------------------------------------------------------------
 def test_predict_fn_shapes_and_max_over_chunks(model_dir):
     texts = [SENTENCES[0], LONG, "", SENTENCES[2] + " " + SENTENCES[3]]
-    predict = make_predict_fn(model_dir, device="cpu", batch_size=2)
-    assert predict.fused_head     # the label attention runs as one SDPA call, checked against the module
+    predict = make_predict_fn(model_dir, device="cpu", batch_size=2, cpu_bf16=False)
+    assert predict.fused_head is label_attention_sdpa  # one SDPA call, checked against the module at load
     probs = predict(texts)
     assert probs.shape == (4, len(CODES)) and probs.dtype == np.float32
     assert ((probs > 0) & (probs < 1)).all()
@@ -93,17 +94,20 @@ def test_predict_fn_shapes_and_max_over_chunks(model_dir):
         expected, _ = by_hand(model_dir, text)
         np.testing.assert_allclose(row, expected, atol=1e-5)
     # Bucketing and batch size change which chunks share a padded pass, never the result.
-    np.testing.assert_allclose(make_predict_fn(model_dir, device="cpu", batch_size=64)(texts), probs, atol=1e-5)
+    np.testing.assert_allclose(make_predict_fn(model_dir, device="cpu", batch_size=64, cpu_bf16=False)(texts),
+                               probs, atol=1e-5)
     np.testing.assert_allclose(predict(np.array(texts, dtype=object)), probs, atol=1e-6)
-    bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)(texts)    # bf16 weights: close, not equal
-    assert np.abs(bf16 - probs).max() < 2e-2
+    bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)     # bf16 weights: close, not equal
+    assert bf16.fused_head is label_attention_blocked                  # label blocks, not CPU SDPA
+    assert np.abs(bf16(texts) - probs).max() < 2e-2
     scored = predict.score(texts)
     assert scored.n_chunks.tolist()[0] == 1 and scored.n_chunks[1] > 3 and scored.n_tokens[2] == 0
     assert not scored.truncated.any()
 
 
 def test_long_note_is_scored_on_its_first_chunks(model_dir):
-    scored = make_predict_fn(model_dir, device="cpu", max_chunks_per_note=3).score([LONG, SENTENCES[1]])
+    scored = make_predict_fn(model_dir, device="cpu", max_chunks_per_note=3, cpu_bf16=False).score(
+        [LONG, SENTENCES[1]])
     assert scored.n_chunks.tolist() == [3, 1] and scored.truncated.tolist() == [True, False]
     expected, n = by_hand(model_dir, LONG, max_chunks=3)
     np.testing.assert_allclose(scored.probs[0], expected, atol=1e-5)
