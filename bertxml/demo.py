@@ -25,7 +25,7 @@ EXAMPLE_SQL = [
      """SELECT job, source, reason, count(*) AS n FROM bertxml.rejects
         GROUP BY job, source, reason ORDER BY n DESC"""),
     ("Last night's predicted codes",
-     """SELECT note_id, note_date, code, description, round(probability, 3) AS probability
+     """SELECT note_id, note_date, code, description, round(CAST(probability AS DOUBLE), 3) AS probability
         FROM bertxml.predicted_codes ORDER BY note_id, probability DESC LIMIT 10"""),
     ("The newest AUC report per dataset",
      """SELECT dataset, n_notes, round(micro_auc, 3) AS micro_auc, round(macro_auc, 3) AS macro_auc,
