@@ -200,8 +200,10 @@ class Warehouse:
         if fmt != "table" and fmt != "delta" and (version is not None or timestamp is not None):
             raise ValueError(f"{what}: --as-of-version/--as-of-timestamp need a Delta source, got {spec}")
         if fmt == "table":
-            df = self.table(where, version, timestamp)
+            # Pinned to the version recorded, so every pass of a job over it reads the same snapshot even
+            # while the feed appends (the ETL reads the notes more than once).
             read_version = version if version is not None else (None if timestamp else self.version(where))
+            df = self.table(where, read_version, timestamp)
         elif fmt == "delta":
             reader = self.spark.read.format("delta")
             if version is not None:
