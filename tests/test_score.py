@@ -195,6 +195,7 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     cfg.score.max_chunks_per_note = 3
     cfg.score.top_k = 3
     cfg.score.partitions = 1      # one Python worker imports torch: the slow part of a tiny test
+    cfg.score.cpu_bf16 = "false"  # fp32, to compare with the model's own forward to 1e-5
 
     first = run_score(wh, cfg, date="2025-03-01", model_dir=model_dir)
     preds = predictions(wh)
@@ -258,3 +259,12 @@ def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
     statuses = [r.status for r in wh.table(wh.name(t.JOB_RUNS)).collect()]
     assert len(statuses) == 2 and all(s.startswith("failed") for s in statuses)  # the bad date: before the job
     assert not wh.exists(wh.name(t.PREDICTIONS))
+
+
+def test_cpu_bf16_setting():
+    from bertxml.score import native_cpu_bf16, use_cpu_bf16
+
+    assert use_cpu_bf16("auto") == native_cpu_bf16()      # bf16 only where the CPU has it natively
+    assert use_cpu_bf16(True) and use_cpu_bf16("TRUE") and not use_cpu_bf16(False) and not use_cpu_bf16("no")
+    with pytest.raises(ValueError, match="cpu_bf16"):
+        use_cpu_bf16("sometimes")
