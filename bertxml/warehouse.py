@@ -180,14 +180,19 @@ class Warehouse:
         return reader.load(str(self.path(name))) if self.path_mode else reader.table(name)
 
     def version(self, name: str) -> int | None:
-        """The table's latest Delta version, or None if it does not exist."""
+        """The table's latest Delta version, or None if it does not exist.
+
+        Path mode reads it off the log folder (every commit writes `<version>.json` there), which costs
+        nothing; a catalog table asks Delta's history (a small Spark job).
+        """
         if not self.exists(name):
             return None
+        if self.path_mode:
+            commits = (p.stem for p in (self.path(name) / "_delta_log").glob("*.json"))
+            return max((int(stem) for stem in commits if stem.isdigit()), default=None)
         from delta.tables import DeltaTable
 
-        table = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
-                 else DeltaTable.forName(self.spark, name))
-        return int(table.history(1).select("version").first()[0])
+        return int(DeltaTable.forName(self.spark, name).history(1).select("version").first()[0])
 
     def read_source(self, spec: str, schema: T.StructType, what: str, version: int | None = None,
                     timestamp: str | None = None) -> tuple[DataFrame, dict]:
