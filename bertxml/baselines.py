@@ -51,7 +51,6 @@ log = logging.getLogger("bertxml.baselines")
 KINDS = ("logreg", "bilstm")
 WEIGHTS_FILE = "model.safetensors"     # the same names as a BERT folder (bertxml.model)
 CONFIG_FILE = "model_config.json"
-CHARS_PER_TOKEN_CAP = 64               # text cut at max_len * this many characters before tokenising
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,16 +95,11 @@ def load_first_chunks(inputs, split: str, max_notes: int = 0, seed: int = 0):
 
 def first_chunks(tokenizer, texts: list, max_len: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Texts -> (the first chunk `[CLS] piece [SEP]` of each, as int64 arrays; word pieces per note (of the
-    text read); truncated: the note is longer than its first chunk). The same chunking as bertxml.chunks,
-    so training and scoring see the same tokens."""
-    from bertxml.score import _clean_text
-    from bertxml.tokenize import encode_chunks
+    text read); truncated: the note is longer than its first chunk). The scorer's chunking
+    (`bertxml.score.encode_notes`, as bertxml.chunks), so training and scoring see the same tokens."""
+    from bertxml.score import encode_notes
 
-    cap = max_len * CHARS_PER_TOKEN_CAP  # the first max_len tokens never need more text than this
-    cleaned = [_clean_text(x) for x in texts]
-    notes = encode_chunks(tokenizer, [x[:cap] for x in cleaned], max_len)
-    n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
-    truncated = np.array([len(chunks) > 1 or len(x) > cap for chunks, x in zip(notes, cleaned)], dtype=bool)
+    notes, n_tokens, truncated = encode_notes(tokenizer, texts, max_len, max_chunks=1)
     return [np.asarray(chunks[0], dtype=np.int64) for chunks in notes], n_tokens, truncated
 
 

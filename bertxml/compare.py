@@ -39,6 +39,7 @@ import numpy as np
 from bertxml import modeldir
 from bertxml import tables as t
 from bertxml.config import Config, config_from_dict
+from bertxml.train import fmt_metric
 
 log = logging.getLogger("bertxml.compare")
 
@@ -299,8 +300,8 @@ def run_compare(wh, cfg: Config, models=None, max_lens=None, split: str | None =
                        k: manifest["dev_metrics"].get(k) for k in ("micro_auc", "macro_auc", "best_step")}}
             rows.append(row)
             log.info("compare: %s: micro AUC %s, macro AUC %s, low-frequency macro AUC %s (%d codes)",
-                     entry.label, _fmt(row["micro_auc"]), _fmt(row["macro_auc"]), _fmt(row["macro_auc_low_freq"]),
-                     row["n_codes_scored"])
+                     entry.label, fmt_metric(row["micro_auc"], 3), fmt_metric(row["macro_auc"], 3),
+                     fmt_metric(row["macro_auc_low_freq"], 3), row["n_codes_scored"])
             summary.append(f"{entry.model}@{entry.max_len}")
 
         created = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
@@ -339,10 +340,6 @@ def comparison_row(run_id: str, dataset: str, low_freq: int, r: dict, created: d
 
 
 # ---- the markdown tables ------------------------------------------------------------------------------------
-def _fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
-
-
 def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
 
@@ -359,8 +356,8 @@ def comparison_markdown(rows: list[dict], dataset: str, low_freq: int, run_id: s
              "| Model | Micro AUC | Macro AUC | Codes | Train s | Parameters |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {_fmt(r['micro_auc'])} | {_fmt(r['macro_auc'])} | {r['n_codes_scored']} | "
-                     f"{r['train_seconds']:.0f} | {_count(r['parameters'])} |")
+        lines.append(f"| {r['label']} | {fmt_metric(r['micro_auc'], 3)} | {fmt_metric(r['macro_auc'], 3)} | "
+                     f"{r['n_codes_scored']} | {r['train_seconds']:.0f} | {_count(r['parameters'])} |")
     for name, error in (failed or {}).items():
         lines.append(f"| {name} | failed | | | | |")
     lines += ["", f"Table 3: low-frequency codes (fewer than {low_freq:,} train notes)", "",
@@ -373,6 +370,6 @@ def comparison_markdown(rows: list[dict], dataset: str, low_freq: int, run_id: s
     non_bert, bert = [r for r in rows if r["model"] in BASELINES], [r for r in rows if r["model"] not in BASELINES]
     for r in (best(non_bert), best(bert)):
         if r is not None:
-            lines.append(f"| {r['label']} | {_fmt(r['macro_auc_low_freq'])} | {r['n_codes_low_freq']} | "
-                         f"{_fmt(r['macro_auc'])} |")
+            lines.append(f"| {r['label']} | {fmt_metric(r['macro_auc_low_freq'], 3)} | {r['n_codes_low_freq']} | "
+                         f"{fmt_metric(r['macro_auc'], 3)} |")
     return "\n".join(lines) + "\n"

@@ -277,6 +277,21 @@ def use_cpu_bf16(setting) -> bool:
     raise ValueError(f"score.cpu_bf16 must be auto, true or false, got {setting!r}")
 
 
+def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int):
+    """Note texts -> (each note's first `max_chunks` chunks, word pieces per note (of the text read),
+    truncated (n,): the note had more chunks, or more than max_chunks * max_len * CHARS_PER_TOKEN_CAP
+    characters, which are all that is tokenised). The training chunking: [CLS] piece [SEP], in order, no
+    overlap (`bertxml.tokenize.encode_chunks`). Shared by the BERT scorer and the baselines'."""
+    from bertxml.tokenize import encode_chunks
+
+    char_cap = max_chunks * max_len * CHARS_PER_TOKEN_CAP
+    cleaned = [_clean_text(x) for x in texts]
+    notes = encode_chunks(tokenizer, [x[:char_cap] for x in cleaned], max_len)
+    n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
+    truncated = np.array([len(c) > max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)], dtype=bool)
+    return [c[:max_chunks] for c in notes], n_tokens, truncated
+
+
 def _clean_text(text) -> str:
     """None -> ''; lone surrogates (not encodable as UTF-8, which the Rust tokenizer refuses) -> U+FFFD."""
     if text is None:
@@ -339,15 +354,7 @@ class BertScorer:
     # texts -> chunks ---------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> tuple[list[list[list[int]]], np.ndarray, np.ndarray]:
         """Texts -> (chunks per note, n_tokens (n,), truncated (n,)); at most max_chunks chunks a note."""
-        from bertxml.tokenize import encode_chunks
-
-        char_cap = self.max_chunks * self.max_len * CHARS_PER_TOKEN_CAP
-        cleaned = [_clean_text(x) for x in texts]
-        # The training chunking: [CLS] piece [SEP], in order, no overlap (bertxml.tokenize).
-        notes = encode_chunks(self.tokenizer, [x[:char_cap] for x in cleaned], self.max_len)
-        n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
-        truncated = np.array([len(c) > self.max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)])
-        return [c[:self.max_chunks] for c in notes], n_tokens, truncated
+        return encode_notes(self.tokenizer, texts, self.max_len, self.max_chunks)
 
     # chunks -> logits ----------------------------------------------------------------------------------
     def chunk_logits(self, chunks: list[list[int]]):

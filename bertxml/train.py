@@ -762,8 +762,8 @@ def finish_model_dir(model: BertForIcdCoding, inputs: TrainInputs, cfg: Config, 
 
 
 def fmt_metric(value, digits: int = 4) -> str:
-    """A metric for a log line: 'n/a' when there is none (e.g. no dev code with a positive note)."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    """A metric for a log line or a report: 'n/a' when there is none (e.g. no dev code with a positive note)."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"  # value != value: NaN
 
 
 # ---------------------------------------------------------------------------------------------------------
