@@ -132,7 +132,7 @@ def write_model_dir(out_dir: str | Path, *, model_version: str, model_kind: str,
         "max_len": int(max_len),
         "dev_metrics": dev_metrics,
         "parameters": int(parameters),
-        "train_seconds": round(float(train_seconds), 1),
+        "train_seconds": round(float(train_seconds), 3),
     }
     manifest.update(extra or {})
     write_json(out_dir / MANIFEST_FILE, manifest)
