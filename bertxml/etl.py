@@ -9,15 +9,16 @@ Reads the notes and diagnoses tables and writes, each in one Delta transaction:
 
 Rules, each a function below: `note_reject_reason` (paper's filters and bad rows), `mark_duplicates`,
 `clean_diagnoses`, `encounter_codes`, `impute_chronic_codes`, `assign_split`, `build_label_vocab`.
-The notes' text is never shuffled: it is only joined against small, broadcast tables. It is read three
-times (a text-less classification that both outputs share, the labeled_notes write, and the rows of
-repeated note ids) and written once; see README "ETL throughput" for what that costs against a copy.
+The notes' text is never shuffled: it is only joined against small, broadcast tables. It is read twice
+(a classification that keeps only ids, reasons and sizes, and the labeled_notes write) and written once;
+see README "ETL throughput" for what that costs against a plain copy.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from typing import NamedTuple
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -67,9 +68,11 @@ def note_reject_reason(cfg: EtlConfig) -> Column:
             .when(_trimmed_shorter_than(F.col("text"), cfg.min_text_chars), "short_text"))
 
 
-def with_row_hash(notes: DataFrame) -> DataFrame:
-    """Add `_row_hash`, a hash of every input column: equal hashes = identical copies of a row."""
-    return notes.withColumn("_row_hash", F.xxhash64(*[F.col(c) for c in notes.columns if c != "reason"]))
+def with_row_hash(notes: DataFrame, only: Column | None = None) -> DataFrame:
+    """Add `_row_hash`, a hash of every input column (not `reason` nor `_`-prefixed helpers): equal hashes
+    = identical copies of a row. With `only`, rows where it is false get a null hash (and cost nothing)."""
+    row_hash = F.xxhash64(*[F.col(c) for c in notes.columns if c != "reason" and not c.startswith("_")])
+    return notes.withColumn("_row_hash", row_hash if only is None else F.when(only, row_hash))
 
 
 def duplicate_ids(notes: DataFrame) -> DataFrame:
@@ -197,42 +200,73 @@ def reject_rows(df: DataFrame, source: str, job: str, batch: str, run_id: str) -
         F.lit(run_id).alias("run_id"), F.current_timestamp().alias("rejected_at"))
 
 
-def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cfg: EtlConfig,
-                run_id: str = "-") -> tuple[DataFrame, DataFrame]:
-    """The ETL as a transformation: (labeled_notes, rejects) from input-schema notes and diagnoses.
+class EtlFrames(NamedTuple):
+    """What label_notes returns, all lazy: `labeled` (bertxml.labeled_notes rows, with text), `labels`
+    (the same notes' ids, split and codes, computed without reading their text again) and `rejects`."""
+    labeled: DataFrame
+    labels: DataFrame
+    rejects: DataFrame
 
-    The diagnoses are cleaned once, and the notes classified once without their text (ids, reason, text
-    size, row hash), into local checkpoints that both outputs read; the text itself is read only to write
-    labeled_notes. Runs those few Spark jobs now; the frames it returns are lazy.
+
+def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cfg: EtlConfig,
+                run_id: str = "-") -> EtlFrames:
+    """The ETL as a transformation: labeled notes, their labels and the rejects, from input-schema notes
+    and diagnoses.
+
+    Runs a few Spark jobs now, into local checkpoints:
+    - the diagnoses, cleaned, then the encounter codes and the patients' chronic history;
+    - the note ids that occur on more than one row (read from the id column alone);
+    - every note classified WITHOUT its text (ids, reason, size), except the rows of repeated ids, which
+      keep their text and a row hash so the duplicate rule can choose among them.
+    The rejects and the labels read only these; `labeled` reads the text once more, in its write, and
+    takes the repeated ids' rows from the checkpoint.
     """
     diag = clean_diagnoses(diagnoses, reference, cfg).localCheckpoint()
     good_diag = diag.filter(F.col("reason").isNull())
     codes = encounter_codes(good_diag).localCheckpoint()
-    flagged = with_row_hash(notes).withColumn("reason", note_reject_reason(cfg))
-    classified = flagged.withColumn("text_bytes", F.octet_length("text")).drop("text").localCheckpoint()
-    dups = duplicate_ids(classified.filter(F.col("reason").isNull())).localCheckpoint()
+    history = chronic_history(good_diag, reference, cfg.chronic_min_encounters).localCheckpoint()
+    repeated = (notes.groupBy("note_id").agg(F.count("*").alias("_copies")).filter(F.col("_copies") > 1)
+                .select(F.col("note_id").alias("note_id"), F.lit(True).alias("_repeated")).localCheckpoint())
+    is_repeated = F.col("_repeated").isNotNull()
+    classified = (with_row_hash(notes.join(F.broadcast(repeated), "note_id", "left"), only=is_repeated)
+                  .withColumn("reason", note_reject_reason(cfg))
+                  .withColumn("text_bytes", F.octet_length("text"))
+                  .withColumn("text", F.when(is_repeated, F.col("text")))
+                  .localCheckpoint())
+    copies = classified.filter(is_repeated & F.col("reason").isNull())
+    copies = mark_duplicates(copies, duplicate_ids(copies))
+    kept_copies = copies.filter(F.col("reason").isNull())
 
-    kept = mark_duplicates(flagged.filter(F.col("reason").isNull()), dups).filter(F.col("reason").isNull())
-    kept = impute_chronic_codes(kept.join(F.broadcast(codes), "encounter_id"),
-                                chronic_history(good_diag, reference, cfg.chronic_min_encounters))
-    labeled = kept.select(
-        "note_id", "patient_id", "encounter_id", "note_date",
-        assign_split(F.col("patient_id"), cfg.split_salt, tuple(cfg.split_fractions)).alias("split"),
-        "text", "codes", "imputed_codes")
+    def with_labels(kept: DataFrame, *columns: str) -> DataFrame:
+        kept = impute_chronic_codes(kept.join(F.broadcast(codes), "encounter_id"), history)
+        split = assign_split(F.col("patient_id"), cfg.split_salt, tuple(cfg.split_fractions))
+        return kept.select("note_id", "patient_id", "encounter_id", "note_date", split.alias("split"),
+                           *columns, "codes", "imputed_codes")
 
-    checked = (mark_duplicates(classified.filter(F.col("reason").isNull()), dups)
-               .unionByName(classified.filter(F.col("reason").isNotNull()))
-               .join(F.broadcast(codes), "encounter_id", "left"))
+    once = (notes.withColumn("reason", note_reject_reason(cfg)).filter(F.col("reason").isNull())
+            .join(F.broadcast(repeated), "note_id", "left_anti"))
+    labeled = with_labels(once.unionByName(kept_copies.select(*once.columns)), "text")
+    labels = with_labels(classified.filter(~is_repeated & F.col("reason").isNull())
+                         .unionByName(kept_copies).drop("text"))
+
+    has_codes = F.broadcast(codes.select("encounter_id", F.lit(True).alias("_has_codes")))
+    checked = (classified.filter(~is_repeated | F.col("reason").isNotNull()).unionByName(copies)
+               .join(has_codes, "encounter_id", "left"))
     checked = checked.withColumn("reason", F.coalesce(
-        F.col("reason"), F.when(F.col("enc_codes").isNull(), F.lit("no_diagnoses"))))
-    rejects = reject_rows(checked.drop("enc_codes", "_row_hash"), "notes", "etl", "all", run_id).unionByName(
+        F.col("reason"), F.when(F.col("_has_codes").isNull(), F.lit("no_diagnoses"))))
+    checked = checked.select(*[c for c in notes.columns if c != "text"], "text_bytes", "reason")
+    rejects = reject_rows(checked, "notes", "etl", "all", run_id).unionByName(
         reject_rows(diag.drop("code"), "diagnoses", "etl", "all", run_id))
-    return labeled, rejects
+    return EtlFrames(labeled, labels, rejects)
 
 
 def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: str | None = None,
             as_of_version: int | None = None, as_of_timestamp: str | None = None) -> dict:
-    """Read the inputs, check their schemas (before anything is written), write the three tables."""
+    """Read the inputs, check their schemas (before anything is written), write the three tables.
+
+    The label vocabulary and the counts come from the text-less labels, so only the labeled_notes write
+    reads the text; the rows it wrote (its Delta commit says) must equal the labels' count: checked.
+    """
     spark = wh.spark
     with job_run(wh, "etl") as run:
         notes, notes_read = wh.read_source(notes_source or cfg.warehouse.notes, t.NOTES_SCHEMA, "notes",
@@ -241,31 +275,35 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
                                               t.DIAGNOSES_SCHEMA, "diagnoses", as_of_version, as_of_timestamp)
         run.inputs.update({"notes": notes_read, "diagnoses": diag_read})
         reference = icd_reference(spark, cfg.etl.chronic_source)
-        labeled, rejects = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
+        frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
 
-        out = wh.name(t.LABELED_NOTES)
-        run.outputs[out] = wh.write(labeled, out, metadata=lineage)
-        written = wh.table(out, version=run.outputs[out])
-        vocab = build_label_vocab(written, reference, cfg.etl.min_code_count)
-        run.outputs[wh.name(t.LABEL_VOCAB)] = wh.write(vocab, wh.name(t.LABEL_VOCAB), metadata=lineage)
-        run.outputs[wh.name(t.REJECTS)] = wh.write(rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
-                                                    metadata=lineage)
+        labeled_version = wh.write(frames.labeled, wh.name(t.LABELED_NOTES), metadata=lineage)
+        labels = frames.labels.localCheckpoint()
+        vocab = build_label_vocab(labels, reference, cfg.etl.min_code_count).collect()  # small: one row a code
+        vocab_version = wh.write(spark.createDataFrame(vocab, t.LABEL_VOCAB_SCHEMA), wh.name(t.LABEL_VOCAB),
+                                 metadata=lineage)
+        rejects_version = wh.write(frames.rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
+                                   metadata=lineage)
+        run.outputs.update({wh.name(t.LABELED_NOTES): labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
+                            wh.name(t.REJECTS): rejects_version})
 
-        by_split = written.groupBy("split").agg(F.count("*").alias("n"),
-                                                F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()
+        by_split = labels.groupBy("split").agg(F.count("*").alias("n"),
+                                               F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()
+        by_reason = frames.rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).collect()
         per_split = {r["split"]: r["n"] for r in by_split}
-        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in
-                   wh.table(wh.name(t.REJECTS)).filter("job = 'etl'")
-                   .groupBy("source", "reason").agg(F.count("*").alias("n")).collect()}
-        n_imputed = sum(r["imputed"] for r in by_split)
+        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in by_reason}
+        written = wh.rows_written(wh.name(t.LABELED_NOTES), labeled_version)
+        if written is not None and written != sum(per_split.values()):
+            raise RuntimeError(f"{wh.name(t.LABELED_NOTES)} version {labeled_version} holds {written} notes but "
+                               f"the labels counted {sum(per_split.values())} (did a file source change while the job read it?)")
         run.count("labeled_notes", sum(per_split.values()))
         run.count("labeled_notes_by_split", per_split)
-        run.count("notes_with_imputed_codes", n_imputed)
-        run.count("label_vocab_codes", wh.table(wh.name(t.LABEL_VOCAB)).count())
+        run.count("notes_with_imputed_codes", sum(r["imputed"] for r in by_split))
+        run.count("label_vocab_codes", len(vocab))
         run.count("rejects", sum(reasons.values()))
         run.count("rejects_by_reason", dict(sorted(reasons.items())))
-        if run.counts["label_vocab_codes"] == 0:
+        if not vocab:
             log.warning("the label vocabulary is empty: no code has more than %d train occurrences "
                         "(lower etl.min_code_count)", cfg.etl.min_code_count)
         return {"run_id": run.run_id, **run.counts, "outputs": run.outputs}

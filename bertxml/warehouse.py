@@ -12,6 +12,7 @@ as it was and a rerun never duplicates rows.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -193,6 +194,22 @@ class Warehouse:
         from delta.tables import DeltaTable
 
         return int(DeltaTable.forName(self.spark, name).history(1).select("version").first()[0])
+
+    def rows_written(self, name: str, version: int) -> int | None:
+        """How many rows the commit of `version` wrote (Delta's operationMetrics.numOutputRows), or None
+        when the commit does not say. Path mode reads the commit file itself; no Spark job."""
+        if self.path_mode:
+            commit = self.path(name) / "_delta_log" / f"{int(version):020d}.json"
+            actions = (json.loads(line) for line in commit.read_text().splitlines() if line.strip())
+            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+        else:
+            from delta.tables import DeltaTable
+
+            row = (DeltaTable.forName(self.spark, name).history().filter(f"version = {int(version)}")
+                   .select("operationMetrics").first())
+            info = {"operationMetrics": row[0] if row else None}
+        rows = (info.get("operationMetrics") or {}).get("numOutputRows")
+        return int(rows) if rows is not None else None
 
     def read_source(self, spec: str, schema: T.StructType, what: str, version: int | None = None,
                     timestamp: str | None = None) -> tuple[DataFrame, dict]:

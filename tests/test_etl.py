@@ -28,8 +28,12 @@ def reference(spark):
 def run(spark, reference, notes, diagnoses, cfg=None):
     n = spark.createDataFrame(notes, t.NOTES_SCHEMA)
     d = spark.createDataFrame(diagnoses, t.DIAGNOSES_SCHEMA)
-    labeled, rejects = label_notes(n, d, reference, cfg or EtlConfig())
-    return ({r.note_id: r for r in labeled.collect()},
+    labeled, labels, rejects = label_notes(n, d, reference, cfg or EtlConfig())
+    by_id = {r.note_id: r for r in labeled.collect()}
+    # The text-less labels (the vocabulary and counts come from them) agree with the labeled rows.
+    assert {r.note_id: r.asDict() for r in labels.collect()} == {
+        i: {k: v for k, v in r.asDict().items() if k != "text"} for i, r in by_id.items()}
+    return (by_id,
             sorted(((r.source, r.note_id or r.icd10_code, r.reason) for r in rejects.collect()), key=_key))
 
 
@@ -145,7 +149,7 @@ def test_every_reject_reason(spark, reference):
 def test_rejects_never_hold_note_text(spark, reference):
     n = spark.createDataFrame([note("short", text="secret words")], t.NOTES_SCHEMA)
     d = spark.createDataFrame([("P1", "E1", "I10", D(2024, 1, 1))], t.DIAGNOSES_SCHEMA)
-    _, rejects = label_notes(n, d, reference, EtlConfig())
+    rejects = label_notes(n, d, reference, EtlConfig()).rejects
     row = rejects.collect()[0]
     assert "secret" not in json.dumps(row.asDict(), default=str)
     assert json.loads(row.record)["text_bytes"] == len("secret words")
@@ -211,6 +215,7 @@ def test_rerun_writes_same_tables_and_reads_snapshots(wh, spark):
     first = run_etl(wh, wh.cfg)
     run_etl(wh, wh.cfg)
     assert wh.table("bertxml.labeled_notes").count() == first["labeled_notes"] == 1
+    assert wh.rows_written("bertxml.labeled_notes", first["outputs"]["bertxml.labeled_notes"]) == 1
     assert wh.table("bertxml.rejects").count() == 1  # rerun replaces, never duplicates
     wh.write(spark.createDataFrame([note("c")], t.NOTES_SCHEMA), "ehr.notes", mode="append")
     assert run_etl(wh, wh.cfg)["labeled_notes"] == 2
