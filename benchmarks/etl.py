@@ -1,17 +1,20 @@
 """ETL throughput and its cost relative to a plain Spark copy of the notes table (figures, not a test).
 
-    .venv/bin/python benchmarks/etl.py [--sizes 100000 1000000] [--workdir /tmp/bertxml-bench-etl]
+    .venv/bin/python benchmarks/etl.py [--sizes 100000 1000000] [--rounds 3] [--workdir /tmp/bertxml-bench-etl]
 
-For each size: generate a warehouse of that many notes, then time (a) a plain read-and-write copy of the
-notes table to a new Delta table and (b) the full ETL on the same notes. Prints notes/s and the ratio
-ETL/copy (target <= 3), and the scaling of ETL time from the smallest to the largest size (target: 10x
-the notes costs <= 11x the time). Both timings come from the same run, so machine noise mostly cancels.
+For each size: generate a warehouse of that many notes, make one untimed copy (so the files are read
+once and the JVM is warm for both), then time `rounds` pairs of (a) a plain read-and-write copy of the
+notes table to a new Delta table and (b) the full ETL on the same notes. Prints every pair and the
+medians: notes/s and the ratio ETL/copy (target <= 3), and the scaling of ETL time from the smallest to
+the largest size (target: 10x the notes costs <= 11x the time). Copy and ETL alternate in one Spark
+session, so machine noise (large on a shared 2-core VM) hits both alike.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -30,6 +33,7 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rounds", type=int, default=3, help="timed (copy, ETL) pairs per size")
     parser.add_argument("--workdir", default="/tmp/bertxml-bench-etl")
     parser.add_argument("--keep", action="store_true", help="keep the generated warehouses")
     args = parser.parse_args()
@@ -46,17 +50,25 @@ def main() -> None:
         cfg.generate.notes = size
         cfg.generate.partitions = max(8, size // 25_000)
         gen_s = timed(lambda: run_generate(wh, cfg.generate))
-        notes = wh.table(cfg.warehouse.notes)
-        n_rows = notes.count()
-        copy_s = timed(lambda: wh.write(wh.table(cfg.warehouse.notes), "bench.notes_copy"))
-        etl_s = timed(lambda: run_etl(wh, cfg))
+        n_rows = wh.table(cfg.warehouse.notes).count()
+
+        def copy():
+            wh.write(wh.table(cfg.warehouse.notes), "bench.notes_copy")
+
+        copy()  # untimed warm-up
+        copies, etls = [], []
+        for r in range(args.rounds):
+            copies.append(timed(copy))
+            etls.append(timed(lambda: run_etl(wh, cfg)))
+            print(f"{size:>9,} notes, round {r + 1}: plain copy {copies[-1]:6.1f}s | ETL {etls[-1]:6.1f}s | "
+                  f"ETL/copy {etls[-1] / copies[-1]:4.2f}", flush=True)
+        copy_s, etl_s = statistics.median(copies), statistics.median(etls)
         results.append((size, n_rows, gen_s, copy_s, etl_s))
-        print(f"{size:>9,} notes: generate {gen_s:7.1f}s | plain copy {copy_s:7.1f}s | ETL {etl_s:7.1f}s "
-              f"= {n_rows / etl_s:8.0f} notes/s | ETL/copy {etl_s / copy_s:4.2f}", flush=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    print("\nnotes      rows       generate_s  copy_s   etl_s   etl_notes_per_s  etl/copy")
+    print(f"\nmedians of {args.rounds} rounds")
+    print("notes      rows       generate_s  copy_s   etl_s   etl_notes_per_s  etl/copy")
     for size, n_rows, gen_s, copy_s, etl_s in results:
         print(f"{size:<10} {n_rows:<10} {gen_s:<11.1f} {copy_s:<8.1f} {etl_s:<7.1f} {n_rows / etl_s:<16.0f} "
               f"{etl_s / copy_s:.2f}")
