@@ -280,6 +280,14 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
 
         labeled_version = wh.write(frames.labeled, wh.name(t.LABELED_NOTES), metadata=lineage)
         labels = frames.labels.localCheckpoint()
+        by_split = labels.groupBy("split").agg(F.count("*").alias("n"),
+                                               F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()
+        per_split = {r["split"]: r["n"] for r in by_split}
+        written = wh.rows_written(wh.name(t.LABELED_NOTES), labeled_version)
+        if written is not None and written != sum(per_split.values()):
+            raise RuntimeError(f"{wh.name(t.LABELED_NOTES)} version {labeled_version} holds {written} notes but "
+                               f"their labels count {sum(per_split.values())}: did a file source change while "
+                               "the job read it? The vocabulary and rejects were not written.")
         vocab = build_label_vocab(labels, reference, cfg.etl.min_code_count).collect()  # small: one row a code
         vocab_version = wh.write(spark.createDataFrame(vocab, t.LABEL_VOCAB_SCHEMA), wh.name(t.LABEL_VOCAB),
                                  metadata=lineage)
@@ -287,16 +295,8 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
                                    metadata=lineage)
         run.outputs.update({wh.name(t.LABELED_NOTES): labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
                             wh.name(t.REJECTS): rejects_version})
-
-        by_split = labels.groupBy("split").agg(F.count("*").alias("n"),
-                                               F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()
-        by_reason = frames.rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).collect()
-        per_split = {r["split"]: r["n"] for r in by_split}
-        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in by_reason}
-        written = wh.rows_written(wh.name(t.LABELED_NOTES), labeled_version)
-        if written is not None and written != sum(per_split.values()):
-            raise RuntimeError(f"{wh.name(t.LABELED_NOTES)} version {labeled_version} holds {written} notes but "
-                               f"the labels counted {sum(per_split.values())} (did a file source change while the job read it?)")
+        reasons = {f"{r['source']}:{r['reason']}": r["n"]
+                   for r in frames.rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).collect()}
         run.count("labeled_notes", sum(per_split.values()))
         run.count("labeled_notes_by_split", per_split)
         run.count("notes_with_imputed_codes", sum(r["imputed"] for r in by_split))

@@ -129,13 +129,16 @@ def test_every_reject_reason(spark, reference):
     notes = [note(None), note("nopat", patient=None), note("noenc", encounter=None),
              note("nodate", date=None), note("empty", text="   "), note("nulltext", text=None),
              note("dup"), note("dup"), note("conf"), note("conf", text=TEXT + " amended"),
-             note("nodx", encounter="E404"), note("ok")]
+             note("nodx", encounter="E404"), note("ok"),
+             note("redo"), note("redo", status="erroneous", text=TEXT + " draft")]  # one copy filtered out
     diag = [("P1", "E1", "I10", D(2024, 1, 1)), ("P1", "E1", "E11..9X!", D(2024, 1, 1)),
             ("P1", "E1", "Z99.999", D(2024, 1, 1)), ("P1", None, "I10", D(2024, 1, 1)),
             (None, "E1", "I10", D(2024, 1, 1)), ("P1", "E1", "I10", None), ("P1", "E1", None, D(2024, 1, 1))]
     labeled, rejects = run(spark, reference, notes, diag)
-    assert set(labeled) == {"dup", "ok"}
+    assert set(labeled) == {"dup", "ok", "redo"}
+    assert labeled["dup"].text == labeled["redo"].text == TEXT  # repeated ids keep their text
     assert rejects == sorted([
+        ("notes", "redo", "dropped_status"),
         ("notes", None, "null_note_id"), ("notes", "nopat", "null_patient_id"),
         ("notes", "noenc", "null_encounter_id"), ("notes", "nodate", "null_note_date"),
         ("notes", "empty", "empty_text"), ("notes", "nulltext", "empty_text"),
