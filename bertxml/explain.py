@@ -211,16 +211,14 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
     render it with `format_explanation`). Writes the HTML only when html_path is given; no table ever
     receives the text."""
     from bertxml.runs import job_run
-    from bertxml.score import find_model_dir, make_predict_fn
+    from bertxml.score import find_model_dir, make_predict_fn, score_options
 
     print(PHI_WARNING, file=sys.stderr)
     with job_run(wh, "explain") as run:
         model_dir = Path(model_dir) if model_dir else find_model_dir(wh.workdir)
         run.inputs["model"] = str(model_dir)
         text = read_note_text(wh, cfg, note_id)
-        scorer = make_predict_fn(model_dir, device=None if cfg.score.device == "auto" else cfg.score.device,
-                                 max_chunks_per_note=cfg.score.max_chunks_per_note,
-                                 threshold_default=cfg.score.threshold_default)
+        scorer = make_predict_fn(model_dir, cfg.score.device, **score_options(cfg.score))
         result = explain_text(scorer, text, code, top_k)
         result["note_id"] = note_id
         if html_path:

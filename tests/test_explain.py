@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_explain_text_tokens_spans_and_probabilities(model_dir):
-    scorer = make_predict_fn(model_dir, device="cpu", cpu_bf16=False)  # explain runs the model in fp32
+    scorer = make_predict_fn(model_dir, device="cpu", cpu_bf16=False)  # fp32: compared with the scorer to 1e-5
     result = explain_text(scorer, TEXT, top_k=5)
     assert [c["code"] for c in result["codes"]] == ["I10"] and result["n_chunks"] > 1   # max_len 16: chunks
     c = result["codes"][0]
