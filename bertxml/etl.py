@@ -201,16 +201,17 @@ def reject_rows(df: DataFrame, source: str, job: str, batch: str, run_id: str) -
 
 
 class EtlFrames(NamedTuple):
-    """What label_notes returns, all lazy: `labeled` (bertxml.labeled_notes rows, with text), `labels`
-    (the same notes' ids, split and codes, computed without reading their text again) and `rejects`."""
+    """What label_notes returns, all lazy: `labeled` (bertxml.labeled_notes rows), `rejects` (bertxml.rejects
+    rows) and `outcomes` (source, reason, n): how many notes were kept (reason null) and how many notes
+    and diagnoses were rejected for each reason, counted without reading the notes' text again."""
     labeled: DataFrame
-    labels: DataFrame
     rejects: DataFrame
+    outcomes: DataFrame
 
 
 def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cfg: EtlConfig,
                 run_id: str = "-") -> EtlFrames:
-    """The ETL as a transformation: labeled notes, their labels and the rejects, from input-schema notes
+    """The ETL as a transformation: labeled notes, the rejects and their counts, from input-schema notes
     and diagnoses.
 
     Runs a few Spark jobs now, into local checkpoints:
@@ -218,8 +219,8 @@ def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cf
     - the note ids that occur on more than one row (read from the id column alone);
     - every note classified WITHOUT its text (ids, reason, size), except the rows of repeated ids, which
       keep their text and a row hash so the duplicate rule can choose among them.
-    The rejects and the labels read only these; `labeled` reads the text once more, in its write, and
-    takes the repeated ids' rows from the checkpoint.
+    The rejects and outcomes read only these; `labeled` reads the text once more, in its write, labels
+    the notes there (split, codes, imputed codes) and takes the repeated ids' rows from the checkpoint.
     """
     diag = clean_diagnoses(diagnoses, reference, cfg).localCheckpoint()
     good_diag = diag.filter(F.col("reason").isNull())
@@ -228,44 +229,41 @@ def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cf
     repeated = (notes.groupBy("note_id").agg(F.count("*").alias("_copies")).filter(F.col("_copies") > 1)
                 .select(F.col("note_id").alias("note_id"), F.lit(True).alias("_repeated")).localCheckpoint())
     is_repeated = F.col("_repeated").isNotNull()
+    has_codes = F.broadcast(codes.select("encounter_id", F.lit(True).alias("_has_codes")))
     classified = (with_row_hash(notes.join(F.broadcast(repeated), "note_id", "left"), only=is_repeated)
+                  .join(has_codes, "encounter_id", "left")
                   .withColumn("reason", note_reject_reason(cfg))
                   .withColumn("text_bytes", F.octet_length("text"))
                   .withColumn("text", F.when(is_repeated, F.col("text")))
                   .localCheckpoint())
     copies = classified.filter(is_repeated & F.col("reason").isNull())
-    copies = mark_duplicates(copies, duplicate_ids(copies))
-    kept_copies = copies.filter(F.col("reason").isNull())
-
-    def with_labels(kept: DataFrame, *columns: str) -> DataFrame:
-        kept = impute_chronic_codes(kept.join(F.broadcast(codes), "encounter_id"), history)
-        split = assign_split(F.col("patient_id"), cfg.split_salt, tuple(cfg.split_fractions))
-        return kept.select("note_id", "patient_id", "encounter_id", "note_date", split.alias("split"),
-                           *columns, "codes", "imputed_codes")
+    decided = (classified.filter(~is_repeated | F.col("reason").isNotNull())
+               .unionByName(mark_duplicates(copies, duplicate_ids(copies))))
+    decided = decided.withColumn("reason", F.coalesce(
+        F.col("reason"), F.when(F.col("_has_codes").isNull(), F.lit("no_diagnoses"))))
 
     once = (notes.withColumn("reason", note_reject_reason(cfg)).filter(F.col("reason").isNull())
             .join(F.broadcast(repeated), "note_id", "left_anti"))
-    labeled = with_labels(once.unionByName(kept_copies.select(*once.columns)), "text")
-    labels = with_labels(classified.filter(~is_repeated & F.col("reason").isNull())
-                         .unionByName(kept_copies).drop("text"))
+    kept_copies = decided.filter(is_repeated & F.col("reason").isNull()).select(*once.columns)
+    labeled = impute_chronic_codes(once.unionByName(kept_copies).join(F.broadcast(codes), "encounter_id"), history)
+    labeled = labeled.withColumn("split", assign_split(F.col("patient_id"), cfg.split_salt, tuple(cfg.split_fractions)))
 
-    has_codes = F.broadcast(codes.select("encounter_id", F.lit(True).alias("_has_codes")))
-    checked = (classified.filter(~is_repeated | F.col("reason").isNotNull()).unionByName(copies)
-               .join(has_codes, "encounter_id", "left"))
-    checked = checked.withColumn("reason", F.coalesce(
-        F.col("reason"), F.when(F.col("_has_codes").isNull(), F.lit("no_diagnoses"))))
-    checked = checked.select(*[c for c in notes.columns if c != "text"], "text_bytes", "reason")
+    checked = decided.select(*[c for c in notes.columns if c != "text"], "text_bytes", "reason")
     rejects = reject_rows(checked, "notes", "etl", "all", run_id).unionByName(
         reject_rows(diag.drop("code"), "diagnoses", "etl", "all", run_id))
-    return EtlFrames(labeled, labels, rejects)
+    outcomes = (decided.groupBy(F.lit("notes").alias("source"), "reason").agg(F.count("*").alias("n"))
+                .unionByName(diag.filter(F.col("reason").isNotNull())
+                             .groupBy(F.lit("diagnoses").alias("source"), "reason").agg(F.count("*").alias("n"))))
+    return EtlFrames(labeled.select(*t.LABELED_NOTES_SCHEMA.fieldNames()), rejects, outcomes)
 
 
 def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: str | None = None,
             as_of_version: int | None = None, as_of_timestamp: str | None = None) -> dict:
     """Read the inputs, check their schemas (before anything is written), write the three tables.
 
-    The label vocabulary and the counts come from the text-less labels, so only the labeled_notes write
-    reads the text; the rows it wrote (its Delta commit says) must equal the labels' count: checked.
+    Only the labeled_notes write reads the notes' text. The rows it wrote (its Delta commit says) must
+    equal the notes the text-less classification kept: checked before anything else is written. The
+    label vocabulary and the per-split counts are read back from what was written, without the text.
     """
     spark = wh.spark
     with job_run(wh, "etl") as run:
@@ -277,33 +275,34 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
+        outcomes = {(r["source"], r["reason"]): r["n"] for r in frames.outcomes.collect()}
+        kept = outcomes.pop(("notes", None), 0)
 
-        labeled_version = wh.write(frames.labeled, wh.name(t.LABELED_NOTES), metadata=lineage)
-        labels = frames.labels.localCheckpoint()
+        labeled_name = wh.name(t.LABELED_NOTES)
+        labeled_version = wh.write(frames.labeled, labeled_name, metadata=lineage)
+        written = wh.rows_written(labeled_name, labeled_version)
+        if written is not None and written != kept:
+            raise RuntimeError(f"{labeled_name} version {labeled_version} holds {written} notes but the "
+                               f"classification kept {kept}: did a file source change while the job read it? "
+                               "The vocabulary and rejects were not written.")
+        labels = wh.table(labeled_name, labeled_version).drop("text")
         by_split = labels.groupBy("split").agg(F.count("*").alias("n"),
                                                F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()
-        per_split = {r["split"]: r["n"] for r in by_split}
-        written = wh.rows_written(wh.name(t.LABELED_NOTES), labeled_version)
-        if written is not None and written != sum(per_split.values()):
-            raise RuntimeError(f"{wh.name(t.LABELED_NOTES)} version {labeled_version} holds {written} notes but "
-                               f"their labels count {sum(per_split.values())}: did a file source change while "
-                               "the job read it? The vocabulary and rejects were not written.")
-        vocab = build_label_vocab(labels, reference, cfg.etl.min_code_count).collect()  # small: one row a code
-        vocab_version = wh.write(spark.createDataFrame(vocab, t.LABEL_VOCAB_SCHEMA), wh.name(t.LABEL_VOCAB),
-                                 metadata=lineage)
+        vocab_version = wh.write(build_label_vocab(labels, reference, cfg.etl.min_code_count),
+                                 wh.name(t.LABEL_VOCAB), metadata=lineage)
+        vocab_codes = wh.rows_written(wh.name(t.LABEL_VOCAB), vocab_version)
         rejects_version = wh.write(frames.rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
                                    metadata=lineage)
-        run.outputs.update({wh.name(t.LABELED_NOTES): labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
+        run.outputs.update({labeled_name: labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
                             wh.name(t.REJECTS): rejects_version})
-        reasons = {f"{r['source']}:{r['reason']}": r["n"]
-                   for r in frames.rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).collect()}
-        run.count("labeled_notes", sum(per_split.values()))
-        run.count("labeled_notes_by_split", per_split)
+        reasons = {f"{source}:{reason}": n for (source, reason), n in sorted(outcomes.items())}
+        run.count("labeled_notes", kept)
+        run.count("labeled_notes_by_split", {r["split"]: r["n"] for r in by_split})
         run.count("notes_with_imputed_codes", sum(r["imputed"] for r in by_split))
-        run.count("label_vocab_codes", len(vocab))
+        run.count("label_vocab_codes", vocab_codes)
         run.count("rejects", sum(reasons.values()))
-        run.count("rejects_by_reason", dict(sorted(reasons.items())))
-        if not vocab:
+        run.count("rejects_by_reason", reasons)
+        if not vocab_codes:
             log.warning("the label vocabulary is empty: no code has more than %d train occurrences "
                         "(lower etl.min_code_count)", cfg.etl.min_code_count)
         return {"run_id": run.run_id, **run.counts, "outputs": run.outputs}

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from bertxml import tables as t
+from bertxml.warehouse import local_frame
 
 log = logging.getLogger("bertxml.runs")
 
@@ -56,7 +57,7 @@ def job_run(wh, job: str):
                 json.dumps(run.inputs, default=str), json.dumps(run.outputs, default=str),
                 json.dumps(run.counts, default=str), json.dumps(wh.cfg.to_dict(), default=str))]
         try:
-            wh.write(wh.spark.createDataFrame(row, t.JOB_RUNS_SCHEMA), wh.name(t.JOB_RUNS), mode="append")
+            wh.write(local_frame(wh.spark, row, t.JOB_RUNS_SCHEMA), wh.name(t.JOB_RUNS), mode="append")
         except Exception as exc:  # noqa: BLE001 - never hide the job's own error behind the log's
             log.warning("could not record the run in %s: %s", wh.name(t.JOB_RUNS), exc)
         log.info("%s %s in %.1fs; read %s; wrote %s", job, status, (finished - run.started_at).total_seconds(),

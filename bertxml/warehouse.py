@@ -110,6 +110,14 @@ def check_schema(df: DataFrame, expected: T.StructType, what: str) -> DataFrame:
     return df.select(*[df[actual[f.name.lower()].name].cast(f.dataType).alias(f.name) for f in expected.fields])
 
 
+def local_frame(spark: SparkSession, rows: list[tuple], schema: T.StructType) -> DataFrame:
+    """A small DataFrame from rows held by the driver, through pandas and Arrow: unlike a list passed to
+    createDataFrame, it starts no Python worker (a second or two in a job that has none running)."""
+    import pandas as pd
+
+    return spark.createDataFrame(pd.DataFrame(rows, columns=schema.fieldNames()), schema)
+
+
 @dataclass
 class Warehouse:
     """Resolves table names for one SparkSession and writes Delta tables safely."""
