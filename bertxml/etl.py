@@ -201,25 +201,24 @@ def reject_rows(df: DataFrame, source: str, job: str, batch: str, run_id: str) -
 
 
 class EtlFrames(NamedTuple):
-    """What label_notes returns, all lazy: `labeled` (bertxml.labeled_notes rows), `rejects` (bertxml.rejects
-    rows) and `outcomes` (source, reason, n): how many notes were kept (reason null) and how many notes
-    and diagnoses were rejected for each reason, counted without reading the notes' text again."""
+    """What label_notes returns: `labeled` (bertxml.labeled_notes rows) and `rejects` (bertxml.rejects
+    rows), both lazy, and `notes_read`, how many note rows it classified: each is either labeled or
+    rejected, exactly once."""
     labeled: DataFrame
     rejects: DataFrame
-    outcomes: DataFrame
+    notes_read: int
 
 
 def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cfg: EtlConfig,
                 run_id: str = "-") -> EtlFrames:
-    """The ETL as a transformation: labeled notes, the rejects and their counts, from input-schema notes
-    and diagnoses.
+    """The ETL as a transformation: labeled notes and rejects from input-schema notes and diagnoses.
 
     Runs a few Spark jobs now, into local checkpoints:
     - the diagnoses, cleaned, then the encounter codes and the patients' chronic history;
     - the note ids that occur on more than one row (read from the id column alone);
     - every note classified WITHOUT its text (ids, reason, size), except the rows of repeated ids, which
       keep their text and a row hash so the duplicate rule can choose among them.
-    The rejects and outcomes read only these; `labeled` reads the text once more, in its write, labels
+    The rejects read only these; `labeled` reads the text once more, in its write, labels
     the notes there (split, codes, imputed codes) and takes the repeated ids' rows from the checkpoint.
     """
     diag = clean_diagnoses(diagnoses, reference, cfg).localCheckpoint()
@@ -251,10 +250,7 @@ def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cf
     checked = decided.select(*[c for c in notes.columns if c != "text"], "text_bytes", "reason")
     rejects = reject_rows(checked, "notes", "etl", "all", run_id).unionByName(
         reject_rows(diag.drop("code"), "diagnoses", "etl", "all", run_id))
-    outcomes = (decided.groupBy(F.lit("notes").alias("source"), "reason").agg(F.count("*").alias("n"))
-                .unionByName(diag.filter(F.col("reason").isNotNull())
-                             .groupBy(F.lit("diagnoses").alias("source"), "reason").agg(F.count("*").alias("n"))))
-    return EtlFrames(labeled.select(*t.LABELED_NOTES_SCHEMA.fieldNames()), rejects, outcomes)
+    return EtlFrames(labeled.select(*t.LABELED_NOTES_SCHEMA.fieldNames()), rejects, classified.count())
 
 
 def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: str | None = None,
@@ -262,7 +258,7 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
     """Read the inputs, check their schemas (before anything is written), write the three tables.
 
     Only the labeled_notes write reads the notes' text. The rows it wrote (its Delta commit says) must
-    equal the notes the text-less classification kept: checked before anything else is written. The
+    equal the notes read less the notes rejected: checked before anything else is written. The
     label vocabulary and the per-split counts are read back from what was written, without the text.
     """
     spark = wh.spark
@@ -275,15 +271,17 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
-        outcomes = {(r["source"], r["reason"]): r["n"] for r in frames.outcomes.collect()}
-        kept = outcomes.pop(("notes", None), 0)
+        rejects = frames.rejects.localCheckpoint()  # counted, then written; small
+        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in
+                   rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).orderBy("source", "reason").collect()}
+        kept = frames.notes_read - sum(n for key, n in reasons.items() if key.startswith("notes:"))
 
         labeled_name = wh.name(t.LABELED_NOTES)
         labeled_version = wh.write(frames.labeled, labeled_name, metadata=lineage)
         written = wh.rows_written(labeled_name, labeled_version)
         if written is not None and written != kept:
             raise RuntimeError(f"{labeled_name} version {labeled_version} holds {written} notes but the "
-                               f"classification kept {kept}: did a file source change while the job read it? "
+                               f"{frames.notes_read} notes read less those rejected are {kept}: did a file source change while the job read it? "
                                "The vocabulary and rejects were not written.")
         labels = wh.table(labeled_name, labeled_version).drop("text")
         by_split = labels.groupBy("split").agg(F.count("*").alias("n"),
@@ -291,11 +289,10 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         vocab_version = wh.write(build_label_vocab(labels, reference, cfg.etl.min_code_count),
                                  wh.name(t.LABEL_VOCAB), metadata=lineage)
         vocab_codes = wh.rows_written(wh.name(t.LABEL_VOCAB), vocab_version)
-        rejects_version = wh.write(frames.rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
+        rejects_version = wh.write(rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
                                    metadata=lineage)
         run.outputs.update({labeled_name: labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
                             wh.name(t.REJECTS): rejects_version})
-        reasons = {f"{source}:{reason}": n for (source, reason), n in sorted(outcomes.items())}
         run.count("labeled_notes", kept)
         run.count("labeled_notes_by_split", {r["split"]: r["n"] for r in by_split})
         run.count("notes_with_imputed_codes", sum(r["imputed"] for r in by_split))
