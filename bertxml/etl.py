@@ -271,7 +271,8 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
-        rejects = frames.rejects.localCheckpoint()  # counted, then written; small
+        # Counted, then written; small. At most one file a core: the union of its sources has many parts.
+        rejects = frames.rejects.localCheckpoint().coalesce(spark.sparkContext.defaultParallelism)
         reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in
                    rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).orderBy("source", "reason").collect()}
         kept = frames.notes_read - sum(n for key, n in reasons.items() if key.startswith("notes:"))
