@@ -273,8 +273,8 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
         # Counted, then written; small. At most one file a core: the union of its sources has many parts.
         rejects = frames.rejects.localCheckpoint().coalesce(spark.sparkContext.defaultParallelism)
-        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in
-                   rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).orderBy("source", "reason").collect()}
+        counts = rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).orderBy("source", "reason")
+        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in counts.collect()}
         kept = frames.notes_read - sum(n for key, n in reasons.items() if key.startswith("notes:"))
 
         labeled_name = wh.name(t.LABELED_NOTES)
@@ -282,8 +282,8 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         written = wh.rows_written(labeled_name, labeled_version)
         if written is not None and written != kept:
             raise RuntimeError(f"{labeled_name} version {labeled_version} holds {written} notes but the "
-                               f"{frames.notes_read} notes read less those rejected are {kept}: did a file source change while the job read it? "
-                               "The vocabulary and rejects were not written.")
+                               f"{frames.notes_read} notes read less those rejected are {kept}: did a file source "
+                               "change while the job read it? The vocabulary and rejects were not written.")
         labels = wh.table(labeled_name, labeled_version).drop("text")
         by_split = labels.groupBy("split").agg(F.count("*").alias("n"),
                                                F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()

@@ -29,10 +29,11 @@ def run(spark, reference, notes, diagnoses, cfg=None):
     n = spark.createDataFrame(notes, t.NOTES_SCHEMA)
     d = spark.createDataFrame(diagnoses, t.DIAGNOSES_SCHEMA)
     labeled, rejects, notes_read = label_notes(n, d, reference, cfg or EtlConfig())
-    by_id = {r.note_id: r for r in labeled.collect()}
-    rejected = rejects.collect()
+    rows, rejected = labeled.collect(), rejects.collect()
+    by_id = {r.note_id: r for r in rows}
     # Every note row read is labeled or rejected, exactly once (the job's row-count check relies on it).
-    assert notes_read == len(notes) == len(by_id) + sum(r.source == "notes" for r in rejected)
+    assert notes_read == len(notes) == len(rows) + sum(r.source == "notes" for r in rejected)
+    assert len(by_id) == len(rows)
     return (by_id,
             sorted(((r.source, r.note_id or r.icd10_code, r.reason) for r in rejected), key=_key))
 
