@@ -273,9 +273,9 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
         # Counted, then written; small. At most one file a core: the union of its sources has many parts.
         rejects = frames.rejects.localCheckpoint().coalesce(spark.sparkContext.defaultParallelism)
-        counts = rejects.groupBy("source", "reason").agg(F.count("*").alias("n")).orderBy("source", "reason")
-        reasons = {f"{r['source']}:{r['reason']}": r["n"] for r in counts.collect()}
-        kept = frames.notes_read - sum(n for key, n in reasons.items() if key.startswith("notes:"))
+        counts = sorted(tuple(r) for r in rejects.groupBy("source", "reason").agg(F.count("*")).collect())
+        reasons = {f"{source}:{reason}": n for source, reason, n in counts}
+        kept = frames.notes_read - sum(n for source, _, n in counts if source == "notes")
 
         labeled_name = wh.name(t.LABELED_NOTES)
         labeled_version = wh.write(frames.labeled, labeled_name, metadata=lineage)

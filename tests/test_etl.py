@@ -22,7 +22,7 @@ def note(note_id, patient="P1", encounter="E1", date=D(2024, 1, 1), text=TEXT, n
 
 @pytest.fixture(scope="module")
 def reference(spark):
-    return icd_reference(spark).cache()
+    return icd_reference(spark)
 
 
 def run(spark, reference, notes, diagnoses, cfg=None):
