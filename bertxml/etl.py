@@ -20,7 +20,7 @@ import json
 import logging
 from typing import NamedTuple
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
@@ -145,11 +145,14 @@ def impute_chronic_codes(notes: DataFrame, history: DataFrame) -> DataFrame:
     `imputed_codes` (what was added: never a code the encounter already had, never before its date).
     """
     joined = notes.join(F.broadcast(history), "patient_id", "left")
-    active = F.transform(F.filter(F.coalesce(F.col("chronic"), F.array()),
-                                  lambda c: c["since"] <= F.col("note_date")), lambda c: c["code"])
-    imputed = F.array_sort(F.array_except(active, F.col("enc_codes")))
+    # Most patients have no chronic history: their notes skip the (interpreted) lambdas below.
+    has_history, enc_codes = F.col("chronic").isNotNull(), F.col("enc_codes")
+    active = F.transform(F.filter(F.col("chronic"), lambda c: c["since"] <= F.col("note_date")),
+                         lambda c: c["code"])
+    imputed = F.when(has_history, F.array_sort(F.array_except(active, enc_codes))).otherwise(F.slice(enc_codes, 1, 0))
     return (joined.withColumn("imputed_codes", imputed)
-            .withColumn("codes", F.array_sort(F.array_union(F.col("enc_codes"), F.col("imputed_codes"))))
+            .withColumn("codes", F.when(has_history, F.array_sort(F.array_union(enc_codes, F.col("imputed_codes"))))
+                        .otherwise(enc_codes))
             .drop("chronic", "enc_codes"))
 
 
@@ -217,7 +220,8 @@ def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cf
     - the diagnoses, cleaned, then the encounter codes and the patients' chronic history;
     - the note ids that occur on more than one row (read from the id column alone);
     - every note classified WITHOUT its text (ids, reason, size), except the rows of repeated ids, which
-      keep their text and a row hash so the duplicate rule can choose among them.
+      keep their text and a row hash so the duplicate rule can choose among them;
+    - those rows, marked by the duplicate rule (`mark_duplicates`).
     The rejects read only these; `labeled` reads the text once more, in its write, labels
     the notes there (split, codes, imputed codes) and takes the repeated ids' rows from the checkpoint.
     """
@@ -236,14 +240,14 @@ def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cf
                   .withColumn("text", F.when(is_repeated, F.col("text")))
                   .localCheckpoint())
     copies = classified.filter(is_repeated & F.col("reason").isNull())
-    decided = (classified.filter(~is_repeated | F.col("reason").isNotNull())
-               .unionByName(mark_duplicates(copies, duplicate_ids(copies))))
+    marked = mark_duplicates(copies, duplicate_ids(copies)).localCheckpoint()  # the few repeated ids' rows
+    decided = classified.filter(~is_repeated | F.col("reason").isNotNull()).unionByName(marked)
     decided = decided.withColumn("reason", F.coalesce(
         F.col("reason"), F.when(F.col("_has_codes").isNull(), F.lit("no_diagnoses"))))
 
     once = (notes.withColumn("reason", note_reject_reason(cfg)).filter(F.col("reason").isNull())
             .join(F.broadcast(repeated), "note_id", "left_anti"))
-    kept_copies = decided.filter(is_repeated & F.col("reason").isNull()).select(*once.columns)
+    kept_copies = marked.filter(F.col("reason").isNull()).select(*once.columns)  # the inner join drops no_diagnoses
     labeled = impute_chronic_codes(once.unionByName(kept_copies).join(F.broadcast(codes), "encounter_id"), history)
     labeled = labeled.withColumn("split", assign_split(F.col("patient_id"), cfg.split_salt, tuple(cfg.split_fractions)))
 
@@ -259,7 +263,8 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
 
     Only the labeled_notes write reads the notes' text. The rows it wrote (its Delta commit says) must
     equal the notes read less the notes rejected: checked before anything else is written. The
-    label vocabulary and the per-split counts are read back from what was written, without the text.
+    per-split counts are observed as the write goes; the label vocabulary is read back from what was
+    written, without the text.
     """
     spark = wh.spark
     with job_run(wh, "etl") as run:
@@ -271,32 +276,35 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
-        # Counted, then written; small. At most one file a core: the union of its sources has many parts.
-        rejects = frames.rejects.localCheckpoint().coalesce(spark.sparkContext.defaultParallelism)
-        counts = sorted(tuple(r) for r in rejects.groupBy("source", "reason").agg(F.count("*")).collect())
+        # Counted now from the checkpoints (no text), written last: at most one file a core.
+        counts = sorted(tuple(r) for r in frames.rejects.groupBy("source", "reason").agg(F.count("*")).collect())
         reasons = {f"{source}:{reason}": n for source, reason, n in counts}
         kept = frames.notes_read - sum(n for source, _, n in counts if source == "notes")
 
         labeled_name = wh.name(t.LABELED_NOTES)
-        labeled_version = wh.write(frames.labeled, labeled_name, metadata=lineage)
+        by_split = Observation("labeled_notes_by_split")  # counted as the write goes, not by another read
+        labeled = frames.labeled.observe(
+            by_split, *[F.count_if(F.col("split") == s).alias(s) for s in SPLITS],
+            F.count_if(F.size("imputed_codes") > 0).alias("imputed"))
+        labeled_version = wh.write(labeled, labeled_name, metadata=lineage)
         written = wh.rows_written(labeled_name, labeled_version)
         if written is not None and written != kept:
             raise RuntimeError(f"{labeled_name} version {labeled_version} holds {written} notes but the "
                                f"{frames.notes_read} notes read less those rejected are {kept}: did a file source "
                                "change while the job read it? The vocabulary and rejects were not written.")
-        labels = wh.table(labeled_name, labeled_version).drop("text")
-        by_split = labels.groupBy("split").agg(F.count("*").alias("n"),
-                                               F.count_if(F.size("imputed_codes") > 0).alias("imputed")).collect()
+        split_counts = by_split.get
+        labels = wh.table(labeled_name, labeled_version).select("split", "codes")
         vocab_version = wh.write(build_label_vocab(labels, reference, cfg.etl.min_code_count),
                                  wh.name(t.LABEL_VOCAB), metadata=lineage)
         vocab_codes = wh.rows_written(wh.name(t.LABEL_VOCAB), vocab_version)
+        rejects = frames.rejects.coalesce(spark.sparkContext.defaultParallelism)
         rejects_version = wh.write(rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
-                                   metadata=lineage)
+                                   metadata=lineage, partition_by=t.REJECTS_PARTITIONS)
         run.outputs.update({labeled_name: labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
                             wh.name(t.REJECTS): rejects_version})
         run.count("labeled_notes", kept)
-        run.count("labeled_notes_by_split", {r["split"]: r["n"] for r in by_split})
-        run.count("notes_with_imputed_codes", sum(r["imputed"] for r in by_split))
+        run.count("labeled_notes_by_split", {s: split_counts[s] for s in SPLITS if split_counts[s]})
+        run.count("notes_with_imputed_codes", split_counts["imputed"])
         run.count("label_vocab_codes", vocab_codes)
         run.count("rejects", sum(reasons.values()))
         run.count("rejects_by_reason", reasons)

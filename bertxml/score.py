@@ -866,7 +866,8 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
         rejects_name = wh.name(t.REJECTS)
         if batches and (n_rejected or wh.exists(rejects_name)):
             where = "job = 'score' AND batch IN (" + ", ".join(f"'{b}'" for b in batches) + ")"
-            run.outputs[rejects_name] = wh.write(reject_df, rejects_name, replace_where=where)
+            run.outputs[rejects_name] = wh.write(reject_df, rejects_name, replace_where=where,
+                                                partition_by=t.REJECTS_PARTITIONS)
 
         reasons = {r: int(n) for r, n in by_reason.items() if r}
         for reason, row in stats.items():

@@ -70,6 +70,9 @@ REJECTS_SCHEMA = StructType([
     StructField("run_id", StringType(), False),
     StructField("rejected_at", TimestampType(), False),
 ])
+# Partitioned by job, so the ETL's and a night's replaceWhere drop whole files by their partition (no scan).
+# A rejects table that an earlier bertxml created unpartitioned keeps working: Delta scans it to replace rows.
+REJECTS_PARTITIONS = ("job",)
 
 JOB_RUNS_SCHEMA = StructType([
     StructField("run_id", StringType(), False),

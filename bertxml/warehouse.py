@@ -256,13 +256,16 @@ class Warehouse:
 
     # ---- writes --------------------------------------------------------------------------------------
     def write(self, df: DataFrame, name: str, mode: str = "overwrite", replace_where: str | None = None,
-              metadata: str | None = None) -> int:
+              metadata: str | None = None, partition_by: tuple[str, ...] = ()) -> int:
         """Write df to a Delta table in ONE transaction and return the new table version.
 
         mode "overwrite" replaces the table (or, with replace_where, only the rows matching it);
-        "append" adds rows. The schema is overwritten only on a full overwrite.
+        "append" adds rows. The schema is overwritten only on a full overwrite. `partition_by` lays out
+        a table this write creates or wholly replaces; an existing table otherwise keeps its layout.
         """
         writer = df.write.format("delta").mode(mode)
+        if partition_by and (not self.exists(name) or (mode == "overwrite" and not replace_where)):
+            writer = writer.partitionBy(*partition_by)
         if replace_where:
             writer = writer.option("replaceWhere", replace_where)
         elif mode == "overwrite":

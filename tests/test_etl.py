@@ -230,6 +230,22 @@ def test_rerun_writes_same_tables_and_reads_snapshots(wh, spark):
     assert sorted(json.loads(r.inputs)["notes"]["version"] for r in history) == [0, 0, 0, 1]
 
 
+def test_rejects_are_partitioned_by_job_and_an_unpartitioned_table_still_works(wh, spark):
+    wh.write(spark.createDataFrame([note("a"), note("b", status="erroneous")], t.NOTES_SCHEMA), "ehr.notes")
+    wh.write(spark.createDataFrame([("P1", "E1", "I10", D(2024, 1, 1))], t.DIAGNOSES_SCHEMA), "ehr.diagnoses")
+    layout = lambda: spark.sql("DESCRIBE DETAIL bertxml.rejects").first().partitionColumns  # noqa: E731
+    run_etl(wh, wh.cfg)
+    assert layout() == ["job"]
+    # A table laid out without partitions (as an earlier bertxml did): replaced in place, the night's row kept.
+    night = ("score", "notes", "n9", "P9", "E9", None, "empty_text", "{}", "2024-01-02", "r0", dt.datetime(2024, 1, 2))
+    wh.write(spark.createDataFrame([night], t.REJECTS_SCHEMA), "bertxml.rejects")
+    assert layout() == []
+    run_etl(wh, wh.cfg)
+    run_etl(wh, wh.cfg)
+    jobs = wh.table("bertxml.rejects").groupBy("job").count().collect()
+    assert sorted(map(tuple, jobs)) == [("etl", 1), ("score", 1)] and layout() == []
+
+
 def test_short_text_counts_characters_after_trimming_spaces(spark, reference):
     notes = [note("padded", text=" " * 5000 + "x" * 49 + " " * 5000),  # long, but 49 characters once trimmed
              note("accented", text="é" * 49),                           # 98 bytes, 49 characters
