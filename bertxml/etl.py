@@ -150,7 +150,8 @@ def impute_chronic_codes(notes: DataFrame, history: DataFrame) -> DataFrame:
     has_history, enc_codes = F.col("chronic").isNotNull(), F.col("enc_codes")
     active = F.transform(F.filter(F.col("chronic"), lambda c: c["since"] <= F.col("note_date")),
                          lambda c: c["code"])
-    imputed = F.when(has_history, F.array_sort(F.array_except(active, enc_codes))).otherwise(F.slice(enc_codes, 1, 0))
+    none = F.slice(enc_codes, 1, 0)  # an empty array of enc_codes' type
+    imputed = F.when(has_history, F.array_sort(F.array_except(active, enc_codes))).otherwise(none)
     return (joined.withColumn("imputed_codes", imputed)
             .withColumn("codes", F.when(has_history, F.array_sort(F.array_union(enc_codes, F.col("imputed_codes"))))
                         .otherwise(enc_codes))
@@ -277,7 +278,7 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
-        # Counted now from the checkpoints (no text), written last: at most one file a core.
+        # Counted now from the checkpoints (no text); written last.
         counts = sorted(tuple(r) for r in frames.rejects.groupBy("source", "reason").agg(F.count("*")).collect())
         reasons = {f"{source}:{reason}": n for source, reason, n in counts}
         kept = frames.notes_read - sum(n for source, _, n in counts if source == "notes")
@@ -298,7 +299,7 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         vocab_version = wh.write(build_label_vocab(labels, reference, cfg.etl.min_code_count),
                                  wh.name(t.LABEL_VOCAB), metadata=lineage)
         vocab_codes = wh.rows_written(wh.name(t.LABEL_VOCAB), vocab_version)
-        rejects = frames.rejects.coalesce(spark.sparkContext.defaultParallelism)
+        rejects = frames.rejects.coalesce(spark.sparkContext.defaultParallelism)  # at most one file a core
         rejects_version = wh.write(rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
                                    metadata=lineage, partition_by=t.REJECTS_PARTITIONS)
         run.outputs.update({labeled_name: labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
