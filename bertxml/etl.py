@@ -275,6 +275,8 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         diagnoses, diag_read = wh.read_source(diagnoses_source or cfg.warehouse.diagnoses,
                                               t.DIAGNOSES_SCHEMA, "diagnoses", as_of_version, as_of_timestamp)
         run.inputs.update({"notes": notes_read, "diagnoses": diag_read})
+        labeled_name, vocab_name, rejects_name = (wh.name(n) for n in (t.LABELED_NOTES, t.LABEL_VOCAB, t.REJECTS))
+        preload = wh.preload([labeled_name, vocab_name, rejects_name])  # while the labels are computed
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
@@ -283,7 +285,6 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         reasons = {f"{source}:{reason}": n for source, reason, n in counts}
         kept = frames.notes_read - sum(n for source, _, n in counts if source == "notes")
 
-        labeled_name = wh.name(t.LABELED_NOTES)
         by_split = Observation("labeled_notes_by_split")  # counted as the write goes, not by another read
         labeled = frames.labeled.observe(
             by_split, *[F.count_if(F.col("split") == s).alias(s) for s in SPLITS],
@@ -297,13 +298,13 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         split_counts = by_split.get
         labels = wh.table(labeled_name, labeled_version).select("split", "codes")
         vocab_version = wh.write(build_label_vocab(labels, reference, cfg.etl.min_code_count),
-                                 wh.name(t.LABEL_VOCAB), metadata=lineage)
-        vocab_codes = wh.rows_written(wh.name(t.LABEL_VOCAB), vocab_version)
+                                 vocab_name, metadata=lineage)
+        vocab_codes = wh.rows_written(vocab_name, vocab_version)
         rejects = frames.rejects.coalesce(spark.sparkContext.defaultParallelism)  # at most one file a core
-        rejects_version = wh.write(rejects, wh.name(t.REJECTS), replace_where="job = 'etl'",
+        rejects_version = wh.write(rejects, rejects_name, replace_where="job = 'etl'",
                                    metadata=lineage, partition_by=t.REJECTS_PARTITIONS)
-        run.outputs.update({labeled_name: labeled_version, wh.name(t.LABEL_VOCAB): vocab_version,
-                            wh.name(t.REJECTS): rejects_version})
+        preload.join()
+        run.outputs.update({labeled_name: labeled_version, vocab_name: vocab_version, rejects_name: rejects_version})
         run.count("labeled_notes", kept)
         run.count("labeled_notes_by_split", {s: split_counts[s] for s in SPLITS if split_counts[s]})
         run.count("notes_with_imputed_codes", split_counts["imputed"])

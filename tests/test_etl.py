@@ -246,6 +246,24 @@ def test_rejects_are_partitioned_by_job_and_an_unpartitioned_table_still_works(w
     assert sorted(map(tuple, jobs)) == [("etl", 1), ("score", 1)] and layout() == []
 
 
+def test_preload_loads_a_tables_delta_state_ahead_of_its_overwrite(wh, spark):
+    sc, table = spark.sparkContext, "bench.small"
+
+    def overwrite_jobs(group: str) -> int:
+        sc.setJobGroup(group, group)
+        try:
+            wh.write(spark.range(3), table)
+        finally:
+            sc.setLocalProperty("spark.jobGroup.id", None)
+        return len(sc.statusTracker().getJobIdsForGroup(group))
+
+    wh.write(spark.range(3), table)
+    cold = overwrite_jobs("cold")  # loads the state of the version before it itself
+    wh.preload([table, "bench.missing"]).join()  # a missing table is skipped
+    warm = overwrite_jobs("warm")
+    assert warm < cold and wh.table(table).count() == 3
+
+
 def test_short_text_counts_characters_after_trimming_spaces(spark, reference):
     notes = [note("padded", text=" " * 5000 + "x" * 49 + " " * 5000),  # long, but 49 characters once trimmed
              note("accented", text="é" * 49),                           # 98 bytes, 49 characters
