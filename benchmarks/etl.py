@@ -1,14 +1,16 @@
 """ETL throughput and its cost relative to a plain Spark copy of the notes table (figures, not a test).
 
-    .venv/bin/python benchmarks/etl.py [--sizes 100000 1000000] [--rounds 3] [--workdir /tmp/bertxml-bench-etl]
+    .venv/bin/python benchmarks/etl.py [--sizes 100000 1000000] [--rounds 3] [--warmups 1]
+                                       [--workdir /tmp/bertxml-bench-etl]
 
-For each size: generate a warehouse of that many notes, run one copy and one ETL untimed (the files
+For each size: generate a warehouse of that many notes, run `warmups` copies and ETLs untimed (the files
 are read once, and each has compiled its Spark code; the first ETL in a process spends seconds more on
-that, printed as "cold"), then time `rounds` pairs of (a) a plain read-and-write copy of the notes table
-to a new Delta table and (b) the full ETL on the same notes. Prints every pair and the medians: notes/s
-and the ratio ETL/copy (target <= 3), and the scaling of ETL time from the smallest to the largest size
-(target: 10x the notes costs <= 11x the time). Copy and ETL alternate in one Spark session, so machine
-noise (large on a shared 2-core VM) hits both alike.
+that, printed as "cold"; the JVM's JIT keeps compiling the ETL's code paths for several more rounds, so
+more warm-ups measure a longer-running process), then time `rounds` pairs of (a) a plain read-and-write
+copy of the notes table to a new Delta table and (b) the full ETL on the same notes. Prints every pair
+and the medians: notes/s and the ratio ETL/copy (target <= 3), and the scaling of ETL time from the
+smallest to the largest size (target: 10x the notes costs <= 11x the time). Copy and ETL alternate in
+one Spark session, so machine noise (large on a shared 2-core VM) hits both alike.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--rounds", type=int, default=3, help="timed (copy, ETL) pairs per size")
+    parser.add_argument("--warmups", type=int, default=1, help="untimed (copy, ETL) pairs first, per size")
     parser.add_argument("--workdir", default="/tmp/bertxml-bench-etl")
     parser.add_argument("--keep", action="store_true", help="keep the generated warehouses")
     args = parser.parse_args()
@@ -56,8 +59,10 @@ def main() -> None:
         def copy():
             wh.write(wh.table(cfg.warehouse.notes), "bench.notes_copy")
 
-        copy_cold, etl_cold = timed(copy), timed(lambda: run_etl(wh, cfg))  # warm-ups, not in the medians
-        print(f"{size:>9,} notes, cold:    plain copy {copy_cold:6.1f}s | ETL {etl_cold:6.1f}s", flush=True)
+        for w in range(max(args.warmups, 1)):  # not in the medians
+            copy_s, etl_s = timed(copy), timed(lambda: run_etl(wh, cfg))
+            print(f"{size:>9,} notes, {'cold' if w == 0 else f'warm-up {w + 1}'}: plain copy {copy_s:6.1f}s | "
+                  f"ETL {etl_s:6.1f}s", flush=True)
         copies, etls = [], []
         for r in range(args.rounds):
             copies.append(timed(copy))
