@@ -266,17 +266,16 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
     Only the labeled_notes write reads the notes' text. The rows it wrote (its Delta commit says) must
     equal the notes read less the notes rejected: checked before anything else is written. The
     per-split counts are observed as the write goes; the label vocabulary is read back from what was
-    written, without the text.
+    written, without the text. Meanwhile Delta loads the three output tables' state (`wh.preloaded`).
     """
     spark = wh.spark
-    with job_run(wh, "etl") as run:
+    labeled_name, vocab_name, rejects_name = (wh.name(n) for n in (t.LABELED_NOTES, t.LABEL_VOCAB, t.REJECTS))
+    with job_run(wh, "etl") as run, wh.preloaded([labeled_name, vocab_name, rejects_name]):
         notes, notes_read = wh.read_source(notes_source or cfg.warehouse.notes, t.NOTES_SCHEMA, "notes",
                                            as_of_version, as_of_timestamp)
         diagnoses, diag_read = wh.read_source(diagnoses_source or cfg.warehouse.diagnoses,
                                               t.DIAGNOSES_SCHEMA, "diagnoses", as_of_version, as_of_timestamp)
         run.inputs.update({"notes": notes_read, "diagnoses": diag_read})
-        labeled_name, vocab_name, rejects_name = (wh.name(n) for n in (t.LABELED_NOTES, t.LABEL_VOCAB, t.REJECTS))
-        preload = wh.preload([labeled_name, vocab_name, rejects_name])  # while the labels are computed
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})
@@ -303,7 +302,6 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
         rejects = frames.rejects.coalesce(spark.sparkContext.defaultParallelism)  # at most one file a core
         rejects_version = wh.write(rejects, rejects_name, replace_where="job = 'etl'",
                                    metadata=lineage, partition_by=t.REJECTS_PARTITIONS)
-        preload.join()
         run.outputs.update({labeled_name: labeled_version, vocab_name: vocab_version, rejects_name: rejects_version})
         run.count("labeled_notes", kept)
         run.count("labeled_notes_by_split", {s: split_counts[s] for s in SPLITS if split_counts[s]})
