@@ -10,9 +10,9 @@ Reads the notes and diagnoses tables and writes, each in one Delta transaction:
 Rules, each a function below: `note_reject_reason` (paper's filters and bad rows), `mark_duplicates`,
 `clean_diagnoses`, `encounter_codes`, `impute_chronic_codes`, `assign_split`, `build_label_vocab`.
 The notes' text is not shuffled (only the few rows of repeated ids are, by the duplicate rule): it is
-only joined against small, broadcast tables. It is read twice
-(a classification that keeps only ids, reasons and sizes, and the labeled_notes write) and written once;
-see README "ETL throughput" for what that costs against a plain copy.
+only joined against small, broadcast tables. It is read twice (a classification that keeps only ids,
+reasons and sizes, and the labeled_notes write) and written once; see README "ETL throughput" for what
+that costs against a plain copy.
 """
 from __future__ import annotations
 

@@ -250,7 +250,7 @@ def test_preload_loads_a_tables_delta_state_ahead_of_its_overwrite(wh, spark):
     sc, table = spark.sparkContext, "bench.small"
 
     def overwrite_jobs(group: str) -> int:
-        sc.setJobGroup(group, group)
+        sc.setLocalProperty("spark.jobGroup.id", group)  # only the group: nothing left on later jobs
         try:
             wh.write(spark.range(3), table)
         finally:
