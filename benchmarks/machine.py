@@ -1,5 +1,7 @@
 """What a benchmark ran on, and the matmul peak its MFU is measured against (shared by the benchmarks).
 
+    .venv/bin/python benchmarks/machine.py     # one line: the CPU, its capability, what `auto` picks
+
 The peak is measured in the dtype a run actually uses (`bertxml.precision.decide_precision`): on a CPU
 without native bf16 the bf16 peak is a hundred times below fp32, and MFU against the wrong peak misleads.
 """
@@ -84,3 +86,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", seconds:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    print(describe_machine())
