@@ -187,3 +187,25 @@ def test_planted_markers_never_leave_the_text_tables(wh, cfg, tmp_path):
     assert {"tokenizer.json", "manifest.json", "label_vocab.json", "model.safetensors"} <= model_files
     vocab = json.loads((wh.workdir / "vocab" / "tokenizer.json").read_text())["model"]["vocab"]
     assert len(vocab) > 100
+
+
+def test_shuffle_and_disk_blocks_are_encrypted(spark):
+    """Text Spark writes to local disk (shuffle files, disk-persisted blocks) is unreadable there: the
+    embedded default runs with spark.io.encryption.enabled."""
+    from pyspark import StorageLevel
+
+    assert spark.conf.get("spark.io.encryption.enabled") == "true"
+    core = marker(random.Random(17))
+    rows = [(i, f"note {i}: seen with {core.upper()} about {''.join(random.Random(i).choices('abcdef', k=40))}")
+            for i in range(400)]
+    df = spark.createDataFrame(rows, "id int, text string")
+    assert df.repartition(3, "id").count() == 400                  # a shuffle: map outputs on disk
+    kept = df.repartition(2).persist(StorageLevel.DISK_ONLY)
+    assert kept.count() == 400                                      # blocks on disk
+    dirs = spark._jvm.org.apache.spark.SparkEnv.get().blockManager().diskBlockManager().localDirs()
+    files = [p for d in dirs for p in Path(d.getAbsolutePath()).rglob("*") if p.is_file()]
+    assert any(p.name.startswith("shuffle_") and p.name.endswith(".data") for p in files)
+    assert any(p.name.startswith("rdd_") for p in files)
+    found = [p.name for p in files if leaks(p.read_bytes().decode("latin-1"), [core])]
+    kept.unpersist()
+    assert found == []

@@ -182,12 +182,14 @@ def test_run_vocab_end_to_end(spark, wh, cfg, tmp_path):
     assert out["texts"] == 31 and out["oov_split"] == "dev" and out["oov_notes"] == 2
     assert out["vocab_size"] <= 120
     tok = load_tokenizer(tmp_path / "vocab")
-    assert tok.token_to_id("metformin") is not None and tok.token_to_id("bisoprolol") is not None
+    # "bisoprolol" is in one corpus text only: fewer than vocab.min_patients (5) documents, never trained on
+    assert tok.token_to_id("metformin") is not None and tok.token_to_id("bisoprolol") is None
+    assert out["words_trained_on"] < out["distinct_words"]
     report = json.loads((tmp_path / "vocab" / "oov_report.json").read_text())
     # ours: only "zyxwv" is split; BERT uncased: "zyxwv" too (digits kept, "12" is a word it holds).
     assert report["oov_per_note_ours"] == pytest.approx(0.5) == out["oov_per_note_ours"]
     assert report["oov_per_note_reference"] == pytest.approx(0.5)
-    assert set(report) >= {"oov_per_note_ours", "oov_per_note_reference", "notes"}
+    assert set(report) >= {"oov_per_note_ours", "oov_per_note_reference", "notes", "min_patients"}
     runs = wh.table(wh.name(t.JOB_RUNS)).filter("job = 'vocab'").collect()
     assert len(runs) == 1 and runs[0].status == "succeeded"
     assert json.loads(runs[0].counts)["vocab_size"] == out["vocab_size"]
