@@ -78,9 +78,10 @@ def plant_markers(wh, rng) -> tuple[list[str], str, str]:
     """Rewrite ehr.notes with markers; returns (marker cores, the scored night, the note to explain)."""
     notes = wh.table("ehr.notes")
     rows = [r.asDict() for r in notes.collect()]
-    by_date: dict = {}
+    by_date: dict = {}                # notes no filter of the ETL drops, by date
     for r in rows:
-        if r["text"] and len(r["text"]) >= 50:
+        if r["text"] and len(r["text"]) >= 50 and r["status"] == "final" and r["author_role"] != "student" \
+                and r["note_type"] != "miscellaneous":
             by_date.setdefault(r["note_date"], []).append(r)
     night = max(by_date, key=lambda d: (len(by_date[d]), d))
     cores, planted = [], []
@@ -91,18 +92,18 @@ def plant_markers(wh, rng) -> tuple[list[str], str, str]:
             cores.append(marker(rng))
             r["text"] = plant(r["text"], cores[-1])
             planted.append(r)
-    explain_id = next(r["note_id"] for r in by_date[night] if r["status"] == "final"
-                      and r["author_role"] != "student" and r["note_type"] != "miscellaneous")
+    kept = [r for r in planted if any(r is k for k in by_date.get(r["note_date"], []))]
+    explain = by_date[night][0]
     # A short note (rejected 'short_text' by the ETL and by the night's scoring) ...
     cores.append(marker(rng))
-    rows.append({**by_date[night][0], "note_id": "NSHORT", "text": f"Seen {cores[-1]} ok."})
+    rows.append({**explain, "note_id": "NSHORT", "text": f"Seen {cores[-1]} ok."})
     # ... and a second row of a note id with other text (both rejected 'conflicting_note_id').
     cores.append(marker(rng))
-    twin = next(r for r in planted if r["note_date"] != night)
+    twin = next(r for r in kept if r["note_date"] != night)
     rows.append({**twin, "text": plant(twin["text"], cores[-1]) + " amended"})
     df = wh.spark.createDataFrame([tuple(r[f.name] for f in t.NOTES_SCHEMA.fields) for r in rows], t.NOTES_SCHEMA)
     wh.write(df, "ehr.notes")
-    return cores, str(night), explain_id
+    return cores, str(night), explain["note_id"]
 
 
 def forms(core: str) -> list[str]:
