@@ -36,7 +36,7 @@ etl: {min_code_count: 1}
 vocab: {size: 600, oov_notes: 20}
 model: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,
         max_position_embeddings: 128, max_len: 128, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}
-pretrain: {max_steps: 2, batch_size: 8, threads: 1, bf16: false, dev_batches: 1, log_every: 1}
+pretrain: {max_steps: 2, batch_size: 8, max_len: 128, threads: 1, bf16: false, dev_batches: 1, log_every: 1}
 train: {epochs: 1, max_steps: 3, batch_size: 8, threads: 1, bf16: false, log_every: 1, checkpoint_every: 0,
         eval_batch_size: 32}
 score: {device: cpu, partitions: 1, num_threads: 1}
