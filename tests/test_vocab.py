@@ -79,7 +79,10 @@ def planted_corpus(rng):
 def assert_not_learnt(tokenizer, identifiers):
     vocab = tokenizer.get_vocab()
     for raw in identifiers:
-        forms = {raw, raw.lower(), build_normalizer(VocabConfig(mask_identifiers=False)).normalize_str(raw).strip()}
+        forms = {raw, raw.lower()}
+        masked = build_normalizer(VocabConfig(mask_identifiers=False)).normalize_str(raw).strip()
+        if set(masked) - set("n-/.() +"):     # all-digit ones become a shape that every such number shares
+            forms.add(masked)
         for form in forms:
             assert form not in vocab and f"##{form}" not in vocab, f"{raw!r} learnt as {form!r}"
 
