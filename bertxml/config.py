@@ -44,6 +44,10 @@ class SparkConfig:
     driver_memory: str = "6g"           # local mode: the driver is the only executor
     shuffle_partitions: int = 8         # small default for one machine; raise on a cluster
     log_level: str = "WARN"             # Spark's own console noise
+    io_encryption: bool = True          # local mode: encrypt what Spark writes to local disk (shuffle files,
+                                        # spills, cached blocks: note text passes through them) with a
+                                        # per-application key (spark.io.encryption.enabled); a cluster sets
+                                        # it in its own Spark conf
     conf: dict = field(default_factory=dict)  # extra Spark settings, e.g. GPU scheduling on a cluster
 
 
@@ -87,7 +91,12 @@ class EtlConfig:
 @dataclass
 class VocabConfig:
     size: int = 20000                   # paper §4.2.1: 20K WordPieces
-    min_frequency: int = 2
+    min_frequency: int = 2              # WordPiece trainer: a merge needs this many occurrences
+    min_patients: int = 5               # a word is learnt only if it occurs in the notes of at least this many
+                                        # distinct patients (a corpus text without patient_id counts as one):
+                                        # a surname or record number of a few patients never becomes a token
+    mask_identifiers: bool = True       # e-mail, phone numbers, dates, identifier-shaped words -> @contact@,
+                                        # @date@, @id@ before the vocabulary, the chunks and scoring see them
     lowercase: bool = True              # BERT uncased: lower case and strip accents
     numbers: str = "mask"               # "mask": each digit becomes 'n' (paper Figure 3: "icd - nn - cm"); "keep"
     limit_alphabet: int = 1000          # most frequent characters kept as the trainer's alphabet (BERT's default)

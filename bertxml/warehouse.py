@@ -77,6 +77,9 @@ def get_spark(cfg: Config, app: str = "bertxml") -> SparkSession:
             "spark.driver.memory": cfg.spark.driver_memory,
             "spark.ui.enabled": "false",
             "spark.databricks.delta.snapshotPartitions": "2",
+            # Shuffle and spill files and disk-cached blocks hold note text (PHI): AES-encrypted on disk
+            # with a key that lives only in this application's memory (SparkConfig.io_encryption).
+            "spark.io.encryption.enabled": str(bool(cfg.spark.io_encryption)).lower(),
             "spark.driver.extraJavaOptions":
                 f"-Dlog4j2.configurationFile=file:{RESOURCES / 'log4j2.properties'}",
         })

@@ -48,7 +48,7 @@ def make_model_dir(root, version="bertxml-test-a", head="bertxml", codes=CODES, 
     (weights for another label vocabulary)."""
     out = Path(root) / version
     out.mkdir(parents=True)
-    tokenizer = train_tokenizer([SENTENCES * 3], VocabConfig(size=300, min_frequency=1))
+    tokenizer = train_tokenizer([SENTENCES * 3], VocabConfig(size=300, min_frequency=1, min_patients=1))
     tokenizer.save(str(out / "tokenizer.json"))
     torch.manual_seed(seed)
     mcfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
