@@ -27,14 +27,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # first: `train`, `score` and `machine` are the benchmarks beside this file
 
 import torch  # noqa: E402
 
@@ -116,9 +117,13 @@ def gpu_session(n_gpus: int, cores: int, memory_mb: int):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("GPU_CHECK_PYTHON", sys.executable)
+    # an executable copy: a working tree copied without its mode bits still gives the worker a runnable script
+    script = Path(tempfile.mkdtemp(prefix="bertxml-gpu-discovery-")) / "gpu_discovery.sh"
+    shutil.copyfile(HERE / "gpu_discovery.sh", script)
+    script.chmod(0o755)
     settings = {
         "spark.worker.resource.gpu.amount": str(n_gpus),
-        "spark.worker.resource.gpu.discoveryScript": str(HERE / "gpu_discovery.sh"),
+        "spark.worker.resource.gpu.discoveryScript": str(script),
         "spark.executor.resource.gpu.amount": str(n_gpus),
         "spark.task.resource.gpu.amount": "1",
         "spark.executor.cores": str(cores),

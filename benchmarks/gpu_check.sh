@@ -44,7 +44,8 @@ n_cuda=0
 if [ $torch_ok -eq 0 ]; then n_cuda=${torch_info##* }; fi
 
 if [ "$DRY" != "1" ] && [ "$n_cuda" = "0" ] && [ -z "$hw_gpus" ]; then
-    echo "no CUDA device: skipped (torch ${torch_info:-not importable} sees none, and nvidia-smi lists none)."
+    if [ $torch_ok -eq 0 ]; then seen="torch ${torch_info% *} sees no CUDA device"; else seen="torch is not importable"; fi
+    echo "no CUDA device: skipped ($seen, and nvidia-smi lists no GPU)."
     echo "Run this on a machine with an NVIDIA GPU: bash benchmarks/gpu_check.sh"
     exit 0
 fi
