@@ -46,7 +46,7 @@ def date_profile(wh, table: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000], help="none: the structure pass only")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--structure", type=int, default=20_000, help="patients for the structure pass; 0: skip")
     parser.add_argument("--workdir", default="/tmp/bertxml-bench-generate")
@@ -64,6 +64,8 @@ def main() -> None:
         print(f"structure pass, {args.structure:,} patients: median {statistics.median(times):.3f} s "
               f"({', '.join(f'{t:.3f}' for t in times)})", flush=True)
 
+    if not args.sizes:
+        return
     cfg = Config()
     spark = get_spark(cfg, app="bertxml-bench-generate")
     for size in args.sizes:
