@@ -16,9 +16,11 @@ What a run does, each table written in ONE Delta transaction:
 2. scores the rest through an iterator pandas UDF (`mapInPandas`) whose Python worker loads the model
    ONCE (`make_predict_fn`, cached per process), takes its GPU from `TaskContext.resources()["gpu"]` when
    the cluster schedules GPUs, starts CUDA there and never on the driver, and uses bf16 autocast on GPU;
-3. MERGEs the notes' rows into `bertxml.predictions` on (note_id, model_version): rerunning a night leaves
-   the table as one run would. The model's label vocabulary is merged into `bertxml.model_labels` on
-   (model_version, label_index), and the analyst views are refreshed.
+3. MERGEs the notes' rows into `bertxml.predictions` (partitioned by note_date) on (note_id, model_version),
+   and in the same transaction deletes this model version's rows of the night that the run did not score
+   (a note since marked erroneous, rejected or gone from the source): a rerun leaves the night's rows as
+   one clean run would, whatever an earlier run left. The model's label vocabulary is merged into
+   `bertxml.model_labels` on (model_version, label_index), and the analyst views are refreshed.
 
 The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
 max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all chunks of a batch of notes
@@ -64,6 +66,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from bertxml import faults
 from bertxml import tables as t
 from bertxml.config import Config, ScoreConfig
 from bertxml.modeldir import LABEL_VOCAB_FILE, THRESHOLDS_FILE, TOKENIZER_FILE
@@ -596,9 +599,13 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
     import pandas as pd
 
     predict = info = codes = None
+    batches = 0
     for frame in frames:
         if len(frame) == 0:
             continue
+        batches += 1
+        if batches == 2:
+            faults.point("score:udf")
         if predict is None:  # on the first notes: a task with an empty partition never loads the model
             predict = worker_predictor(model_dir, device, options)
             info = getattr(predict, "info", None) or read_model_info(model_dir, options.get("threshold_default", 0.5))
@@ -735,9 +742,10 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
 
     A night: every note dated `date` is filtered and the kept ones scored (a rerun rescores them: same
     rows). Catch-up: the dates holding a note neither scored by this model version nor rejected are
-    processed as nights, scoring only their notes not yet scored.
-    Writes bertxml.predictions (MERGE on note_id, model_version), bertxml.model_labels (on model_version,
-    label_index) and bertxml.rejects (replaceWhere job = 'score' and the nights processed), then refreshes
+    processed as nights, each as `date` would process it (all its notes).
+    Writes bertxml.predictions (MERGE on note_id, model_version that also deletes the model version's rows
+    of those nights it did not score), bertxml.model_labels (on model_version, label_index) and
+    bertxml.rejects (replaceWhere job = 'score' and the nights processed), then refreshes
     the views. Returns the job's counts (notes_read, rejected, rejected_by_reason, notes_scored, chunks,
     notes_truncated, notes_per_s, ...). Raises on failure, for the exit status: a bad model folder
     (ModelDirError), a bad source schema (SchemaError), a night with no notes at all (NoNotesError,
@@ -784,8 +792,6 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
                 raise NoNotesError(f"no notes dated {night} in {read['source']}: the feed may not have landed "
                                    f"(set score.allow_empty=true to accept an empty night)")
             kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_bytes", F.octet_length("text"))
-            if since_last and done is not None:
-                kept = kept.join(done, "note_id", "left_anti")
             _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, batches)
         finally:
             flagged.unpersist()
@@ -849,15 +855,26 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
         ok = stats.get(None)
         n_scored = int(ok["n"]) if ok else 0
         n_run = sum(int(r["n"]) for r in stats.values())  # notes through the model, incl. 'no_tokens'
-        if n_scored:
-            _write_model_labels(wh, run, info)
-            preds = scored.filter(F.col("reason").isNull()).select(
-                "note_id", "patient_id", "note_date", F.lit(info.model_version).alias("model_version"),
-                F.lit(run.run_id).alias("run_id"), F.lit(scored_at).cast("timestamp").alias("scored_at"),
-                "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
-            preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in t.PREDICTIONS_SCHEMA.fields])
-            name = wh.name(t.PREDICTIONS)
-            run.outputs[name] = wh.merge(preds, name, ["note_id", "model_version"])
+        name = wh.name(t.PREDICTIONS)
+        dated = [b for b in batches if b != "undated"]  # undated notes are always rejected (null_note_date)
+        if n_scored or (dated and wh.exists(name)):
+            if n_scored:
+                _write_model_labels(wh, run, info)
+                preds = scored.filter(F.col("reason").isNull()).select(
+                    "note_id", "patient_id", "note_date", F.lit(info.model_version).alias("model_version"),
+                    F.lit(run.run_id).alias("run_id"), F.lit(scored_at).cast("timestamp").alias("scored_at"),
+                    "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
+                preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name)
+                                       for f in t.PREDICTIONS_SCHEMA.fields])
+            else:  # every note of the nights rejected: the MERGE only deletes their old rows
+                preds = spark.createDataFrame([], t.PREDICTIONS_SCHEMA)
+            # The nights' rows of this model version end up exactly the notes scored now: a note scored
+            # before and now rejected, or gone from the source, loses its old row in the same transaction.
+            scope = (f"t.model_version = {_sql_string(info.model_version)} AND t.note_date IN ("
+                     + ", ".join(f"DATE'{d}'" for d in dated) + ")")
+            run.outputs[name] = wh.merge(preds, name, ["note_id", "model_version"], scope=scope,
+                                         partition_by=t.PREDICTIONS_PARTITIONS)
+        faults.point("score:after-predictions")
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
         n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)
@@ -885,6 +902,11 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
     finally:
         if scored is not None:
             scored.unpersist()
+
+
+def _sql_string(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _write_model_labels(wh, run, info: ModelInfo) -> None:

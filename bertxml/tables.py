@@ -112,6 +112,11 @@ PREDICTIONS_SCHEMA = StructType([
     StructField("truncated", BooleanType()),          # longer than score.max_chunks_per_note: first chunks only
 ])
 
+# Partitioned by note_date, so a night's MERGE reads and rewrites only that night's files. A predictions table
+# that an earlier bertxml created unpartitioned keeps working: the MERGE then skips files by their note_date
+# statistics instead.
+PREDICTIONS_PARTITIONS = ("note_date",)
+
 MODEL_LABELS = "model_labels"  # each scored model version's label vocabulary, for the views
 
 MODEL_LABELS_SCHEMA = StructType([

@@ -24,6 +24,7 @@ from pyspark import InheritableThread, SparkConf
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from bertxml import faults
 from bertxml.config import Config
 
 log = logging.getLogger("bertxml.warehouse")
@@ -303,27 +304,43 @@ class Warehouse:
             writer = writer.option("overwriteSchema", "true")
         if metadata:
             writer = writer.option("userMetadata", metadata)
-        if self.path_mode:
-            writer.save(str(self.path(name)))
-            self._register(name)
-        else:
-            writer.saveAsTable(name)
+        with faults.during_write(name, self.path(name)):
+            if self.path_mode:
+                writer.save(str(self.path(name)))
+                self._register(name)
+            else:
+                writer.saveAsTable(name)
         version = self.version(name)
         log.info("wrote %s (Delta version %s, %s)", name, version,
                  f"replaceWhere {replace_where}" if replace_where else mode)
         return version
 
-    def merge(self, df: DataFrame, name: str, keys: list[str]) -> int:
-        """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it if absent."""
+    def merge(self, df: DataFrame, name: str, keys: list[str], scope: str | None = None,
+              partition_by: tuple[str, ...] = ()) -> int:
+        """Upsert df into a Delta table keyed on `keys`, in ONE MERGE transaction; creates the table (laid
+        out by `partition_by`) if absent. Returns the new table version.
+
+        `scope`, a SQL predicate on the target's columns (as `t.col`), names the rows this write owns, e.g.
+        `t.model_version = 'x' AND t.note_date IN (DATE'2025-03-01')`: the same transaction then also
+        deletes the rows in scope that df lacks, so the scope ends up holding exactly df's rows, as one
+        clean run would leave it. The scope is part of the match condition too, so Delta reads only the
+        files that can hold it (by partition values or min/max statistics); df must lie inside it.
+        """
         from delta.tables import DeltaTable
 
         if not self.exists(name):
-            return self.write(df, name)
+            return self.write(df, name, partition_by=partition_by)
         target = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
                   else DeltaTable.forName(self.spark, name))
         condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
-        (target.alias("t").merge(df.alias("s"), condition)
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+        if scope:
+            condition = f"({scope}) AND {condition}"
+        builder = target.alias("t").merge(df.alias("s"), condition).whenMatchedUpdateAll().whenNotMatchedInsertAll()
+        if scope:
+            builder = builder.whenNotMatchedBySourceDelete(scope)
+        with faults.during_write(name, self.path(name)):
+            builder.execute()
         version = self.version(name)
-        log.info("merged into %s on %s (Delta version %s)", name, ", ".join(keys), version)
+        log.info("merged into %s on %s%s (Delta version %s)", name, ", ".join(keys),
+                 f", pruning {scope}" if scope else "", version)
         return version
