@@ -835,6 +835,7 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
     from pyspark.sql import functions as F
 
     from bertxml.etl import reject_rows
+    from bertxml.warehouse import sql_string
 
     spark = wh.spark
     scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
@@ -870,7 +871,7 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
                 preds = spark.createDataFrame([], t.PREDICTIONS_SCHEMA)
             # The nights' rows of this model version end up exactly the notes scored now: a note scored
             # before and now rejected, or gone from the source, loses its old row in the same transaction.
-            scope = (f"t.model_version = {_sql_string(info.model_version)} AND t.note_date IN ("
+            scope = (f"t.model_version = {sql_string(info.model_version)} AND t.note_date IN ("
                      + ", ".join(f"DATE'{d}'" for d in dated) + ")")
             run.outputs[name] = wh.merge(preds, name, ["note_id", "model_version"], scope=scope,
                                          partition_by=t.PREDICTIONS_PARTITIONS)
@@ -902,11 +903,6 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
     finally:
         if scored is not None:
             scored.unpersist()
-
-
-def _sql_string(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _write_model_labels(wh, run, info: ModelInfo) -> None:

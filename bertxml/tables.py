@@ -127,7 +127,8 @@ MODEL_LABELS_SCHEMA = StructType([
     StructField("threshold", FloatType()),
 ])
 
-# `bertxml evaluate`: append-only, one row per (run_id, dataset); the view bertxml.latest_auc picks the newest.
+# `bertxml evaluate`: one row per (model_version, dataset), replaced by the next run of that model version on
+# that dataset (MERGE); the view bertxml.latest_auc picks the newest (tables an earlier bertxml appended to).
 # dataset: 'dev' | 'test' | 'date:YYYY-MM-DD' (one night) | 'dates:FROM..TO' (a range; its nights get rows too).
 AUC_REPORT_SCHEMA = StructType([
     StructField("run_id", StringType(), False),

@@ -116,6 +116,11 @@ def check_schema(df: DataFrame, expected: T.StructType, what: str) -> DataFrame:
     return df.select(*[df[actual[f.name.lower()].name].cast(f.dataType).alias(f.name) for f in expected.fields])
 
 
+def sql_string(value: str) -> str:
+    """A Spark SQL string literal of value (quotes and backslashes escaped)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def local_frame(spark: SparkSession, rows: list[tuple], schema: T.StructType) -> DataFrame:
     """A small DataFrame from rows held by the driver, through pandas and Arrow: unlike a list passed to
     createDataFrame, it starts no Python worker (a second or two in a job that has none running)."""
