@@ -25,7 +25,6 @@ from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from bertxml import faults
 from bertxml import tables as t
 from bertxml.config import Config, EtlConfig
 from bertxml.icd import icd_reference, is_icd10_shaped, normalize_code_col
@@ -295,7 +294,6 @@ def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: 
             raise RuntimeError(f"{labeled_name} version {labeled_version} holds {written} notes but the "
                                f"{frames.notes_read} notes read less those rejected are {kept}: did a file source "
                                "change while the job read it? The vocabulary and rejects were not written.")
-        faults.point("etl:after-labeled_notes")
         split_counts = by_split.get
         labels = wh.table(labeled_name, labeled_version).select("split", "codes")
         vocab_version = wh.write(build_label_vocab(labels, reference, cfg.etl.min_code_count),

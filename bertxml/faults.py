@@ -7,12 +7,11 @@ environment of a job they start as a subprocess in its own session (`start_new_s
 
 Points:
 - `score:udf`: in the scoring UDF's Python worker, on its second batch of notes (the model is running);
-- `score:after-predictions`: between the predictions MERGE and the rejects write;
-- `etl:after-labeled_notes`: between the labeled_notes and label_vocab writes;
-- `commit:<table>` (e.g. `commit:bertxml.predictions`): during a write to that table, after Delta has
-  begun writing its data files and before the log entry that commits them. A watcher thread kills the
-  job as soon as a new data file appears in the table's folder; `committed_versions` lets a test check
-  that the commit indeed did not land.
+- `commit:<table>` (e.g. `commit:bertxml.rejects`): during a write to that table (`Warehouse.write` or
+  `merge`), after Delta has begun writing its data files and before the log entry that commits them, so
+  also after the job's earlier writes have committed. A watcher thread kills the job as soon as a new
+  data file appears in the table's folder (path mode); `committed_versions` lets a test check that the
+  commit indeed did not land.
 
 The kill takes every process of the job's session: the Python driver, the JVM, PySpark's daemon and
 its workers (which run in a process group of their own), so nothing gets to clean up.

@@ -875,7 +875,6 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
                      + ", ".join(f"DATE'{d}'" for d in dated) + ")")
             run.outputs[name] = wh.merge(preds, name, ["note_id", "model_version"], scope=scope,
                                          partition_by=t.PREDICTIONS_PARTITIONS)
-        faults.point("score:after-predictions")
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
         n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,12 @@ def killed(fault: str, workdir: Path, *args: str) -> None:
     env = {**os.environ, "BERTXML_FAULT": fault, "PYTHONPATH": str(REPO), "PYSPARK_PYTHON": sys.executable}
     sets = [x for key, value in {**SETTINGS, "spark.master": "local[2]", "spark.driver_memory": "1g"}.items()
             for x in ("--set", f"{key}={value}")]
+    started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "bertxml.cli", *args, "--workdir", str(workdir), *sets],
                           env=env, cwd=REPO, start_new_session=True, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, (
         f"{fault}: the job was not killed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(f"{fault}: killed after {time.perf_counter() - started:.1f}s")
 
 
 def rows(spark, workdir: Path, table: str, where: str = "true", drop=("run_id", "scored_at", "rejected_at")):
@@ -56,6 +59,15 @@ def rows(spark, workdir: Path, table: str, where: str = "true", drop=("run_id", 
     df = spark.read.format("delta").load(str(workdir / "tables" / "bertxml" / table)).filter(where)
     df = df.drop(*[c for c in drop if c in df.columns])
     return df.columns, sorted((tuple(r) for r in df.collect()), key=lambda r: tuple(map(str, r)))
+
+
+def assert_killed_mid_commit(base: Path, work: Path, table: str, committed: list[str]) -> None:
+    """The kill came after `committed` tables' commits and between `table`'s data files and its commit."""
+    before, after = base / "tables" / "bertxml" / table, work / "tables" / "bertxml" / table
+    assert committed_versions(after) == committed_versions(before), f"{table}: the commit landed before the kill"
+    assert len(list(after.rglob("*.parquet"))) > len(list(before.rglob("*.parquet"))), f"{table}: no data file"
+    for name in committed:
+        assert committed_versions(work / "tables" / "bertxml" / name) > committed_versions(base / "tables" / "bertxml" / name)
 
 
 def assert_same_tables(spark, got: Path, clean: Path, tables: dict) -> None:
@@ -106,15 +118,14 @@ def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
     shutil.copytree(base, tmp_path / "clean")
     run_score(Warehouse(spark, tmp_path / "clean", cfg), cfg, date=NIGHT, model_dir=model)
 
-    predictions = base / "tables" / "bertxml" / t.PREDICTIONS
-    for fault in ("score:udf", "score:after-predictions", "commit:bertxml.predictions"):
+    # While the model runs (nothing written yet); then with the predictions MERGE committed and the rejects
+    # write killed between writing its data files and committing them (between two writes, during a commit).
+    for fault in ("score:udf", "commit:bertxml.rejects"):
         work = tmp_path / fault.replace(":", "-")
         shutil.copytree(base, work)
         killed(fault, work, "score", "--date", NIGHT.isoformat(), "--model", str(model))
-        if fault == "commit:bertxml.predictions":  # killed with data files written and not committed
-            folder = work / "tables" / "bertxml" / t.PREDICTIONS
-            assert committed_versions(folder) == committed_versions(predictions)
-            assert len(list(folder.rglob("*.parquet"))) > len(list(predictions.rglob("*.parquet")))
+        if fault.startswith("commit:"):
+            assert_killed_mid_commit(base, work, t.REJECTS, committed=[t.PREDICTIONS])
         run_score(Warehouse(spark, work, cfg), cfg, date=NIGHT, model_dir=model)
         assert_same_tables(spark, work, tmp_path / "clean",
                            {t.PREDICTIONS: "true", t.REJECTS: "job = 'score'", t.MODEL_LABELS: "true"})
@@ -130,26 +141,17 @@ def test_etl_killed_then_rerun_equals_a_clean_run(spark, tmp_path):
 
     cfg = job_cfg()
     base = tmp_path / "base"
-    wh = Warehouse(spark, base, cfg)
-    run_generate(wh, GenerateConfig(notes=40, partitions=1, seed=3))
-    run_etl(wh, cfg)                                   # an earlier ETL, before the feed changed
-    notes = wh.table("ehr.notes")
-    first = notes.orderBy("note_id").first().note_id
-    from pyspark.sql import functions as F
-
-    wh.write(notes.withColumn("status", F.when(F.col("note_id") == first, "erroneous").otherwise(F.col("status")))
-             .localCheckpoint(), "ehr.notes")
+    run_generate(Warehouse(spark, base, cfg), GenerateConfig(notes=40, partitions=1, seed=3))
     shutil.copytree(base, tmp_path / "clean")
     run_etl(Warehouse(spark, tmp_path / "clean", cfg), cfg)
 
-    tables = {t.LABELED_NOTES: "true", t.LABEL_VOCAB: "true", t.REJECTS: "job = 'etl'"}
-    for fault in ("etl:after-labeled_notes", "commit:bertxml.rejects"):
-        work = tmp_path / fault.replace(":", "-")
-        shutil.copytree(base, work)
-        killed(fault, work, "etl")
-        if fault == "commit:bertxml.rejects":
-            assert committed_versions(work / "tables/bertxml/rejects") == committed_versions(base / "tables/bertxml/rejects")
-        run_etl(Warehouse(spark, work, cfg), cfg)
-        assert_same_tables(spark, work, tmp_path / "clean", tables)
-    _, labeled = rows(spark, tmp_path / "clean", t.LABELED_NOTES)
-    assert first not in {r[0] for r in labeled}
+    # labeled_notes committed; label_vocab killed between writing its data files and committing them.
+    work = tmp_path / "killed"
+    shutil.copytree(base, work)
+    killed("commit:bertxml.label_vocab", work, "etl")
+    assert_killed_mid_commit(base, work, t.LABEL_VOCAB, committed=[t.LABELED_NOTES])
+    run_etl(Warehouse(spark, work, cfg), cfg)
+    assert_same_tables(spark, work, tmp_path / "clean",
+                       {t.LABELED_NOTES: "true", t.LABEL_VOCAB: "true", t.REJECTS: "job = 'etl'"})
+    _, labeled = rows(spark, work, t.LABELED_NOTES)
+    assert len(labeled) > 20
