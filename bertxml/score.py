@@ -2,8 +2,9 @@
 
     bertxml score [--date YYYY-MM-DD | --since-last] [--model DIR] [--notes SOURCE]
 
-With neither --date nor --since-last the job scores YESTERDAY (UTC). `--since-last` scores every note (that
-passes the filters) not yet scored by this model version: the catch-up after missed nights. `--model DIR`
+With neither --date nor --since-last the job scores YESTERDAY (UTC). `--since-last` rescores, night by night,
+every night holding a note this model version has neither scored nor rejected: the catch-up after missed
+nights. `--model DIR`
 defaults to the newest trained model under WORKDIR/models; the model version, label vocabulary, thresholds
 and tokenizer travel with the folder, so two model versions can be scored side by side.
 
