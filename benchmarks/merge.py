@@ -126,7 +126,8 @@ def main() -> None:
 
     print(f"\nMERGE of one night ({per} notes, 2 of them gone) into {args.nights} nights x {per} notes, "
           f"{args.labels} labels; median of {args.rounds}")
-    print("| layout | merge | wall s | files read (of) | files removed / added | rows copied | rows updated / inserted / deleted |")
+    print("| layout | merge | wall s | files read (of) | files removed / added | rows copied "
+          "| rows updated / inserted / deleted |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['layout']} | {r['merge']} | {r['median_s']:.2f} | {r.get('numTargetFilesAfterSkipping', '?')} "

@@ -67,7 +67,8 @@ def assert_killed_mid_commit(base: Path, work: Path, table: str, committed: list
     assert committed_versions(after) == committed_versions(before), f"{table}: the commit landed before the kill"
     assert len(list(after.rglob("*.parquet"))) > len(list(before.rglob("*.parquet"))), f"{table}: no data file"
     for name in committed:
-        assert committed_versions(work / "tables" / "bertxml" / name) > committed_versions(base / "tables" / "bertxml" / name)
+        folder = Path("tables") / "bertxml" / name
+        assert committed_versions(work / folder) > committed_versions(base / folder), f"{name}: not committed"
 
 
 def assert_same_tables(spark, got: Path, clean: Path, tables: dict) -> None:

@@ -250,8 +250,8 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     # Night 1 rerun after the feed changed: n4 now erroneous, n2 gone. Their old rows go in the same MERGE;
     # night 2 and the other model version's rows stay as they were.
     before = predictions(wh)
-    write_notes(wh, [r for r in NIGHT1 if r[0] not in ("n2", "n4")] + [note("n4", D1, NIGHT1[3][-1], status="erroneous")]
-                + NIGHT2, bad_utf8=BAD)
+    changed = [r for r in NIGHT1 if r[0] not in ("n2", "n4")] + [note("n4", D1, NIGHT1[3][-1], status="erroneous")]
+    write_notes(wh, changed + NIGHT2, bad_utf8=BAD)
     run_score(wh, cfg, date=D1, model_dir=model_dir)
     after = predictions(wh)
     assert wh.table(wh.name(t.PREDICTIONS)).count() == len(after) == len(before) - 2
