@@ -55,7 +55,9 @@ def predictions_frame(spark, first_id: int, n: int, notes_per_night: int, labels
               c.alias("code"), F.col("probabilities")[i].alias("probability"))), 1, 5))
           .withColumn("predicted_codes", F.slice(codes, 1, 3))
           .withColumn("n_chunks", F.lit(1)).withColumn("truncated", F.lit(False)))
-    return df.select(*[F.col(f.name).cast(f.dataType) for f in t.PREDICTIONS_SCHEMA.fields])
+    # probabilities is already array<float> (a cast cannot drop its elements' nullability)
+    return df.select(*[F.col(f.name) if f.name == "probabilities" else F.col(f.name).cast(f.dataType)
+                       for f in t.PREDICTIONS_SCHEMA.fields])
 
 
 def main() -> None:
@@ -103,22 +105,22 @@ def main() -> None:
     scope = f"t.model_version = '{MODEL}' AND t.note_date IN (DATE'{night}')"
     wh = Warehouse(spark, root / "wh", cfg)
     results = []
-    for layout, template in built.items():
-        for merge in ("keys only", "night scope"):
+    for i, (layout, template) in enumerate(built.items()):
+        for j, merge in enumerate(("keys only", "night scope")):
             walls, metrics = [], None
             for r in range(args.rounds + 1):  # the first round warms up, untimed
-                target = wh.path("bench.predictions")
-                shutil.rmtree(target, ignore_errors=True)
+                name = f"bench.predictions_{i}_{j}_{r}"  # a path of its own: Delta caches a table's state by path
+                target = wh.path(name)
                 shutil.copytree(template, target)
                 start = time.perf_counter()
-                wh.merge(source, "bench.predictions", ["note_id", "model_version"],
-                         scope=scope if merge == "night scope" else None)
+                wh.merge(source, name, ["note_id", "model_version"], scope=scope if merge == "night scope" else None)
                 wall = time.perf_counter() - start
                 if r:
                     walls.append(wall)
                 history = spark.sql(f"DESCRIBE HISTORY delta.`{target}` LIMIT 1").first()
                 metrics = {k: int(v) for k, v in (history.operationMetrics or {}).items() if k in METRICS}
                 rows = spark.read.format("delta").load(str(target)).filter(F.col("note_date") == night).count()
+                shutil.rmtree(target)
             result = {"layout": layout, "merge": merge, "median_s": round(statistics.median(walls), 2),
                       "walls_s": [round(w, 2) for w in walls], "night_rows_after": rows, **metrics}
             results.append(result)
