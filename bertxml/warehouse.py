@@ -129,6 +129,12 @@ def local_frame(spark: SparkSession, rows: list[tuple], schema: T.StructType) ->
     return spark.createDataFrame(pd.DataFrame(rows, columns=schema.fieldNames()), schema)
 
 
+def _has_commit(log_dir: Path) -> bool:
+    """Whether a Delta log folder holds a commit (`<version>.json`, or a checkpoint after log cleanup)."""
+    return log_dir.is_dir() and any(p.name.split(".")[0].isdigit() for p in log_dir.iterdir()
+                                    if p.name.endswith(".json") or ".checkpoint" in p.name)
+
+
 @dataclass
 class Warehouse:
     """Resolves table names for one SparkSession and writes Delta tables safely."""
@@ -161,7 +167,8 @@ class Warehouse:
         root = self.workdir / "tables"
         for log_dir in sorted(root.glob("*/*/_delta_log")) if root.exists() else []:
             table_dir = log_dir.parent
-            found.append(self._register(f"{table_dir.parent.name}.{table_dir.name}"))
+            if _has_commit(log_dir):  # a first write killed before its commit leaves a log folder, no table
+                found.append(self._register(f"{table_dir.parent.name}.{table_dir.name}"))
         from bertxml.views import create_views
 
         create_views(self)
@@ -183,7 +190,7 @@ class Warehouse:
 
     def exists(self, name: str) -> bool:
         if self.path_mode:
-            return (self.path(name) / "_delta_log").exists()
+            return _has_commit(self.path(name) / "_delta_log")
         return self.spark.catalog.tableExists(name)
 
     # ---- reads ---------------------------------------------------------------------------------------

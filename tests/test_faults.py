@@ -41,17 +41,26 @@ def job_cfg() -> Config:
     return cfg
 
 
-def killed(fault: str, workdir: Path, *args: str) -> None:
-    """Run `bertxml ARGS` on workdir with BERTXML_FAULT=fault and check that the fault killed it."""
+def start_killed(fault: str, workdir: Path, *args: str):
+    """Start `bertxml ARGS` on workdir with BERTXML_FAULT=fault, in a session of its own; `wait_killed` checks
+    that the fault killed it. The test runs its in-process work meanwhile."""
     env = {**os.environ, "BERTXML_FAULT": fault, "PYTHONPATH": str(REPO), "PYSPARK_PYTHON": sys.executable}
     sets = [x for key, value in {**SETTINGS, "spark.master": "local[2]", "spark.driver_memory": "1g"}.items()
             for x in ("--set", f"{key}={value}")]
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bertxml.cli", *args, "--workdir", str(workdir), *sets],
-                          env=env, cwd=REPO, start_new_session=True, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, (
-        f"{fault}: the job was not killed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    print(f"{fault}: killed after {time.perf_counter() - started:.1f}s")
+    log = open(workdir.parent / f"{workdir.name}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "bertxml.cli", *args, "--workdir", str(workdir), *sets],
+                            env=env, cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    return fault, proc, log, time.perf_counter()
+
+
+def wait_killed(started) -> None:
+    fault, proc, log, t0 = started
+    code = proc.wait(timeout=300)
+    log.seek(0)
+    output = log.read()
+    log.close()
+    assert code == -signal.SIGKILL, f"{fault}: the job was not killed (exit {code}):\n{output[-3000:]}"
+    print(f"{fault}: killed after {time.perf_counter() - t0:.1f}s")
 
 
 def rows(spark, workdir: Path, table: str, where: str = "true", drop=("run_id", "scored_at", "rejected_at")):
@@ -116,15 +125,20 @@ def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
     wh.write(spark.createDataFrame(night_notes(changed=False), t.NOTES_SCHEMA), "ehr.notes")
     run_score(wh, cfg, date=NIGHT, model_dir=model)   # last night's run, before the feed changed
     wh.write(spark.createDataFrame(night_notes(changed=True), t.NOTES_SCHEMA), "ehr.notes")
+    # Killed while the model runs (nothing written yet); and with the predictions MERGE committed and the
+    # rejects write killed between writing its data files and committing them (between two writes, during a
+    # commit). Both run while this process makes the clean run.
+    faults = ("score:udf", "commit:bertxml.rejects")
+    started = []
+    for fault in faults:
+        shutil.copytree(base, tmp_path / fault.replace(":", "-"))
+        started.append(start_killed(fault, tmp_path / fault.replace(":", "-"), "score", "--date", NIGHT.isoformat(),
+                                    "--model", str(model)))
     shutil.copytree(base, tmp_path / "clean")
     run_score(Warehouse(spark, tmp_path / "clean", cfg), cfg, date=NIGHT, model_dir=model)
-
-    # While the model runs (nothing written yet); then with the predictions MERGE committed and the rejects
-    # write killed between writing its data files and committing them (between two writes, during a commit).
-    for fault in ("score:udf", "commit:bertxml.rejects"):
+    for fault, job in zip(faults, started):
+        wait_killed(job)
         work = tmp_path / fault.replace(":", "-")
-        shutil.copytree(base, work)
-        killed(fault, work, "score", "--date", NIGHT.isoformat(), "--model", str(model))
         if fault.startswith("commit:"):
             assert_killed_mid_commit(base, work, t.REJECTS, committed=[t.PREDICTIONS])
         run_score(Warehouse(spark, work, cfg), cfg, date=NIGHT, model_dir=model)
@@ -143,13 +157,14 @@ def test_etl_killed_then_rerun_equals_a_clean_run(spark, tmp_path):
     cfg = job_cfg()
     base = tmp_path / "base"
     run_generate(Warehouse(spark, base, cfg), GenerateConfig(notes=40, partitions=1, seed=3))
-    shutil.copytree(base, tmp_path / "clean")
-    run_etl(Warehouse(spark, tmp_path / "clean", cfg), cfg)
-
-    # labeled_notes committed; label_vocab killed between writing its data files and committing them.
+    # labeled_notes committed; label_vocab killed between writing its data files and committing them. The
+    # first ETL: the killed write creates its table, so the rerun finds a log folder with no commit.
     work = tmp_path / "killed"
     shutil.copytree(base, work)
-    killed("commit:bertxml.label_vocab", work, "etl")
+    job = start_killed("commit:bertxml.label_vocab", work, "etl")
+    shutil.copytree(base, tmp_path / "clean")
+    run_etl(Warehouse(spark, tmp_path / "clean", cfg), cfg)
+    wait_killed(job)
     assert_killed_mid_commit(base, work, t.LABEL_VOCAB, committed=[t.LABELED_NOTES])
     run_etl(Warehouse(spark, work, cfg), cfg)
     assert_same_tables(spark, work, tmp_path / "clean",
