@@ -9,9 +9,9 @@ the demo's label count; top codes and predicted codes as the job writes them) in
   bertxml's table);
 - `unpartitioned, compacted`: the same after OPTIMIZE (one file);
 - `partitioned by note_date`: the layout bertxml creates now (`tables.PREDICTIONS_PARTITIONS`).
-Then MERGEs one night (its notes rescored, two of them no longer eligible) with the job's two merges:
-`keys only` (the former MERGE on note_id, model_version, which cannot delete) and `night scope` (the
-present one: the night and model version in the match condition and a NOT MATCHED BY SOURCE delete).
+Then writes one night (its notes rescored, two of them no longer eligible) the two ways: `MERGE on keys`
+(the former write, MERGE on note_id, model_version, which cannot delete) and `replaceWhere night` (the
+present one: the model version's rows of the night replaced in one transaction).
 Each round starts from a fresh copy of the built table. Prints, per case, the median wall time and Delta's
 operationMetrics of the MERGE commit: target files before/after skipping (what it read), files removed
 and added and rows copied (what it rewrote), rows updated/inserted/deleted.
@@ -102,23 +102,26 @@ def main() -> None:
     source = (predictions_frame(spark, night_index * per, per, per, args.labels, seed=2)
               .filter(~F.col("note_id").isin(f"note-{night_index * per:07d}", f"note-{night_index * per + 1:07d}"))
               .localCheckpoint())
-    scope = f"t.model_version = '{MODEL}' AND t.note_date IN (DATE'{night}')"
+    scope = f"model_version = '{MODEL}' AND note_date IN (DATE'{night}')"
     wh = Warehouse(spark, root / "wh", cfg)
     results = []
     for i, (layout, template) in enumerate(built.items()):
-        for j, merge in enumerate(("keys only", "night scope")):
+        for j, merge in enumerate(("MERGE on keys", "replaceWhere night")):
             walls, metrics = [], None
             for r in range(args.rounds + 1):  # the first round warms up, untimed
                 name = f"bench.predictions_{i}_{j}_{r}"  # a path of its own: Delta caches a table's state by path
                 target = wh.path(name)
                 shutil.copytree(template, target)
                 start = time.perf_counter()
-                wh.merge(source, name, ["note_id", "model_version"], scope=scope if merge == "night scope" else None)
+                if merge == "MERGE on keys":
+                    wh.merge(source, name, ["note_id", "model_version"])
+                else:
+                    wh.write(source, name, replace_where=scope)
                 wall = time.perf_counter() - start
                 if r:
                     walls.append(wall)
                 history = spark.sql(f"DESCRIBE HISTORY delta.`{target}` LIMIT 1").first()
-                metrics = {k: int(v) for k, v in (history.operationMetrics or {}).items() if k in METRICS}
+                metrics = {k: int(v) for k, v in (history.operationMetrics or {}).items()}
                 rows = spark.read.format("delta").load(str(target)).filter(F.col("note_date") == night).count()
                 shutil.rmtree(target)
             result = {"layout": layout, "merge": merge, "median_s": round(statistics.median(walls), 2),
@@ -128,14 +131,16 @@ def main() -> None:
 
     print(f"\nMERGE of one night ({per} notes, 2 of them gone) into {args.nights} nights x {per} notes, "
           f"{args.labels} labels; median of {args.rounds}")
-    print("| layout | merge | wall s | files read (of) | files removed / added | rows copied "
-          "| rows updated / inserted / deleted |")
+    def get(r, *names):
+        return next((r[n] for n in names if n in r), "?")
+
+    print("| layout | write | wall s | files removed / added | rows copied | rows written | rows deleted |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['layout']} | {r['merge']} | {r['median_s']:.2f} | {r.get('numTargetFilesAfterSkipping', '?')} "
-              f"({r.get('numTargetFilesBeforeSkipping', '?')}) | {r.get('numTargetFilesRemoved')} / "
-              f"{r.get('numTargetFilesAdded')} | {r.get('numTargetRowsCopied')} | {r.get('numTargetRowsUpdated')} / "
-              f"{r.get('numTargetRowsInserted')} / {r.get('numTargetRowsDeleted')} |")
+        print(f"| {r['layout']} | {r['merge']} | {r['median_s']:.2f} "
+              f"| {get(r, 'numTargetFilesRemoved', 'numRemovedFiles')} / {get(r, 'numTargetFilesAdded', 'numFiles')} "
+              f"| {get(r, 'numTargetRowsCopied', 'numCopiedRows')} "
+              f"| {get(r, 'numTargetRowsUpdated', 'numOutputRows')} | {get(r, 'numTargetRowsDeleted', 'numDeletedRows')} |")
     try:
         import torch
 

@@ -23,8 +23,8 @@ a small prefix sum, so no single partition holds every probability). Only per-co
 driver. Codes with no positive or no negative note are skipped and counted.
 
 Writes `bertxml.auc_report` (one row per dataset) and `bertxml.code_auc` (per-code AUCs of the main
-dataset), each in one MERGE keyed on the model version and dataset (and code) that replaces the rows an
-earlier run of the same model version left for those datasets: a rerun leaves them as one clean run would.
+dataset), each in one transaction that replaces the rows an earlier run of the same model version left
+for those datasets (replaceWhere): a rerun leaves them as one clean run would.
 Also WORKDIR/reports/<run_id>/: code_auc_hist.png (Figure 2) and report.json (metrics, model, inputs and the
 resolved config); earlier runs' folders stay. The view bertxml.latest_auc shows the report per model
 version and dataset.
@@ -350,18 +350,17 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
         report_df = spark.createDataFrame([_typed(r) for r in report_rows], t.AUC_REPORT_SCHEMA)
         model_version = sql_string(info.model_version)
         datasets = ", ".join(sql_string(r[2]) for r in report_rows)
-        run.outputs[wh.name(t.AUC_REPORT)] = wh.merge(
-            report_df, wh.name(t.AUC_REPORT), ["model_version", "dataset"],
-            scope=f"t.model_version = {model_version} AND t.dataset IN ({datasets})")
+        run.outputs[wh.name(t.AUC_REPORT)] = wh.write(
+            report_df, wh.name(t.AUC_REPORT),
+            replace_where=f"model_version = {model_version} AND dataset IN ({datasets})")
         per_code = metrics[main]["per_code"]
         code_rows = [(run.run_id, info.model_version, main, c, r.get("description"),
                       None if np.isnan(per_code["auc"][i]) else float(per_code["auc"][i]),
                       int(per_code["n_pos"][i]), int(r.get("train_count") or 0))
                      for i, (c, r) in enumerate(zip(info.codes, info.labels))]
-        run.outputs[wh.name(t.CODE_AUC)] = wh.merge(
+        run.outputs[wh.name(t.CODE_AUC)] = wh.write(
             spark.createDataFrame(code_rows, t.CODE_AUC_SCHEMA), wh.name(t.CODE_AUC),
-            ["model_version", "dataset", "code"],
-            scope=f"t.model_version = {model_version} AND t.dataset = {sql_string(main)}")
+            replace_where=f"model_version = {model_version} AND dataset = {sql_string(main)}")
         create_views(wh)
 
         report_dir = wh.workdir / "reports" / run.run_id

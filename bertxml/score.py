@@ -18,10 +18,10 @@ What a run does, each table written in ONE Delta transaction:
    ONCE (`make_predict_fn`, cached per process), takes its GPU from `TaskContext.resources()["gpu"]` when
    the cluster schedules GPUs, starts CUDA there and never on the driver, and autocasts to bf16 on a GPU
    that supports it (`bertxml.precision`);
-3. MERGEs the notes' rows into `bertxml.predictions` (partitioned by note_date) on (note_id, model_version),
-   and in the same transaction deletes this model version's rows of the night that the run did not score
-   (a note since marked erroneous, rejected or gone from the source): a rerun leaves the night's rows as
-   one clean run would, whatever an earlier run left. The model's label vocabulary is merged into
+3. replaces this model version's rows of the night in `bertxml.predictions` (partitioned by note_date) with
+   the notes scored now, in one transaction (replaceWhere model_version and note_date): a note since marked
+   erroneous, rejected or gone from the source loses its old row, and a rerun leaves the night's rows as one
+   clean run would, whatever an earlier run left. The model's label vocabulary is merged into
    `bertxml.model_labels` on (model_version, label_index), and the analyst views are refreshed.
 
 The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
@@ -729,8 +729,8 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
     A night: every note dated `date` is filtered and the kept ones scored (a rerun rescores them: same
     rows). Catch-up: the dates holding a note neither scored by this model version nor rejected are
     processed as nights, each as `date` would process it (all its notes).
-    Writes bertxml.predictions (MERGE on note_id, model_version that also deletes the model version's rows
-    of those nights it did not score), bertxml.model_labels (on model_version, label_index) and
+    Writes bertxml.predictions (replaceWhere the model version and those nights: their rows become the notes
+    scored now), bertxml.model_labels (on model_version, label_index) and
     bertxml.rejects (replaceWhere job = 'score' and the nights processed), then refreshes
     the views. Returns the job's counts (notes_read, rejected, rejected_by_reason, notes_scored, chunks,
     notes_truncated, notes_per_s, ...). Raises on failure, for the exit status: a bad model folder
@@ -853,14 +853,14 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
                     "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
                 preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name)
                                        for f in t.PREDICTIONS_SCHEMA.fields])
-            else:  # every note of the nights rejected: the MERGE only deletes their old rows
+            else:  # every note of the nights rejected: the write only deletes their old rows
                 preds = spark.createDataFrame([], t.PREDICTIONS_SCHEMA)
-            # The nights' rows of this model version end up exactly the notes scored now: a note scored
-            # before and now rejected, or gone from the source, loses its old row in the same transaction.
-            scope = (f"t.model_version = {sql_string(info.model_version)} AND t.note_date IN ("
+            # The nights' rows of this model version are replaced by the notes scored now, in one transaction
+            # (replaceWhere): a note scored before and now rejected, or gone from the source, loses its old
+            # row; only the nights' partitions are read and rewritten.
+            scope = (f"model_version = {sql_string(info.model_version)} AND note_date IN ("
                      + ", ".join(f"DATE'{d}'" for d in dated) + ")")
-            run.outputs[name] = wh.merge(preds, name, ["note_id", "model_version"], scope=scope,
-                                         partition_by=t.PREDICTIONS_PARTITIONS)
+            run.outputs[name] = wh.write(preds, name, replace_where=scope, partition_by=t.PREDICTIONS_PARTITIONS)
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
         n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)

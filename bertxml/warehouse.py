@@ -327,17 +327,9 @@ class Warehouse:
                  f"replaceWhere {replace_where}" if replace_where else mode)
         return version
 
-    def merge(self, df: DataFrame, name: str, keys: list[str], scope: str | None = None,
-              partition_by: tuple[str, ...] = ()) -> int:
-        """Upsert df into a Delta table keyed on `keys`, in ONE MERGE transaction; creates the table (laid
-        out by `partition_by`) if absent. Returns the new table version.
-
-        `scope`, a SQL predicate on the target's columns (as `t.col`), names the rows this write owns, e.g.
-        `t.model_version = 'x' AND t.note_date IN (DATE'2025-03-01')`: the same transaction then also
-        deletes the rows in scope that df lacks, so the scope ends up holding exactly df's rows, as one
-        clean run would leave it. The scope is part of the match condition too, so Delta reads only the
-        files that can hold it (by partition values or min/max statistics); df must lie inside it.
-        """
+    def merge(self, df: DataFrame, name: str, keys: list[str], partition_by: tuple[str, ...] = ()) -> int:
+        """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it (laid out by
+        `partition_by`) if absent. To make a set of rows exactly df's, use `write(replace_where=...)`."""
         from delta.tables import DeltaTable
 
         if not self.exists(name):
@@ -345,14 +337,9 @@ class Warehouse:
         target = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
                   else DeltaTable.forName(self.spark, name))
         condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
-        if scope:
-            condition = f"({scope}) AND {condition}"
-        builder = target.alias("t").merge(df.alias("s"), condition).whenMatchedUpdateAll().whenNotMatchedInsertAll()
-        if scope:
-            builder = builder.whenNotMatchedBySourceDelete(scope)
         with faults.during_write(name, self.path(name)):
-            builder.execute()
+            (target.alias("t").merge(df.alias("s"), condition)
+             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
         version = self.version(name)
-        log.info("merged into %s on %s%s (Delta version %s)", name, ", ".join(keys),
-                 f", pruning {scope}" if scope else "", version)
+        log.info("merged into %s on %s (Delta version %s)", name, ", ".join(keys), version)
         return version
