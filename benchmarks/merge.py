@@ -138,7 +138,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['layout']} | {r['merge']} | {r['median_s']:.2f} "
-              f"| {get(r, 'numTargetFilesRemoved', 'numRemovedFiles')} / {get(r, 'numTargetFilesAdded', 'numFiles')} "
+              f"| {get(r, 'numTargetFilesRemoved', 'numRemovedFiles')} "
+              f"/ {get(r, 'numTargetFilesAdded', 'numFiles')} "
               f"| {get(r, 'numTargetRowsCopied', 'numCopiedRows')} "
               f"| {get(r, 'numTargetRowsUpdated', 'numOutputRows')} | {get(r, 'numTargetRowsDeleted', 'numDeletedRows')} |")
     try:
