@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", parents=[common], help="score a night's notes into bertxml.predictions")
     p.add_argument("--date", help="note_date to score (default: yesterday, UTC)")
-    p.add_argument("--since-last", action="store_true", help="score every note this model has not scored yet")
+    p.add_argument("--since-last", action="store_true",
+                   help="rescore every night holding a note this model has neither scored nor rejected")
     p.add_argument("--model", help="model folder (default: the newest under WORKDIR/models)")
     p.add_argument("--notes", metavar="SOURCE", help="notes: a table name or parquet:/csv:/delta:PATH")
     p.set_defaults(func=cmd_score)

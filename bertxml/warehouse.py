@@ -24,6 +24,7 @@ from pyspark import InheritableThread, SparkConf
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from bertxml import faults
 from bertxml.config import Config
 
 log = logging.getLogger("bertxml.warehouse")
@@ -118,12 +119,23 @@ def check_schema(df: DataFrame, expected: T.StructType, what: str) -> DataFrame:
     return df.select(*[df[actual[f.name.lower()].name].cast(f.dataType).alias(f.name) for f in expected.fields])
 
 
+def sql_string(value: str) -> str:
+    """A Spark SQL string literal of value (quotes and backslashes escaped)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def local_frame(spark: SparkSession, rows: list[tuple], schema: T.StructType) -> DataFrame:
     """A small DataFrame from rows held by the driver, through pandas and Arrow: unlike a list passed to
     createDataFrame, it starts no Python worker (a second or two in a job that has none running)."""
     import pandas as pd
 
     return spark.createDataFrame(pd.DataFrame(rows, columns=schema.fieldNames()), schema)
+
+
+def _has_commit(log_dir: Path) -> bool:
+    """Whether a Delta log folder holds a commit (`<version>.json`, or a checkpoint after log cleanup)."""
+    return log_dir.is_dir() and any(p.name.split(".")[0].isdigit() for p in log_dir.iterdir()
+                                    if p.name.endswith(".json") or ".checkpoint" in p.name)
 
 
 @dataclass
@@ -158,7 +170,8 @@ class Warehouse:
         root = self.workdir / "tables"
         for log_dir in sorted(root.glob("*/*/_delta_log")) if root.exists() else []:
             table_dir = log_dir.parent
-            found.append(self._register(f"{table_dir.parent.name}.{table_dir.name}"))
+            if _has_commit(log_dir):  # a first write killed before its commit leaves a log folder, no table
+                found.append(self._register(f"{table_dir.parent.name}.{table_dir.name}"))
         from bertxml.views import create_views
 
         create_views(self)
@@ -180,7 +193,7 @@ class Warehouse:
 
     def exists(self, name: str) -> bool:
         if self.path_mode:
-            return (self.path(name) / "_delta_log").exists()
+            return _has_commit(self.path(name) / "_delta_log")
         return self.spark.catalog.tableExists(name)
 
     # ---- reads ---------------------------------------------------------------------------------------
@@ -306,27 +319,30 @@ class Warehouse:
             writer = writer.option("overwriteSchema", "true")
         if metadata:
             writer = writer.option("userMetadata", metadata)
-        if self.path_mode:
-            writer.save(str(self.path(name)))
-            self._register(name)
-        else:
-            writer.saveAsTable(name)
+        with faults.during_write(name, self.path(name)):
+            if self.path_mode:
+                writer.save(str(self.path(name)))
+                self._register(name)
+            else:
+                writer.saveAsTable(name)
         version = self.version(name)
         log.info("wrote %s (Delta version %s, %s)", name, version,
                  f"replaceWhere {replace_where}" if replace_where else mode)
         return version
 
-    def merge(self, df: DataFrame, name: str, keys: list[str]) -> int:
-        """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it if absent."""
+    def merge(self, df: DataFrame, name: str, keys: list[str], partition_by: tuple[str, ...] = ()) -> int:
+        """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it (laid out by
+        `partition_by`) if absent. To make a set of rows exactly df's, use `write(replace_where=...)`."""
         from delta.tables import DeltaTable
 
         if not self.exists(name):
-            return self.write(df, name)
+            return self.write(df, name, partition_by=partition_by)
         target = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
                   else DeltaTable.forName(self.spark, name))
         condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
-        (target.alias("t").merge(df.alias("s"), condition)
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+        with faults.during_write(name, self.path(name)):
+            (target.alias("t").merge(df.alias("s"), condition)
+             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
         version = self.version(name)
         log.info("merged into %s on %s (Delta version %s)", name, ", ".join(keys), version)
         return version

@@ -223,10 +223,10 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     assert wh.table(wh.name(t.MODEL_LABELS)).count() == len(CODES)
     assert {r.code for r in wh.spark.sql("SELECT code FROM bertxml.predicted_codes").collect()} <= set(CODES)
 
-    # A rerun of the night leaves the tables as one run would.
+    # A rerun of the night leaves the tables as one run would: same keys, no row twice.
     run_score(wh, cfg, date=dt.date(2025, 3, 1), model_dir=model_dir)
     again = predictions(wh)
-    assert again.keys() == preds.keys()
+    assert again.keys() == preds.keys() and wh.table(wh.name(t.PREDICTIONS)).count() == len(preds)
     for key, r in preds.items():
         np.testing.assert_allclose(again[key].probabilities, r.probabilities, atol=1e-6)
         assert again[key].predicted_codes == r.predicted_codes and again[key].n_chunks == r.n_chunks
@@ -250,6 +250,32 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     assert len(runs) == 5 and {r.status for r in runs} == {"succeeded"}
     counts = json.loads(sorted(runs, key=lambda r: r.started_at)[0].counts)
     assert counts["chunks"] >= 7 and counts["notes_per_s"] > 0
+    assert wh.table(wh.name(t.PREDICTIONS)).inputFiles() and _partition_columns(wh) == ["note_date"]
+
+    # Night 1 rerun after the feed changed: n4 now erroneous, n2 gone. Their old rows go in the same MERGE;
+    # night 2 and the other model version's rows stay as they were.
+    before = predictions(wh)
+    changed = [r for r in NIGHT1 if r[0] not in ("n2", "n4")] + [note("n4", D1, NIGHT1[3][-1], status="erroneous")]
+    write_notes(wh, changed + NIGHT2, bad_utf8=BAD)
+    run_score(wh, cfg, date=D1, model_dir=model_dir)
+    after = predictions(wh)
+    assert wh.table(wh.name(t.PREDICTIONS)).count() == len(after) == len(before) - 2
+    assert set(before) - set(after) == {("n2", "bertxml-test-a"), ("n4", "bertxml-test-a")}
+    for key in [k for k in after if k[0] in ("m1", "m2")]:
+        assert after[key].run_id == before[key].run_id          # another night: not rewritten
+    assert sorted(r.note_id for r in wh.table(wh.name(t.REJECTS)).filter(
+        "job = 'score' AND reason = 'dropped_status'").collect()) == ["err", "n4"]
+
+    # Every note of the night now rejected: the rerun only deletes the night's rows.
+    write_notes(wh, [note(n, D1, "bp ok") for n in ("n1", "n3", "dup")] + NIGHT2)
+    assert run_score(wh, cfg, date=D1, model_dir=model_dir)["notes_scored"] == 0
+    assert {k[0] for k in predictions(wh)} == {"m1", "m2"} and wh.table(wh.name(t.PREDICTIONS)).count() == 4
+
+
+def _partition_columns(wh):
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forPath(wh.spark, str(wh.path(wh.name(t.PREDICTIONS)))).detail().first().partitionColumns
 
 
 def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
