@@ -1,5 +1,6 @@
 """The deploy path: configs shipped in the package, conf/prod.yaml, the job definitions in deploy/ (each
 command parsed by bertxml's own parser), and a built wheel that runs a job from outside the repository."""
+import argparse
 import ast
 import datetime as dt
 import json
@@ -49,6 +50,12 @@ def check_bertxml_command(argv: list[str]):
         args = parser.parse_args(argv)
     except SystemExit:
         pytest.fail(f"bertxml rejects {argv}")
+    # argparse also takes unambiguous abbreviations (--dat for --date): a job file spells options out, so a
+    # later option sharing the prefix cannot change what it means
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = subparsers.choices[args.command]._option_string_actions
+    inexact = [tok for tok in argv if tok.startswith("-") and tok.partition("=")[0] not in known]
+    assert not inexact, f"bertxml {argv}: options not spelled out: {inexact}"
     try:
         cfg = load_config(args.conf, args.set, getattr(args, "size", None))
     except ConfigError as exc:
