@@ -7,8 +7,9 @@
     bertxml demo                             # the main job end to end on the embedded default
     bertxml compare                          # the paper's Tables 2-3 on this warehouse (bertxml.model_comparison)
 
-Every command takes --workdir DIR (default ./warehouse), --conf FILE (YAML over the defaults, repeatable)
-and --set section.key=value (repeatable). Exit status 0 on success, 1 on a job error, 2 on bad usage.
+Every command takes --workdir DIR (default ./warehouse), --conf FILE|NAME (YAML over the defaults,
+repeatable; a bare NAME such as `prod` is a config shipped in bertxml/conf/) and --set section.key=value
+(repeatable). Exit status 0 on success, 1 on a job error, 2 on bad usage.
 """
 from __future__ import annotations
 
@@ -151,11 +152,16 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def _model_dir(args, wh) -> str | None:
+    """--model, else score.model_dir from the config, else None (the newest under WORKDIR/models)."""
+    return args.model or wh.cfg.score.model_dir or None
+
+
 def cmd_score(args) -> int:
     from bertxml.score import run_score
 
     wh = open_warehouse(args, "score")
-    result = run_score(wh, wh.cfg, date=args.date, since_last=args.since_last, model_dir=args.model,
+    result = run_score(wh, wh.cfg, date=args.date, since_last=args.since_last, model_dir=_model_dir(args, wh),
                        notes_source=args.notes)
     print(json.dumps(result, default=str))
     return 0
@@ -166,7 +172,7 @@ def cmd_evaluate(args) -> int:
 
     wh = open_warehouse(args, "evaluate")
     result = run_evaluate(wh, wh.cfg, split=args.split, date=args.date, date_from=args.date_from,
-                          date_to=args.date_to, model_dir=args.model, notes_source=args.notes,
+                          date_to=args.date_to, model_dir=_model_dir(args, wh), notes_source=args.notes,
                           diagnoses_source=args.diagnoses)
     print(json.dumps(result, default=str))
     return 0
@@ -176,7 +182,8 @@ def cmd_explain(args) -> int:
     from bertxml.explain import run_explain
 
     wh = open_warehouse(args, "explain")
-    result = run_explain(wh, wh.cfg, args.note_id, code=args.code, model_dir=args.model, html_path=args.html)
+    result = run_explain(wh, wh.cfg, args.note_id, code=args.code, model_dir=_model_dir(args, wh),
+                         html_path=args.html)
     return 0 if result else 1
 
 
@@ -201,8 +208,9 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workdir", default="warehouse", help="warehouse root (default ./warehouse)")
-    common.add_argument("--conf", action="append", default=[], metavar="FILE",
-                        help="YAML config over the defaults (repeatable, later wins)")
+    common.add_argument("--conf", action="append", default=[], metavar="FILE|NAME",
+                        help="YAML config over the defaults (repeatable, later wins): a path, or the name "
+                             "of one shipped in bertxml/conf/ (local, prod, codiesp)")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable)")
     common.add_argument("-v", "--verbose", action="store_true")
@@ -229,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--corpus", action="append", metavar="SOURCE",
                         help="unlabelled text (table or parquet:PATH with a text column), repeatable")
     sized = argparse.ArgumentParser(add_help=False)
-    sized.add_argument("--size", choices=["tiny", "small", "big"], help="model preset (conf/model/SIZE.yaml)")
+    sized.add_argument("--size", choices=["tiny", "small", "big"], help="model preset (bertxml/conf/model/SIZE.yaml)")
 
     p = sub.add_parser("vocab", parents=[common, corpus], help="train the EHR WordPiece vocabulary")
     p.add_argument("--out", help="vocabulary folder (default WORKDIR/vocab)")
@@ -263,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", help="note_date to score (default: yesterday, UTC)")
     p.add_argument("--since-last", action="store_true",
                    help="rescore every night holding a note this model has neither scored nor rejected")
-    p.add_argument("--model", help="model folder (default: the newest under WORKDIR/models)")
+    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
     p.add_argument("--notes", metavar="SOURCE", help="notes: a table name or parquet:/csv:/delta:PATH")
     p.set_defaults(func=cmd_score)
 
@@ -272,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date")
     p.add_argument("--from", dest="date_from")
     p.add_argument("--to", dest="date_to")
-    p.add_argument("--model", help="model folder (default: the newest under WORKDIR/models)")
+    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
     p.add_argument("--notes", metavar="SOURCE")
     p.add_argument("--diagnoses", metavar="SOURCE")
     p.set_defaults(func=cmd_evaluate)
@@ -289,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", parents=[common], help="label attention for one note (shows PHI: opt-in)")
     p.add_argument("note_id")
     p.add_argument("--code")
-    p.add_argument("--model")
+    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
     p.add_argument("--html", help="write an attention-shaded HTML rendering here")
     p.set_defaults(func=cmd_explain)
 

@@ -1,19 +1,25 @@
 """Typed configuration: one dataclass per concern, defaults commented, overridden by YAML and `--set`.
 
-Resolution order: the defaults below, then `conf/local.yaml`-style files given with `--conf`, then
+Resolution order: the defaults below, then the YAML files given with `--conf`, then
 `--set section.key=value` pairs. Unknown sections or keys are errors that name the key, so a typo never
 silently falls back to a default. The resolved config is saved with every model and every report.
+
+The shipped YAML lives inside the package, in `bertxml/conf/` (the repository's `conf/` is a link to it),
+so an installed wheel finds it from any folder: `--conf local`, `--conf prod`, `--conf codiesp` name
+`bertxml/conf/<NAME>.yaml`, and the model presets are `bertxml/conf/model/<size>.yaml`. A `--conf` value
+with a `/` or a `.yaml`/`.yml` suffix is a file path instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"   # package data: ships in the wheel
 
 
 class ConfigError(ValueError):
@@ -106,7 +112,7 @@ class VocabConfig:
 
 @dataclass
 class ModelConfig:
-    hidden_size: int = 128              # presets in conf/model/{tiny,small,big}.yaml (paper Table 1)
+    hidden_size: int = 128              # presets in bertxml/conf/model/{tiny,small,big}.yaml (paper Table 1)
     num_hidden_layers: int = 2
     num_attention_heads: int = 2
     intermediate_size: int = 512
@@ -183,6 +189,8 @@ class ScoreConfig:
                                         # force it. GPUs autocast to bf16 where they support it
     partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
+    model_dir: str = ""                 # model folder for score/evaluate/explain when --model is not given;
+                                        # "": the newest under WORKDIR/models (pin one in production)
 
 
 @dataclass
@@ -343,8 +351,29 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def packaged_configs() -> list[str]:
+    """The names `--conf NAME` accepts: the YAML files shipped in bertxml/conf/."""
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def resolve_conf(spec: str | Path) -> Path:
+    """A `--conf` value -> the YAML file it means.
+
+    A bare name (no path separator, no .yaml/.yml suffix) is a config shipped in the package
+    (`prod` -> bertxml/conf/prod.yaml); anything else is a path, relative to the working folder.
+    """
+    text = str(spec)
+    if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        return Path(text)
+    path = CONF_DIR / f"{text}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no packaged config {text!r}; choose one of {packaged_configs()} "
+                          f"or give a path to a .yaml file")
+    return path
+
+
 def model_preset(size: str) -> dict:
-    """conf/model/<size>.yaml as a dict of ModelConfig fields (paper Table 1 for small and big)."""
+    """bertxml/conf/model/<size>.yaml as a dict of ModelConfig fields (paper Table 1 for small and big)."""
     path = CONF_DIR / "model" / f"{size}.yaml"
     if not path.exists():
         choices = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -354,10 +383,11 @@ def model_preset(size: str) -> dict:
 
 def load_config(conf_files: list[str] | None = None, sets: list[str] | None = None,
                 size: str | None = None) -> Config:
-    """Defaults, then each YAML file in order, then a model size preset, then `--set` pairs."""
+    """Defaults, then each YAML file in order (a path or a packaged name, see `resolve_conf`), then a
+    model size preset, then `--set` pairs."""
     cfg = Config()
-    for path in conf_files or []:
-        data = load_yaml(path)
+    for spec in conf_files or []:
+        data = load_yaml(resolve_conf(spec))
         preset = data.pop("model_size", None)
         if preset:
             apply_overrides(cfg, {"model": model_preset(preset)})
