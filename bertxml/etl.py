@@ -296,8 +296,9 @@ def etl_snapshot(wh, run_id: str) -> EtlSnapshot:
     for what in INPUTS:
         read = run["inputs"].get(what) or {}
         if read.get("version") is None:
-            raise ReplayError(f"etl run {run_id} read its {what} from {read.get('source') or 'a source it did not record'}, "
-                              "which is not a Delta table: there is no version of it to read again")
+            raise ReplayError(f"etl run {run_id} recorded no Delta version of its {what} "
+                              f"({read.get('source') or 'source not recorded'}): only a Delta table's version "
+                              "can be read again (a parquet/csv/json file cannot)")
         inputs[what] = {"source": read["source"], "version": int(read["version"])}
     return EtlSnapshot(run_id, inputs, (run["config"] or {}).get("etl") or {})
 
