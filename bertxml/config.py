@@ -20,6 +20,24 @@ class ConfigError(ValueError):
     """A config file or `--set` value that does not fit the schema."""
 
 
+PRECISION_SETTINGS = ("auto", "true", "false")
+
+
+def precision_setting(value) -> str:
+    """A precision setting ('auto', true or false; yes/no/1/0 too) -> 'auto', 'true' or 'false'.
+    What 'auto' means per device: `bertxml.precision.decide_precision`."""
+    text = str(value).strip().lower()
+    text = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(text, text)
+    if text not in PRECISION_SETTINGS:
+        raise ConfigError(f"a precision setting must be auto, true or false, got {value!r}")
+    return text
+
+
+def precision_field():
+    """A config field holding a precision setting, checked when the config is loaded."""
+    return field(default="auto", metadata={"check": precision_setting})
+
+
 @dataclass
 class SparkConfig:
     master: str = "local[*]"            # a cluster's spark-submit overrides this
@@ -105,7 +123,8 @@ class PretrainConfig:
     max_len: int = 512                  # chunk length read from bertxml.chunks (run `tokenize` for it)
     grad_accum: int = 1                 # micro-batches per optimizer step
     clip: float = 1.0                   # gradient norm clipping; 0 turns it off
-    bf16: bool = True                   # autocast where the hardware has it
+    bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
+                                        # (bertxml.precision); true/false force it
     log_every: int = 20                 # steps between log lines (loss, mlm, nsp, lr, tokens/s)
     seed: int = 13                      # model init, batch order per epoch, masking per step
     threads: int = 0                    # torch CPU threads; 0 leaves torch's default
@@ -125,7 +144,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1                 # linear warm-up over 10%, then linear decay to 0
     clip: float = 1.0
-    bf16: bool = True                   # autocast where the hardware has it
+    bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
+                                        # (bertxml.precision); true/false force it. The BiGRU baseline too
     log_every: int = 20
     eval_every: int = 0                 # 0: evaluate on dev at each epoch end
     seed: int = 13
@@ -149,9 +169,9 @@ class ScoreConfig:
     max_replacement_share: float = 0.01  # more U+FFFD than this share of a note's characters: 'bad_text'
     device: str = "auto"                # "auto": the Spark task's GPU, else CUDA if present, else CPU
     num_threads: int = 0                # torch threads per worker; 0: the task's CPUs (spark.task.cpus)
-    cpu_bf16: str = "auto"              # bf16 on the CPU (weights cast once): "auto" = where the CPU has
-                                        # native bf16 (AVX512-BF16, AMX); true/false force it. GPUs always
-                                        # use bf16 autocast
+    cpu_bf16: str = precision_field()   # bf16 on the CPU (weights cast once): "auto" = where the CPU has
+                                        # native bf16 (AVX512-BF16, AMX; bertxml.precision); true/false
+                                        # force it. GPUs autocast to bf16 where they support it
     partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
 
@@ -277,11 +297,18 @@ def apply_overrides(cfg: Config, overrides: dict) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
         target = getattr(cfg, section)
-        types = {f.name: f.type for f in dataclasses.fields(target)}
+        fields = {f.name: f for f in dataclasses.fields(target)}
         for key, value in values.items():
-            if key not in types:
+            if key not in fields:
                 raise ConfigError(f"unknown config key {section}.{key}")
-            setattr(target, key, _coerce(value, types[key], f"{section}.{key}"))
+            value = _coerce(value, fields[key].type, f"{section}.{key}")
+            check = fields[key].metadata.get("check")
+            if check is not None:
+                try:
+                    value = check(value)
+                except ValueError as err:
+                    raise ConfigError(f"config key {section}.{key}: {err}") from None
+            setattr(target, key, value)
     return cfg
 
 

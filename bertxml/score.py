@@ -15,7 +15,8 @@ What a run does, each table written in ONE Delta transaction:
    date, rewritten with replaceWhere so a rerun never duplicates), never to the model;
 2. scores the rest through an iterator pandas UDF (`mapInPandas`) whose Python worker loads the model
    ONCE (`make_predict_fn`, cached per process), takes its GPU from `TaskContext.resources()["gpu"]` when
-   the cluster schedules GPUs, starts CUDA there and never on the driver, and uses bf16 autocast on GPU;
+   the cluster schedules GPUs, starts CUDA there and never on the driver, and autocasts to bf16 on a GPU
+   that supports it (`bertxml.precision`);
 3. MERGEs the notes' rows into `bertxml.predictions` on (note_id, model_version): rerunning a night leaves
    the table as one run would. The model's label vocabulary is merged into `bertxml.model_labels` on
    (model_version, label_index), and the analyst views are refreshed.
@@ -258,25 +259,6 @@ def resolve_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 scoring pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def use_cpu_bf16(setting) -> bool:
-    """score.cpu_bf16 ('auto', true or false) -> whether to score in bf16 on the CPU."""
-    value = str(setting).strip().lower()
-    if value == "auto":
-        return native_cpu_bf16()
-    if value in ("true", "1", "yes", "false", "0", "no"):
-        return value in ("true", "1", "yes")
-    raise ValueError(f"score.cpu_bf16 must be auto, true or false, got {setting!r}")
-
-
 def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int):
     """Note texts -> (each note's first `max_chunks` chunks, word pieces per note (of the text read),
     truncated (n,): the note had more chunks, or more than max_chunks * max_len * CHARS_PER_TOKEN_CAP
@@ -320,6 +302,7 @@ class BertScorer:
         import torch
 
         from bertxml.model import load_model
+        from bertxml.precision import decide_precision
         from bertxml.vocab import load_tokenizer
 
         self.info = read_model_info(model_dir, threshold_default)
@@ -338,18 +321,20 @@ class BertScorer:
         self.token_budget = self.batch_size * self.max_len
         self.max_chunks = max(1, int(max_chunks_per_note))
         self.pad_id = int(self.model.config.pad_token_id or 0)
-        # GPU: bf16 autocast (fp32 weights, bf16 matmuls). CPU with cpu_bf16: the weights are cast to bf16
-        # once, because CPU autocast re-casts every weight on every pass and ends up slower than fp32.
-        self.autocast = self.device.type == "cuda"
-        self.bf16 = self.autocast or (self.device.type == "cpu" and use_cpu_bf16(cpu_bf16))
+        # GPU: bf16 autocast where it supports bf16 (fp32 weights, bf16 matmuls). CPU: cpu_bf16 decides, and
+        # the weights are cast to bf16 once, because CPU autocast re-casts every weight on every pass and
+        # ends up slower than fp32.
+        self.precision = decide_precision(self.device, cpu_bf16 if self.device.type == "cpu" else "auto")
+        self.bf16 = self.precision.bf16
+        self.autocast = self.bf16 and self.device.type == "cuda"
         # The label attention: one SDPA call, or on a bf16 CPU label blocks (CPU SDPA runs bf16 at fp32 speed).
         attend = label_attention_blocked if self.bf16 and not self.autocast else label_attention_sdpa
         self.fused_head = (attend if self.model.head_type == "bertxml"
                            and fused_head_matches(self.model, self.device, attend) else None)
         if self.bf16 and not self.autocast:
             self.model.to(torch.bfloat16)
-        log.info("scorer %s (%s, %d labels, max_len %d) on %s%s", self.info.model_version, self.info.model_kind,
-                 self.info.n_labels, self.max_len, self.device, " bf16" if self.bf16 else "")
+        log.info("scorer %s (%s, %d labels, max_len %d), precision %s", self.info.model_version,
+                 self.info.model_kind, self.info.n_labels, self.max_len, self.precision)
 
     # texts -> chunks ---------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> tuple[list[list[list[int]]], np.ndarray, np.ndarray]:

