@@ -262,7 +262,8 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
                              dev_metrics=dev_metrics, parameters=parameters, train_seconds=seconds,
                              tokenizer_file=inputs.tokenizer_file, label_vocab=inputs.labels,
                              thresholds={c: float(th) for c, th in zip(codes, thresholds)},
-                             extra={**extra, "tokenizer_sha256": inputs.extra.get("tokenizer_sha256")})
+                             extra={**extra, "tokenizer_sha256": inputs.extra.get("tokenizer_sha256"),
+                                    "etl_run": inputs.extra.get("etl_run")})
     log.info("%s %s: dev macro AUC %s, micro AUC %s -> %s", inputs.model_kind, inputs.model_version,
              fmt_metric(dev_metrics.get("macro_auc")), fmt_metric(dev_metrics.get("micro_auc")), out_dir)
     return out_dir

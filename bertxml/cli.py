@@ -60,7 +60,7 @@ def cmd_etl(args) -> int:
     if args.min_code_count is not None:
         args.set = (args.set or []) + [f"etl.min_code_count={args.min_code_count}"]
     wh = open_warehouse(args, "etl")
-    result = run_etl(wh, wh.cfg, args.notes, args.diagnoses, args.as_of_version, args.as_of_timestamp)
+    result = run_etl(wh, wh.cfg, args.notes, args.diagnoses, args.as_of_run, args.as_of_timestamp)
     print(json.dumps(result, default=str))
     return 0
 
@@ -146,7 +146,7 @@ def cmd_retrain(args) -> int:
     from bertxml.retrain import run_retrain
 
     wh = open_warehouse(args, "retrain")
-    out = run_retrain(wh, wh.cfg, as_of_version=args.as_of_version, as_of_timestamp=args.as_of_timestamp,
+    out = run_retrain(wh, wh.cfg, as_of_run=args.as_of_run, as_of_timestamp=args.as_of_timestamp,
                       notes_source=args.notes, diagnoses_source=args.diagnoses, out_dir=args.out)
     print(out)
     return 0
@@ -205,6 +205,18 @@ def cmd_demo(args) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------------
+class RemovedOption(argparse.Action):
+    """An option that no longer exists: using it is bad usage (exit 2) with a message naming what replaces
+    it, so an old script stops rather than running without it."""
+
+    def __init__(self, option_strings, dest, replacement: str, reason: str, **kwargs):
+        self.replacement, self.reason = replacement, reason
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was removed ({self.reason}): use {self.replacement}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workdir", default="warehouse", help="warehouse root (default ./warehouse)")
@@ -218,8 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = argparse.ArgumentParser(add_help=False)
     inputs.add_argument("--notes", metavar="SOURCE", help="notes: a table name or parquet:/csv:/delta:PATH")
     inputs.add_argument("--diagnoses", metavar="SOURCE", help="diagnoses: a table name or parquet:/csv:/delta:PATH")
-    inputs.add_argument("--as-of-version", type=int, help="read the input Delta tables as of this version")
-    inputs.add_argument("--as-of-timestamp", help="read the input Delta tables as of this timestamp")
+    as_of = inputs.add_mutually_exclusive_group()
+    as_of.add_argument("--as-of-run", metavar="RUN_ID",
+                       help="replay an etl run: every input at the Delta version it read (bertxml.job_runs)")
+    as_of.add_argument("--as-of-timestamp", metavar="T",
+                       help="read every input Delta table as of this time (UTC unless it has an offset)")
+    inputs.add_argument("--as-of-version", action=RemovedOption, nargs="?", help=argparse.SUPPRESS,
+                        replacement="--as-of-run RUN_ID (the etl run whose inputs to read again) or --as-of-timestamp T",
+                        reason="one version number cannot pin two tables")
 
     parser = argparse.ArgumentParser(prog="bertxml", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a job error: logged with its cause, non-zero exit for the scheduler
+        etl = sys.modules.get("bertxml.etl")  # loaded when the error came from it
+        if etl is not None and isinstance(exc, etl.ReplayError):  # an --as-of-run with no run to replay
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         log.error("%s failed: %s: %s", args.command, type(exc).__name__, exc)
         if args.verbose:
             raise

@@ -402,6 +402,29 @@ def chunks_metadata(path: str | Path, version: int, max_len: int) -> dict | None
     return None
 
 
+def etl_lineage(source, name: str, path: str | None, version: int | None) -> dict | None:
+    """The ETL run that wrote this version of labeled_notes and what it read: {"run_id", "inputs": {"notes":
+    {"source", "version", ...}, "diagnoses": {...}}}, from the lineage bertxml.etl leaves in the commit's
+    userMetadata (a Warehouse asks it; a workdir's Delta log is read as JSON, no JVM). None when the commit
+    holds none (a table written by something else, or a commit file cleaned up after a checkpoint)."""
+    if version is None:
+        return None
+    if hasattr(source, "spark"):
+        meta = source.commit_metadata(name, version)
+    else:
+        commit = Path(path) / "_delta_log" / f"{int(version):020d}.json"
+        infos = [json.loads(line).get("commitInfo") for line in commit.read_text().splitlines()
+                 if line.strip()] if commit.exists() else []
+        text = next((i.get("userMetadata") for i in infos if i and i.get("userMetadata")), None)
+        try:
+            meta = json.loads(text) if text else None
+        except json.JSONDecodeError:
+            meta = None
+    if not isinstance(meta, dict) or not meta.get("run_id"):
+        return None
+    return {"run_id": meta["run_id"], "inputs": meta.get("inputs") or {}}
+
+
 def _source_tables(source, cfg: Config) -> dict:
     """{short: (qualified name, Delta folder, version)} for the tables training reads, from a Warehouse or a
     path-mode workdir. Path mode reads the latest versions from the Delta logs (no Spark job needed);
@@ -491,6 +514,7 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
                          max_len=max_len, labels=labels, tokenizer_file="", versions=versions,
                          labeled_notes_path=notes_path, labeled_notes_version=notes_version,
                          encoder_dir=str(encoder_dir) if encoder_dir else None, init=str(init) if init else None)
+    meta = None
     if init:
         # The checkpoint's vocabulary, saved (no truncation) as the model's tokenizer.json for scoring.
         tokenizer_file = out_dir / modeldir.TOKENIZER_FILE
@@ -513,8 +537,20 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
                              f"({meta['tokenizer_sha256'][:12]}) than {tokenizer_file} ({sha[:12]}): "
                              "run `bertxml tokenize` with this vocabulary")
     inputs.extra["tokenizer_sha256"] = file_sha256(inputs.tokenizer_file)
-    log.info("training inputs: %s; %d labels; tokenizer %s; out %s", versions, len(labels),
-             inputs.tokenizer_file, out_dir)
+    # The training set's notes: the labeled_notes version the chunks were made from (tokenize records it),
+    # or the one read here for an `init` checkpoint.
+    trained_notes = notes_version
+    if inputs.chunks_path and meta and meta.get("labeled_notes_version") is not None:
+        trained_notes = int(meta["labeled_notes_version"])
+        if trained_notes != notes_version:
+            log.warning("the chunks for max_len %d were made from %s version %d, not its latest (%d): run "
+                        "`bertxml tokenize` to train on the latest ETL", max_len, notes_name, trained_notes,
+                        notes_version)
+    lineage = etl_lineage(source, notes_name, notes_path, trained_notes)
+    inputs.extra["etl_run"] = {**lineage, "labeled_notes_version": trained_notes} if lineage else None
+    read = {r.get("source"): r.get("version") for r in (lineage or {}).get("inputs", {}).values()}
+    log.info("training inputs: %s; written by etl run %s from %s; %d labels; tokenizer %s; out %s", versions,
+             (lineage or {}).get("run_id", "-"), read or "-", len(labels), inputs.tokenizer_file, out_dir)
     return inputs
 
 

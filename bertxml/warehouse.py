@@ -13,6 +13,7 @@ as it was and a rerun never duplicates rows.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -124,6 +125,23 @@ def sql_string(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def log_version(folder: str | Path) -> int | None:
+    """The latest version of a local Delta folder, off its log (every commit writes `<version>.json`)."""
+    commits = (p.stem for p in (Path(folder) / "_delta_log").glob("*.json"))
+    return max((int(stem) for stem in commits if stem.isdigit()), default=None)
+
+
+def parse_utc_timestamp(text: str) -> dt.datetime:
+    """'2024-06-01', '2024-06-01 02:30:00' or '2024-06-01T02:30:00+02:00' as an aware UTC datetime (UTC
+    when no offset is given); ValueError naming the text otherwise."""
+    try:
+        when = dt.datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a timestamp: expected e.g. 2024-06-01, 2024-06-01 02:30:00 "
+                         "or 2024-06-01T02:30:00+02:00 (UTC unless an offset is given)") from None
+    return (when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when).astimezone(dt.timezone.utc)
+
+
 def local_frame(spark: SparkSession, rows: list[tuple], schema: T.StructType) -> DataFrame:
     """A small DataFrame from rows held by the driver, through pandas and Arrow: unlike a list passed to
     createDataFrame, it starts no Python worker (a second or two in a job that has none running)."""
@@ -200,14 +218,17 @@ class Warehouse:
     def table(self, name: str, version: int | None = None, timestamp: str | None = None) -> DataFrame:
         """A Delta table by name, optionally as of a version or timestamp (time travel)."""
         if not self.exists(name):
-            raise FileNotFoundError(f"table {name} does not exist in the warehouse at {self.workdir}"
-                                    if self.path_mode else f"table {name} does not exist")
+            raise self._missing(name)
         reader = self.spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", int(version))
         if timestamp is not None:
             reader = reader.option("timestampAsOf", timestamp)
         return reader.load(str(self.path(name))) if self.path_mode else reader.table(name)
+
+    def _missing(self, name: str) -> FileNotFoundError:
+        return FileNotFoundError(f"table {name} does not exist in the warehouse at {self.workdir}"
+                                 if self.path_mode else f"table {name} does not exist")
 
     def version(self, name: str) -> int | None:
         """The table's latest Delta version, or None if it does not exist.
@@ -218,51 +239,102 @@ class Warehouse:
         if not self.exists(name):
             return None
         if self.path_mode:
-            commits = (p.stem for p in (self.path(name) / "_delta_log").glob("*.json"))
-            return max((int(stem) for stem in commits if stem.isdigit()), default=None)
+            return log_version(self.path(name))
         from delta.tables import DeltaTable
 
         return int(DeltaTable.forName(self.spark, name).history(1).select("version").first()[0])
 
-    def rows_written(self, name: str, version: int) -> int | None:
-        """How many rows the commit of `version` wrote (Delta's operationMetrics.numOutputRows), or None
-        when the commit does not say. Path mode reads the commit file itself; no Spark job."""
+    def _delta_table(self, fmt: str, where: str):
+        """delta.tables.DeltaTable of a catalog table (`fmt` 'table') or a Delta folder (`fmt` 'delta')."""
+        from delta.tables import DeltaTable
+
+        if fmt == "delta":
+            return DeltaTable.forPath(self.spark, where)
+        return (DeltaTable.forPath(self.spark, str(self.path(where))) if self.path_mode
+                else DeltaTable.forName(self.spark, where))
+
+    def version_at(self, fmt: str, where: str, timestamp: str, what: str = "table") -> int:
+        """The version of a Delta table (`fmt` 'table') or folder (`fmt` 'delta') as of `timestamp`: its
+        latest commit at or before then, by the commit times Delta's history reports (the ones its own
+        timestampAsOf uses). A timestamp without an offset is UTC.
+
+        Unlike timestampAsOf, a time after the latest commit is allowed (the table has not changed since),
+        so one timestamp pins tables that change at different times; a time still to come is refused,
+        since a commit could still land before it."""
+        from pyspark.sql import functions as F
+
+        when = parse_utc_timestamp(timestamp)
+        if when > dt.datetime.now(dt.timezone.utc):
+            raise ValueError(f"{what}: as of {timestamp}: that time is still to come, and the table could "
+                             "still change before it")
+        history = self._delta_table(fmt, where).history().select("version", "timestamp")
+        cutoff = F.lit(when.strftime("%Y-%m-%d %H:%M:%S.%f")).cast("timestamp")  # the session's zone is UTC
+        row = history.agg(F.max(F.when(F.col("timestamp") <= cutoff, F.col("version"))).alias("version"),
+                          F.date_format(F.min("timestamp"), "yyyy-MM-dd HH:mm:ss.SSS").alias("first")).first()
+        if row["version"] is None:
+            raise ValueError(f"{what}: as of {timestamp}: {where} has no version that old (its oldest "
+                             f"commit in the log is at {row['first']} UTC)")
+        return int(row["version"])
+
+    def _commit_info(self, name: str, version: int) -> dict:
+        """commitInfo of one commit of a table of ours. Path mode reads the commit file (no Spark job); a
+        commit file cleaned up after a checkpoint gives {}."""
         if self.path_mode:
             commit = self.path(name) / "_delta_log" / f"{int(version):020d}.json"
+            if not commit.exists():
+                return {}
             actions = (json.loads(line) for line in commit.read_text().splitlines() if line.strip())
-            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
-        else:
-            from delta.tables import DeltaTable
+            return next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+        from delta.tables import DeltaTable
 
-            row = (DeltaTable.forName(self.spark, name).history().filter(f"version = {int(version)}")
-                   .select("operationMetrics").first())
-            info = {"operationMetrics": row[0] if row else None}
-        rows = (info.get("operationMetrics") or {}).get("numOutputRows")
+        row = (DeltaTable.forName(self.spark, name).history().filter(f"version = {int(version)}")
+               .select("operationMetrics", "userMetadata").first())
+        return row.asDict() if row else {}
+
+    def rows_written(self, name: str, version: int) -> int | None:
+        """How many rows the commit of `version` wrote (Delta's operationMetrics.numOutputRows), or None
+        when the commit does not say."""
+        rows = (self._commit_info(name, version).get("operationMetrics") or {}).get("numOutputRows")
         return int(rows) if rows is not None else None
+
+    def commit_metadata(self, name: str, version: int) -> dict | None:
+        """The JSON a job of ours left in the commit of `version` (Delta's userMetadata: the ETL's lineage,
+        the tokenizer of the chunks), or None when there is none."""
+        meta = self._commit_info(name, version).get("userMetadata")
+        try:
+            return json.loads(meta) if meta else None
+        except json.JSONDecodeError:
+            return None
 
     def read_source(self, spec: str, schema: T.StructType, what: str, version: int | None = None,
                     timestamp: str | None = None) -> tuple[DataFrame, dict]:
         """Read a SOURCE (table name or parquet:/csv:/json:/delta:PATH), check its schema.
 
+        A Delta source (a table name or delta:PATH) is read at one version: `version`, else its version as
+        of `timestamp` (`version_at`), else its latest version now. Every pass of a job over the frame then
+        reads the same snapshot even while the feed appends (the ETL reads the notes more than once), and
+        the read can be repeated exactly (`bertxml etl --as-of-run`).
+
         Returns the frame with exactly `schema`'s columns and a record of what was read
-        ({'source': spec, 'version': n}) for the job's lineage.
+        ({'source': spec, 'version': n or None for a file source, 'timestamp': timestamp}) for the job's lineage.
         """
         fmt, where = parse_source(spec)
+        if version is not None and timestamp is not None:
+            raise ValueError(f"{what}: give a version or a timestamp to read as of, not both")
         if fmt != "table" and fmt != "delta" and (version is not None or timestamp is not None):
-            raise ValueError(f"{what}: --as-of-version/--as-of-timestamp need a Delta source, got {spec}")
-        if fmt == "table":
-            # Pinned to the version recorded, so every pass of a job over it reads the same snapshot even
-            # while the feed appends (the ETL reads the notes more than once).
-            read_version = version if version is not None else (None if timestamp else self.version(where))
-            df = self.table(where, read_version, timestamp)
-        elif fmt == "delta":
-            reader = self.spark.read.format("delta")
-            if version is not None:
-                reader = reader.option("versionAsOf", int(version))
-            if timestamp is not None:
-                reader = reader.option("timestampAsOf", timestamp)
-            df = reader.load(where)
-            read_version = version
+            raise ValueError(f"{what}: reading as of an earlier run or a timestamp needs a Delta source "
+                             f"(a table name or delta:PATH), got {spec}")
+        if fmt in ("table", "delta"):
+            if fmt == "table" and not self.exists(where):
+                raise self._missing(where)
+            if version is None:
+                version = (self.version_at(fmt, where, timestamp, f"{what} ({spec})") if timestamp is not None
+                           else self.version(where) if fmt == "table" else self._folder_version(where))
+            if fmt == "table":
+                df = self.table(where, version)
+            else:
+                df = self.spark.read.format("delta").option("versionAsOf", int(version)).load(where)
+            read_version = int(version)
         elif fmt == "csv":
             df = self.spark.read.schema(schema).option("header", True).option("multiLine", True) \
                 .option("escape", '"').csv(where)
@@ -274,6 +346,15 @@ class Warehouse:
             read_version = None
         return check_schema(df, schema, f"{what} ({spec})"), {"source": spec, "version": read_version,
                                                              "timestamp": timestamp}
+
+    def _folder_version(self, where: str) -> int:
+        """The latest version of a delta:PATH source: off its log folder when local, else Delta's history."""
+        local = Path(where.removeprefix("file:")) / "_delta_log"
+        if "://" not in where and local.is_dir():
+            found = log_version(local.parent)
+            if found is not None:
+                return found
+        return int(self._delta_table("delta", where).history(1).select("version").first()[0])
 
     @contextlib.contextmanager
     def preloaded(self, names: list[str]):
