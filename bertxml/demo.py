@@ -4,8 +4,9 @@ The story is a nightly feed after a pause: the scheduler has been off for the wa
 CATCH_UP_NIGHTS nights. The demo
 1. generates the warehouse (`conf/local.yaml`: 1,500 notes, six weeks of a small hospital) in two commits
    per table: the history, then the paused nights' notes and diagnoses landing late;
-2. retrains (ETL, vocabulary, chunks, pretraining, fine-tuning, dev AUC) on the history commit
-   (`--as-of-version`), so the model has seen none of the nights it then scores;
+2. retrains (ETL, vocabulary, chunks, pretraining, fine-tuning, dev AUC) on the warehouse as it stood
+   when the history had landed (`--as-of-timestamp`), so the model has seen none of the nights it then
+   scores;
 3. catches up as a restarted scheduler would: one `bertxml score --date D` run per missed night;
 4. evaluates those nights (`bertxml evaluate --from --to`): one AUC report per night and one over the span;
 then prints example SQL an analyst would type, with its output. Sizes come from the config (a tiny model
@@ -63,14 +64,10 @@ def catch_up_nights(n: int = CATCH_UP_NIGHTS) -> list[dt.date]:
     return [last - dt.timedelta(days=k) for k in range(n - 1, -1, -1)]
 
 
-def history_version(generated: dict) -> int:
-    """The one Delta version at which both generated tables hold only the history (for `--as-of-version`,
-    which reads notes and diagnoses at the same version)."""
-    versions = set(generated["history_versions"].values())
-    if len(versions) != 1:
-        raise RuntimeError(f"the history commits have different versions {generated['history_versions']}: "
-                           "a job wrote one of the input tables and not the other; run the demo in a new --workdir")
-    return versions.pop()
+def history_landed_at(wh, generated: dict) -> str:
+    """The time the history had landed in both generated tables: the later of their history commits.
+    As of it, each table holds only the history; the late nights commit after it."""
+    return max(wh.commit_time(table, version) for table, version in generated["history_versions"].items())
 
 
 def run_demo(wh) -> int:
@@ -82,10 +79,10 @@ def run_demo(wh) -> int:
     nights = catch_up_nights()
     log.info("demo 1/4: generating %d notes into %s; the nights %s..%s land after the history",
              cfg.generate.notes, wh.workdir, nights[0], nights[-1])
-    version = history_version(run_generate(wh, cfg.generate, land_from=nights[0]))
-    log.info("demo 2/4: retrain on the history, version %d (ETL -> vocabulary -> chunks -> pretraining -> "
-             "fine-tuning -> dev AUC)", version)
-    model_dir = run_retrain(wh, cfg, as_of_version=version)
+    landed_at = history_landed_at(wh, run_generate(wh, cfg.generate, land_from=nights[0]))
+    log.info("demo 2/4: retrain on the warehouse as of %s UTC, before the late nights landed (ETL -> "
+             "vocabulary -> chunks -> pretraining -> fine-tuning -> dev AUC)", landed_at)
+    model_dir = run_retrain(wh, cfg, as_of_timestamp=landed_at)
     for k, night in enumerate(nights, 1):
         log.info("demo 3/4: the scheduler catches up, night %d of %d: scoring %s with %s",
                  k, len(nights), night, model_dir.name)

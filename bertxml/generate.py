@@ -635,8 +635,8 @@ def run_generate(wh, cfg: GenerateConfig, land_from: dt.date | str | None = None
 
     With `land_from` (a date), each table is written in two commits instead, as a feed that delivers its
     last nights late: an overwrite with the rows dated before `land_from` (the history), then an append of
-    the rows dated on or after it. A job that reads the tables as of the history commits (`bertxml etl
-    --as-of-version V`) sees the warehouse as it stood before those nights landed.
+    the rows dated on or after it. A job that reads the tables as of the later history commit's time
+    (`bertxml etl --as-of-timestamp T`) sees the warehouse as it stood before those nights landed.
 
     Returns {"notes", "diagnoses", "patients", "versions": {table: Delta version}, "history_versions":
     {table: version of the history commit} (with `land_from` only), "run_id"}. Logs table names and counts

@@ -276,6 +276,17 @@ class Warehouse:
                              f"commit in the log is at {row['first']} UTC)")
         return int(row["version"])
 
+    def commit_time(self, name: str, version: int) -> str:
+        """The UTC time of one commit of a table, as Delta's history reports it ('YYYY-MM-DD HH:MM:SS.mmm',
+        the form `version_at` and `--as-of-timestamp` take)."""
+        from pyspark.sql import functions as F
+
+        row = (self._delta_table("table", name).history().filter(F.col("version") == int(version))
+               .select(F.date_format("timestamp", "yyyy-MM-dd HH:mm:ss.SSS").alias("at")).first())
+        if row is None:
+            raise ValueError(f"{name} has no version {version} in its log")
+        return row["at"]
+
     def _commit_info(self, name: str, version: int) -> dict:
         """commitInfo of one commit of a table of ours. Path mode reads the commit file (no Spark job); a
         commit file cleaned up after a checkpoint gives {}."""

@@ -1,7 +1,7 @@
 """`bertxml demo`'s data: the nights it scores are full enough for their AUC report to mean something.
 
 The demo itself trains a model (minutes); this runs its warehouse steps on its own config
-(`conf/local.yaml`): the generation with the paused nights landing late, the ETL on the history commit,
+(`conf/local.yaml`): the generation with the paused nights landing late, the ETL as of the history's commits,
 and the nights labelled as `bertxml evaluate --from --to` labels them.
 """
 from collections import defaultdict
@@ -10,7 +10,7 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from bertxml.config import load_config
-from bertxml.demo import CATCH_UP_NIGHTS, catch_up_nights, history_version
+from bertxml.demo import CATCH_UP_NIGHTS, catch_up_nights, history_landed_at
 from bertxml.etl import run_etl
 from bertxml.evaluate import labeled_for_dates
 from bertxml.generate import last_date, run_generate
@@ -30,8 +30,8 @@ def test_demo_nights_hold_dozens_of_notes_and_scoreable_codes(wh, cfg):
     local = load_config([str(LOCAL)])
     cfg.generate, cfg.etl = local.generate, local.etl          # wh.cfg is cfg
     nights = catch_up_nights()
-    version = history_version(run_generate(wh, cfg.generate, land_from=nights[0]))
-    run_etl(wh, cfg, as_of_version=version)
+    landed_at = history_landed_at(wh, run_generate(wh, cfg.generate, land_from=nights[0]))
+    run_etl(wh, cfg, as_of_timestamp=landed_at)
 
     # the model trains on the history only: no note of the scored nights in labeled_notes
     history = wh.table("bertxml.labeled_notes")
