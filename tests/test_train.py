@@ -21,6 +21,7 @@ from bertxml import modeldir
 from bertxml import tables as t
 from bertxml import train as train_mod
 from bertxml.config import Config, ModelConfig
+from bertxml.precision import decide_precision
 from bertxml.data import ChunkSet, bucketed_batches, eval_batches, load_chunks, shard_batches
 from bertxml.train import (auc_metrics, lr_at, make_optimizer, set_lr, optimizer_tensors, load_optimizer_tensors,
                            run_train, tune_thresholds)
@@ -277,7 +278,8 @@ def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
 
     inputs = train_mod.resolve_train_inputs(wh.workdir, cfg, out_dir=tmp_path / "scratch")
     dev = train_mod.load_split(inputs, "dev", Tokenizer.from_file(str(out / "tokenizer.json")))
-    probs = train_mod.predict_notes(load_model(out), dev, 16, torch.device("cpu"), torch.bfloat16, 0)
+    probs = train_mod.predict_notes(load_model(out), dev, 16, torch.device("cpu"),
+                                   decide_precision("cpu", "true"), 0)
     assert auc_metrics(probs, dev.note_labels(len(CODES)))["macro_auc"] == pytest.approx(
         manifest["dev_metrics"]["macro_auc"])
     best = max(manifest["dev_metrics"]["history"], key=lambda m: m["macro_auc"])
