@@ -130,6 +130,7 @@ class Warehouse:
     spark: SparkSession
     workdir: Path
     cfg: Config
+    hidden: frozenset = frozenset()  # qualified names this session's catalog must not register
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
@@ -155,7 +156,9 @@ class Warehouse:
         root = self.workdir / "tables"
         for log_dir in sorted(root.glob("*/*/_delta_log")) if root.exists() else []:
             table_dir = log_dir.parent
-            found.append(self._register(f"{table_dir.parent.name}.{table_dir.name}"))
+            name = f"{table_dir.parent.name}.{table_dir.name}"
+            if name not in self.hidden:
+                found.append(self._register(name))
         from bertxml.views import create_views
 
         create_views(self)
