@@ -30,7 +30,8 @@ setup(
     description="BERT-XML ICD-10 coding of clinical notes on Spark and Delta Lake",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["bertxml", "bertxml.*"]),
-    package_data={"bertxml": ["resources/*"]},
+    # The shipped configs (bertxml/conf/*.yaml, the presets in conf/model/) and resources travel in the wheel.
+    package_data={"bertxml": ["resources/*", "conf/*.yaml", "conf/model/*.yaml"]},
     install_requires=CORE,
     extras_require={"local": LOCAL, "dev": DEV},
     entry_points={"console_scripts": ["bertxml=bertxml.cli:main"]},

@@ -1,7 +1,7 @@
 """ETL throughput and its cost relative to a plain Spark copy of the notes table (figures, not a test).
 
     .venv/bin/python benchmarks/etl.py [--sizes 100000 1000000] [--rounds 3] [--warmups 1]
-                                       [--workdir /tmp/bertxml-bench-etl]
+                                       [--workdir /tmp/bertxml-bench-etl] [--io-encryption on|off|both]
 
 For each size: generate a warehouse of that many notes, run `warmups` copies and ETLs untimed (the files
 are read once, and each has compiled its Spark code; the first ETL in a process spends seconds more on
@@ -11,6 +11,10 @@ copy of the notes table to a new Delta table and (b) the full ETL on the same no
 and the medians: notes/s and the ratio ETL/copy (target <= 3), and the scaling of ETL time from the
 smallest to the largest size (target: 10x the notes costs <= 11x the time). Copy and ETL alternate in
 one Spark session, so machine noise (large on a shared 2-core VM) hits both alike.
+
+`--io-encryption` sets spark.io.encryption.enabled (SparkConfig.io_encryption, on by default). It is fixed
+when Spark starts, so `both` runs the whole benchmark once per setting, each in a child process of its own
+(off first, then on), and prints the ratio of the ETL medians, on / off.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import argparse
 import logging
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,10 +46,17 @@ def main() -> None:
     parser.add_argument("--warmups", type=int, default=1, help="untimed (copy, ETL) pairs first, per size")
     parser.add_argument("--workdir", default="/tmp/bertxml-bench-etl")
     parser.add_argument("--keep", action="store_true", help="keep the generated warehouses")
+    parser.add_argument("--io-encryption", choices=["on", "off", "both"], default="on",
+                        help="spark.io.encryption.enabled; both: one child process per setting")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.io_encryption == "both":
+        both(sys.argv[1:])
+        return
 
     cfg = Config()
+    cfg.spark.io_encryption = args.io_encryption == "on"
+    print(f"spark.io.encryption.enabled={str(cfg.spark.io_encryption).lower()}", flush=True)
     cfg.etl.min_code_count = 10
     spark = get_spark(cfg, app="bertxml-bench-etl")
     results = []
@@ -82,7 +95,32 @@ def main() -> None:
     if len(results) > 1:
         (s0, _, _, _, e0), (s1, _, _, _, e1) = results[0], results[-1]
         print(f"scaling: {s1 / s0:.0f}x the notes took {e1 / e0:.2f}x the ETL time")
+    for size, _, _, copy_s, etl_s in results:
+        print(f"MEDIANS size={size} copy_s={copy_s:.3f} etl_s={etl_s:.3f}")
     spark.stop()
+
+
+def both(argv: list[str]) -> None:
+    """Run this benchmark with spark.io.encryption.enabled off, then on, and print the cost of encryption."""
+    argv = [a for i, a in enumerate(argv)
+            if a != "--io-encryption" and not (i > 0 and argv[i - 1] == "--io-encryption")
+            and not a.startswith("--io-encryption=")]
+    medians: dict[str, dict[int, tuple[float, float]]] = {}
+    for setting in ("off", "on"):
+        out = subprocess.run([sys.executable, __file__, *argv, "--io-encryption", setting],
+                             check=True, capture_output=True, text=True).stdout
+        print(out, end="", flush=True)
+        for line in out.splitlines():
+            if line.startswith("MEDIANS "):
+                fields = dict(kv.split("=") for kv in line.split()[1:])
+                medians.setdefault(setting, {})[int(fields["size"])] = (float(fields["copy_s"]),
+                                                                       float(fields["etl_s"]))
+    print("\nio encryption: medians off -> on")
+    print("notes      copy_off_s  copy_on_s  etl_off_s  etl_on_s  etl on/off  copy on/off")
+    for size, (copy_off, etl_off) in medians["off"].items():
+        copy_on, etl_on = medians["on"][size]
+        print(f"{size:<10} {copy_off:<11.2f} {copy_on:<10.2f} {etl_off:<10.2f} {etl_on:<9.2f} "
+              f"{etl_on / etl_off:<11.3f} {copy_on / copy_off:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 FLOPs utilisation (figures, not a test).
 
     .venv/bin/python benchmarks/score.py [--notes 300] [--size tiny] [--labels 2292] [--max-len 512]
-                                         [--reps 2] [--no-spark]
+                                         [--reps 2] [--no-spark] [--precision auto|fp32|bf16|both]
 
 On a realistic note-length mix (a seeded sample of MTSamples reports and CodiEsp clinical cases, read from
 ../shared/data with pyarrow; never copied), with a random-init BertForIcdCoding of the given size
@@ -12,32 +12,22 @@ the fly:
 1. notes/s of the scoring engine (`make_predict_fn`: length-bucketed, no padding to max_len, SDPA, the
    label attention as one fused SDPA call, inference_mode) against a textbook baseline on the same weights
    (every chunk padded to max_len, fp32, eager attention, the model's own head, batches in note order,
-   no_grad). Target on this CPU: >= 4x. Both engine paths: fp32, and bf16 weights with the label
-   attention in blocks of codes (the default where the CPU has native bf16).
+   no_grad). Target: >= 4x. Engine paths: fp32, and bf16 weights with the label attention in blocks of
+   codes (the default where the CPU has native bf16).
 2. the Spark path (`score.score_notes`: mapInPandas, model loaded once per worker, one thread per task)
    against the engine called directly with the same number of threads in all. Target: >= 0.85.
 3. model FLOPs utilisation: the model FLOPs of the real (unpadded) tokens per second, against a measured
-   matmul peak of this machine (fp32, and bf16 for the bf16 row).
+   matmul peak of this machine in the row's dtype.
 
 The machine is shared, so timings are taken in a way that tolerates load from elsewhere: the notes are
 timed in segments of --segment notes, each scorer --reps times per segment, interleaved, and a scorer's
 time is the sum over segments of its best repeat; the matmul peak is sampled on every round and the best
 kept. The load average is printed with the results.
 
-Measured on the 2-core AMD EPYC (AVX512-BF16) dev box, tiny model, 2,292 codes, 512 notes (69% of the
-padded tokens real at max_len 512), load average ~2 (this script alone):
-
-    max_len 512                                              notes/s  speed-up  MFU
-      textbook baseline (pad to max_len, eager, fp32)           34.5     1.00x   25% (fp32 peak 195 GFLOP/s)
-      engine, fp32 (score.cpu_bf16=false)                       92.8     2.69x   68%
-      engine, bf16 weights + label blocks (the default here)   166.8     4.84x   29% (bf16 peak 828 GFLOP/s)
-    Spark path vs the engine called directly:
-      engine direct, 2 threads: 161.2 notes/s; mapInPandas, 2 tasks x 1 thread, warm: 146.3 notes/s
-      (0.91x); first run, workers starting and loading the model: 42.7 notes/s.
-
-Under load from other jobs (load average 3-10) the ratios have come out 1.9x-4.3x: compare rows of one
-run only. The fp32 engine is near this CPU's fp32 matmul peak (the tiny model's GEMMs are thin, K = 128),
-so the 4x comes from bf16, where CPU SDPA is slow and the label attention runs in label blocks.
+It prints the CPU's model, torch's capability and whether it multiplies bf16 natively. The engine runs
+in the precision the nightly job picks on this CPU (`score.cpu_bf16=auto`, bertxml.precision); MFU is
+measured against the matmul peak in that dtype. `--precision both` adds the other engine path (slow where
+the CPU emulates bf16). Figures and their history: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -52,11 +42,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time
 
 from bertxml.config import ModelConfig, ScoreConfig, VocabConfig, model_preset
 from bertxml.model import BertForIcdCoding, bert_config, save_model
 from bertxml.modeldir import write_model_dir
-from bertxml.score import make_predict_fn, use_cpu_bf16
+from bertxml.score import make_predict_fn
 from bertxml.tokenize import encode_chunks
 from bertxml.vocab import train_tokenizer
 
@@ -135,14 +126,6 @@ def model_flops(lengths: np.ndarray, cfg, n_labels: int) -> float:
     return float((encoder + head).sum())
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
-    """Best FLOP/s of an n x n matmul at the current thread count (the machine's practical peak)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * n ** 3 / best
-
-
 def segmented_best(fns: dict, texts: list[str], segment: int, reps: int, peaks: dict) -> dict:
     """Per scorer: the sum over segments of notes of its best time on the segment (scorers interleaved
     within each repeat); also samples the matmul peaks on every round, keeping the best."""
@@ -154,7 +137,7 @@ def segmented_best(fns: dict, texts: list[str], segment: int, reps: int, peaks: 
             for name, fn in fns.items():
                 best[name] = min(best[name], _timed(lambda: fn(part)))
             for dtype in peaks:
-                peaks[dtype] = max(peaks[dtype], matmul_peak(dtype, reps=1))
+                peaks[dtype] = max(peaks[dtype], matmul_peak(dtype, seconds=0.0)[0])
         for name in fns:
             total[name] += best[name]
     return total
@@ -217,10 +200,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--no-spark", action="store_true")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
+                        help="engine paths to time; auto: the one the nightly job uses on this CPU")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(args.threads)
 
+    print(describe_machine())
     texts, corpus = load_texts(args.notes, args.seed)
     started = time.perf_counter()
     tokenizer = train_tokenizer((corpus[i:i + 500] for i in range(0, len(corpus), 500)),
@@ -236,36 +222,33 @@ def main() -> None:
           f"{lengths.sum() / (len(chunks) * args.max_len):.0%} of padded; vocabulary {tokenizer.get_vocab_size()} "
           f"trained in {vocab_s:.1f}s; model {args.size}, {args.labels} codes; {torch.get_num_threads()} threads")
 
-    engine = make_predict_fn(model_dir, device="cpu", cpu_bf16=False)
-    engine_bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)
-    default = "bf16" if use_cpu_bf16(ScoreConfig().cpu_bf16) else "fp32"
+    precisions = precisions_to_time("cpu", args.precision)
+    default = precisions_to_time("cpu", "auto")[0]
+    engines = {p: make_predict_fn(model_dir, device="cpu", cpu_bf16=p == "bf16") for p in precisions}
     baseline = TextbookScorer(model_dir, tokenizer, args.max_len)
     warm = texts[:4]
-    for fn in (engine, engine_bf16, baseline):
+    for fn in (*engines.values(), baseline):
         fn(warm)
-    p_engine, p_base, p_bf16 = engine(texts), baseline(texts), engine_bf16(texts)
-    peaks = {torch.float32: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
+    p_base = baseline(texts)
+    diffs = {p: float(np.abs(engine(texts) - p_base).max()) for p, engine in engines.items()}
+    peaks = {torch.float32: matmul_peak(torch.float32)[0]}
+    peaks.update({DTYPES[p]: matmul_peak(DTYPES[p])[0] for p in precisions})
     load_before = os.getloadavg()[0]
-    times = segmented_best({"baseline": baseline, "engine": engine, "engine_bf16": engine_bf16}, texts,
-                           args.segment, args.reps, peaks)
+    times = segmented_best({"baseline": baseline, **engines}, texts, args.segment, args.reps, peaks)
 
-    mcfg = engine.model.config
-    flops = model_flops(lengths, mcfg, args.labels)
-    peak32, peak16 = peaks[torch.float32], peaks[torch.bfloat16]
+    flops = model_flops(lengths, next(iter(engines.values())).model.config, args.labels)
     n = len(texts)
-    rows = [("textbook baseline (pad to max_len, eager, fp32)", times["baseline"], peak32, 0.0),
-            ("engine, fp32 (bucketed, SDPA, fused head)" + (" *" if default == "fp32" else ""), times["engine"],
-             peak32, float(np.abs(p_engine - p_base).max())),
-            ("engine, bf16 weights, label blocks" + (" *" if default == "bf16" else ""), times["engine_bf16"],
-             peak16, float(np.abs(p_bf16 - p_base).max()))]
+    labels = {"fp32": "engine, fp32 (bucketed, SDPA, fused head)", "bf16": "engine, bf16 weights, label blocks"}
+    rows = [("textbook baseline (pad to max_len, eager, fp32)", times["baseline"], peaks[torch.float32], 0.0)]
+    rows += [(labels[p] + (" *" if p == default else ""), times[p], peaks[DTYPES[p]], diffs[p]) for p in precisions]
     print(f"\nload average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; best matmul "
-          f"peak: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s; model FLOPs of the real "
-          f"tokens {flops / 1e9:.0f} GFLOP")
+          "peak: " + ", ".join(f"{p} {peaks[DTYPES[p]] / 1e9:.0f} GFLOP/s" for p in sorted(set(precisions) | {"fp32"}))
+          + f"; model FLOPs of the real tokens {flops / 1e9:.0f} GFLOP")
     print(f"{'scorer':50s} {'seconds':>8s} {'notes/s':>8s} {'speed-up':>8s} {'MFU':>6s} {'max|dp|':>9s}")
     for name, sec, peak, diff in rows:
         print(f"{name:50s} {sec:8.2f} {n / sec:8.1f} {times['baseline'] / sec:7.2f}x {flops / sec / peak:6.1%} "
               f"{diff:9.2e}")
-    print("* the default on this CPU (score.cpu_bf16=auto: bf16 where the CPU has AVX512-BF16 or AMX)")
+    print("* the default on this CPU (score.cpu_bf16=auto: bf16 where the CPU multiplies it natively)")
 
     if not args.no_spark:
         res = spark_vs_direct(model_dir, texts, args.threads, max(args.reps, 4))

@@ -1,18 +1,20 @@
 """Training throughput: tokens/s and model FLOPs utilisation (MFU) of pre-training and fine-tuning steps.
 
     .venv/bin/python benchmarks/train.py [--sizes tiny small] [--seq-len 256] [--batch 8] [--steps 3]
-                                         [--attention-dropout 0]
+                                         [--attention-dropout 0] [--precision auto|fp32|bf16|both]
 
-For each model size (conf/model/*.yaml), task (pretrain: MLM+NSP; finetune: BERT-XML label attention) and
-precision (float32; bf16 autocast) it times full optimizer steps as bertxml.train runs them (forward under
-autocast, backward, clipping, AdamW) on random token batches of one length, on the CPU (all its cores) and,
-when CUDA is present, on the GPU.
+For each model size (conf/model/*.yaml) and task (pretrain: MLM+NSP; finetune: BERT-XML label attention)
+it times full optimizer steps as bertxml.train runs them (forward under autocast, backward, clipping,
+AdamW) on random token batches of one length, on the CPU (all its cores) and, when CUDA is present, on the
+GPU. The precision is the one training uses on that device (`auto`: bertxml.precision); `--precision both`
+adds the other one (slow: on a CPU without native bf16, bf16 steps take minutes).
 
-MFU = model FLOPs per second / measured peak. The peak is measured here with large float32 and bf16 matmuls
-(the best this machine does, not a datasheet figure). Model FLOPs per step, forward + backward = 3 x forward:
+It prints the CPU's model, torch's capability and whether it multiplies bf16 natively. MFU = model FLOPs
+per second / the matmul peak measured here in the dtype of the row (the best this machine does, not a
+datasheet figure). Model FLOPs per step, forward + backward = 3 x forward:
     6 * N * tokens                 N = encoder parameters without the embeddings (the matmuls per token)
   + 12 * layers * T * H * tokens   self-attention scores and weighted sums
-  + pretrain: 6 * H * (H + V) * tokens  (MLM transform and decoder, computed at every position)
+  + pretrain: 6 * H * (H + V) * masked  (MLM transform and decoder, at the masked 15% of positions only)
   + finetune: 6 * B * M * (2 * T * H + H * H + H)  (label attention, eq. 2-4)
 Tokens are padded tokens (every row has length T here). Step times and peaks are the best observed. On the
 CPU a second set of columns divides by the CPU time the process got (per thread) instead of the wall clock:
@@ -33,49 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bertxml.config import ModelConfig, model_preset  # noqa: E402
 from bertxml.model import BertForIcdCoding, BertForPretraining, bert_config, count_parameters  # noqa: E402
-from bertxml.train import autocast, make_optimizer  # noqa: E402
+from bertxml.precision import autocast, decide_precision  # noqa: E402
+from bertxml.train import make_optimizer  # noqa: E402
+from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time, sync  # noqa: E402
 
 VOCAB = 20000      # paper §4.2.1: 20K WordPieces
 N_LABELS = 300     # about the label vocabulary of the synthetic warehouse
-
-
-class Clock:
-    """Wall time and, on the CPU, the process's CPU time per thread: on a machine shared with other jobs the
-    second is what these threads actually got, which keeps figures comparable when the wall clock is not."""
-
-    def __init__(self, device: torch.device):
-        self.cpu = device.type == "cpu"
-        self.device = device
-
-    def now(self) -> tuple[float, float]:
-        sync(self.device)
-        return time.perf_counter(), time.process_time() / torch.get_num_threads() if self.cpu else 0.0
-
-    def since(self, start: tuple[float, float]) -> tuple[float, float]:
-        wall, cpu = self.now()
-        return wall - start[0], (cpu - start[1]) if self.cpu else wall - start[0]
-
-
-def measure_peak(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> tuple[float, float]:
-    """Best FLOP/s of repeated n x n matmuls in dtype (n = 2048 on the CPU, 8192 on a GPU), by the wall
-    clock and by CPU time per thread."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    clock, best_wall, best_cpu = Clock(device), 0.0, 0.0
-    a @ b  # warm-up
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = clock.now()
-        a @ b
-        wall, cpu = clock.since(start)
-        best_wall, best_cpu = max(best_wall, 2 * n ** 3 / wall), max(best_cpu, 2 * n ** 3 / max(cpu, 1e-9))
-    return best_wall, best_cpu
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+MASKED_SHARE = 0.15  # BERT's masked-LM share of positions (pretrain.mlm_probability)
 
 
 def model_flops(cfg: ModelConfig, n_nonembedding: int, task: str, batch: int, seq_len: int) -> float:
@@ -83,7 +49,7 @@ def model_flops(cfg: ModelConfig, n_nonembedding: int, task: str, batch: int, se
     tokens, h, layers = batch * seq_len, cfg.hidden_size, cfg.num_hidden_layers
     flops = 6 * n_nonembedding * tokens + 12 * layers * seq_len * h * tokens
     if task == "pretrain":
-        flops += 6 * h * (h + VOCAB) * tokens
+        flops += 6 * h * (h + VOCAB) * tokens * MASKED_SHARE
     else:
         flops += 6 * batch * N_LABELS * (2 * seq_len * h + h * h + h)
     return float(flops)
@@ -100,14 +66,14 @@ def encoder_nonembedding(model: torch.nn.Module) -> int:
     return count_parameters(encoder) - count_parameters(encoder.embeddings)
 
 
-def time_steps(model, task: str, device, amp, batch: int, seq_len: int, steps: int) -> tuple[float, float]:
+def time_steps(model, task: str, device, precision, batch: int, seq_len: int, steps: int) -> tuple[float, float]:
     """Seconds per optimizer step: the fastest of `steps` after one warm-up step (on a shared machine the
     fastest step is the one least disturbed by other work, like the matmul peak it is compared with)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, VOCAB, (batch, seq_len), generator=g).to(device)
     mask = torch.ones_like(ids)
     if task == "pretrain":
-        labels = torch.where(torch.rand(batch, seq_len, generator=g).to(device) < 0.15, ids, torch.full_like(ids, -100))
+        labels = torch.where(torch.rand(batch, seq_len, generator=g).to(device) < MASKED_SHARE, ids, torch.full_like(ids, -100))
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
                   "mlm_labels": labels, "nsp_labels": torch.randint(2, (batch,), generator=g).to(device)}
     else:
@@ -115,23 +81,28 @@ def time_steps(model, task: str, device, amp, batch: int, seq_len: int, steps: i
                   "labels": (torch.rand(batch, N_LABELS, generator=g) < 0.02).float().to(device)}
     optimizer = make_optimizer(model, 1e-4, 0.01)
     model.train()
-    clock, times = Clock(device), []
+    times = []
     for _ in range(steps + 1):
-        start = clock.now()
-        with autocast(device, amp):
+        sync(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        with autocast(device, precision):
             loss = model(**inputs)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(clock.since(start))
+        sync(device)
+        wall = time.perf_counter() - wall
+        # CPU time per thread: on a machine shared with other jobs, what these threads actually got
+        times.append((wall, (time.process_time() - cpu) / torch.get_num_threads() if device.type == "cpu" else wall))
     return min(t[0] for t in times[1:]), min(t[1] for t in times[1:])
 
 
 def run(device: torch.device, sizes: list[str], batch: int, seq_len: int, steps: int,
-        attention_dropout: float | None = None) -> list[dict]:
+        attention_dropout: float | None = None, precision_choice: str = "auto") -> list[dict]:
     """Time every (size, task, precision) on device and print the table; returns its rows."""
-    peaks = {"fp32": measure_peak(device, torch.float32), "bf16": measure_peak(device, torch.bfloat16)}
+    precisions = precisions_to_time(device, precision_choice)
+    peaks = {p: matmul_peak(DTYPES[p], device) for p in precisions}
     cpu = device.type == "cpu"
     print(f"\n{device.type.upper()}  ({torch.get_num_threads()} threads)" if cpu
           else f"\nGPU  {torch.cuda.get_device_name(device)}")
@@ -142,20 +113,20 @@ def run(device: torch.device, sizes: list[str], batch: int, seq_len: int, steps:
         if attention_dropout is not None:
             cfg.attention_probs_dropout_prob = attention_dropout
         for task in ("pretrain", "finetune"):
-            for precision in ("fp32", "bf16"):
+            for precision in precisions:
                 torch.manual_seed(0)
                 model = build(cfg, task).to(device)
-                amp = torch.bfloat16 if precision == "bf16" else None
-                wall, cpu_s = time_steps(model, task, device, amp, batch, seq_len, steps)
+                wall, cpu_s = time_steps(model, task, device, decide_precision(device, precision == "bf16"),
+                                         batch, seq_len, steps)
                 flops = model_flops(cfg, encoder_nonembedding(model), task, batch, seq_len)
                 rows.append({"size": size, "task": task, "precision": precision, "seconds": wall, "cpu_seconds": cpu_s,
                              "tokens_per_s": batch * seq_len / wall, "flops": flops})
                 del model
     # measured again at the end: the best of the two is this machine's peak (MFU never flatters)
-    again = {"fp32": measure_peak(device, torch.float32), "bf16": measure_peak(device, torch.bfloat16)}
+    again = {p: matmul_peak(DTYPES[p], device) for p in precisions}
     peaks = {k: (max(peaks[k][0], again[k][0]), max(peaks[k][1], again[k][1])) for k in peaks}
-    print(f"matmul peak, wall clock: fp32 {peaks['fp32'][0] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'][0] / 1e9:,.0f}"
-          + (f"; by CPU time per thread: fp32 {peaks['fp32'][1] / 1e9:,.0f}, bf16 {peaks['bf16'][1] / 1e9:,.0f}"
+    print("matmul peak, wall clock: " + ", ".join(f"{p} {peaks[p][0] / 1e9:,.0f} GFLOP/s" for p in precisions)
+          + ("; by CPU time per thread: " + ", ".join(f"{p} {peaks[p][1] / 1e9:,.0f}" for p in precisions)
              if cpu else ""))
     header = (f"{'size':6} {'task':9} {'precision':9} {'batch x len':>11} {'step s':>7} {'tokens/s':>9} "
               f"{'GFLOP/s':>8} {'MFU':>6}" + (f" {'cpu s':>7} {'tokens/cpu-s':>12} {'MFU(cpu)':>8}" if cpu else ""))
@@ -182,18 +153,21 @@ def main(argv=None) -> int:
     parser.add_argument("--attention-dropout", type=float, default=None,
                         help="override the presets' 0.1: with 0, PyTorch's CPU SDPA takes its fused flash kernel "
                              "(attention dropout sends it to the unfused math path)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
+                        help="auto: what training uses on each device (bertxml.precision)")
     parser.add_argument("--gpu-batch", type=int, default=32)
     parser.add_argument("--gpu-seq-len", type=int, default=512)
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"bertxml training benchmark: vocabulary {VOCAB}, {N_LABELS} labels, torch {torch.__version__}, "
+    print(f"bertxml training benchmark: vocabulary {VOCAB}, {N_LABELS} labels, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(describe_machine())
     if args.attention_dropout is not None:
         print(f"attention dropout {args.attention_dropout} (presets: 0.1)")
-    run(torch.device("cpu"), args.sizes, args.batch, args.seq_len, args.steps, args.attention_dropout)
+    run(torch.device("cpu"), args.sizes, args.batch, args.seq_len, args.steps, args.attention_dropout, args.precision)
     if torch.cuda.is_available():
         run(torch.device("cuda"), args.sizes + ["big"] if "big" not in args.sizes else args.sizes,
-            args.gpu_batch, args.gpu_seq_len, max(args.steps, 5), args.attention_dropout)
+            args.gpu_batch, args.gpu_seq_len, max(args.steps, 5), args.attention_dropout, args.precision)
     return 0
 
 

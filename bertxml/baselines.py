@@ -262,7 +262,8 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
                              dev_metrics=dev_metrics, parameters=parameters, train_seconds=seconds,
                              tokenizer_file=inputs.tokenizer_file, label_vocab=inputs.labels,
                              thresholds={c: float(th) for c, th in zip(codes, thresholds)},
-                             extra={**extra, "tokenizer_sha256": inputs.extra.get("tokenizer_sha256")})
+                             extra={**extra, "tokenizer_sha256": inputs.extra.get("tokenizer_sha256"),
+                                    "etl_run": inputs.extra.get("etl_run")})
     log.info("%s %s: dev macro AUC %s, micro AUC %s -> %s", inputs.model_kind, inputs.model_version,
              fmt_metric(dev_metrics.get("macro_auc")), fmt_metric(dev_metrics.get("micro_auc")), out_dir)
     return out_dir
@@ -410,9 +411,11 @@ def train_starspace(docs: list[np.ndarray], labels: list[np.ndarray], vocab_size
 # ---- training ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def bilstm_probabilities(model: BiGruAttention, chunks: list[np.ndarray], batch_size: int,
-                         device: torch.device) -> np.ndarray:
-    """(n, M) float32 probabilities of one chunk per note, batches sorted by length (least padding)."""
+                         device: torch.device, precision=None) -> np.ndarray:
+    """(n, M) float32 probabilities of one chunk per note, batches sorted by length (least padding);
+    precision: a `bertxml.precision.Precision` to autocast with (None: fp32)."""
     from bertxml.data import eval_batches, pad_ids
+    from bertxml.precision import autocast
 
     was_training = model.training
     model.eval()
@@ -420,7 +423,8 @@ def bilstm_probabilities(model: BiGruAttention, chunks: list[np.ndarray], batch_
     lengths = np.array([len(c) for c in chunks], dtype=np.int64)
     for index in eval_batches(lengths, batch_size):
         ids, mask = pad_ids([chunks[i] for i in index], model.pad_id)  # (B, T)
-        logits = model(ids.to(device), mask.to(device))["logits"]  # (B, M)
+        with autocast(device, precision):
+            logits = model(ids.to(device), mask.to(device))["logits"]  # (B, M)
         out[index] = torch.sigmoid(logits.float()).cpu().numpy()
     model.train(was_training)
     return out
@@ -432,12 +436,14 @@ def train_bilstm(inputs, cfg: Config) -> Path:
     from tokenizers import Tokenizer
 
     from bertxml.data import bucketed_batches, coding_batch
+    from bertxml.precision import autocast, decide_precision
     from bertxml.train import auc_metrics, make_optimizer, pick_device, planned_steps, selection_score, set_threads
 
     bc = cfg.baseline
     out_dir = Path(inputs.out_dir)
     device = pick_device()
     set_threads(bc.threads or cfg.train.threads, device)
+    precision = decide_precision(device, cfg.train.bf16)
     tokenizer = Tokenizer.from_file(inputs.tokenizer_file)
     pad_id = tokenizer.token_to_id("[PAD]") or 0
     vocab_size, m = tokenizer.get_vocab_size(), len(inputs.labels)
@@ -445,8 +451,8 @@ def train_bilstm(inputs, cfg: Config) -> Path:
     dev_set, _ = load_first_chunks(inputs, "dev")
     train_labels, dev_labels = train_set.note_labels(m), dev_set.note_labels(m)
     log.info("bilstm: %d train notes, %d dev notes, %d labels, first %d tokens; embeddings %d, GRU 2 x %d, "
-             "%d heads", train_set.n_notes, dev_set.n_notes, m, inputs.max_len, bc.embed_dim,
-             bc.bilstm_hidden_size, bc.bilstm_heads)
+             "%d heads; precision %s", train_set.n_notes, dev_set.n_notes, m, inputs.max_len, bc.embed_dim,
+             bc.bilstm_hidden_size, bc.bilstm_heads, precision)
     started = time.perf_counter()
 
     embeddings = train_starspace(train_set.input_ids, train_set.label_ids, vocab_size, m, bc.embed_dim,
@@ -471,7 +477,7 @@ def train_bilstm(inputs, cfg: Config) -> Path:
         nonlocal best, best_state
         if not dev_set.n_notes:
             return
-        probs = bilstm_probabilities(model, dev_set.input_ids, cfg.train.eval_batch_size, device)
+        probs = bilstm_probabilities(model, dev_set.input_ids, cfg.train.eval_batch_size, device, precision)
         metrics = {**auc_metrics(probs, dev_labels), "step": at_step, "epoch": round(at_step / steps_per_epoch, 3)}
         history.append(metrics)
         if selection_score(metrics) > selection_score(best):
@@ -486,7 +492,8 @@ def train_bilstm(inputs, cfg: Config) -> Path:
                 break
             batch = {k: v.to(device) for k, v in coding_batch(train_set, index, m, pad_id).items()}
             model.train()
-            loss = model(**batch)["loss"]
+            with autocast(device, precision):
+                loss = model(**batch)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if bc.bilstm_clip > 0:
@@ -505,12 +512,12 @@ def train_bilstm(inputs, cfg: Config) -> Path:
     seconds = time.perf_counter() - started
 
     save_bilstm(model, out_dir, inputs.max_len)
-    dev_probs = bilstm_probabilities(model, dev_set.input_ids, cfg.train.eval_batch_size, device) \
+    dev_probs = bilstm_probabilities(model, dev_set.input_ids, cfg.train.eval_batch_size, device, precision) \
         if dev_set.n_notes else None
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     extra = {"steps": total_steps, "trainable_parameters": trainable, "train_notes": train_set.n_notes,
-             "dev_extra": {"best_step": (best or {}).get("step"), "history": history}}
+             "precision": precision.to_dict(), "dev_extra": {"best_step": (best or {}).get("step"), "history": history}}
     return _finish(out_dir, inputs, cfg, dev_probs, dev_set, parameters, seconds, extra)
 
 

@@ -7,8 +7,9 @@
     bertxml demo                             # the main job end to end on the embedded default
     bertxml compare                          # the paper's Tables 2-3 on this warehouse (bertxml.model_comparison)
 
-Every command takes --workdir DIR (default ./warehouse), --conf FILE (YAML over the defaults, repeatable)
-and --set section.key=value (repeatable). Exit status 0 on success, 1 on a job error, 2 on bad usage.
+Every command takes --workdir DIR (default ./warehouse), --conf FILE|NAME (YAML over the defaults,
+repeatable; a bare NAME such as `prod` is a config shipped in bertxml/conf/) and --set section.key=value
+(repeatable). Exit status 0 on success, 1 on a job error, 2 on bad usage.
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def open_warehouse(args, app: str):
+def open_warehouse(args, app: str, class_path: tuple[str, ...] = ()):
     """Config + SparkSession + Warehouse for a command."""
     from bertxml.warehouse import Warehouse, get_spark
 
     cfg = load_config(args.conf, args.set, getattr(args, "size", None))
-    spark = get_spark(cfg, app=f"bertxml-{app}")
+    spark = get_spark(cfg, app=f"bertxml-{app}", class_path=class_path)
     return Warehouse(spark, Path(args.workdir), cfg)
 
 
@@ -59,7 +60,7 @@ def cmd_etl(args) -> int:
     if args.min_code_count is not None:
         args.set = (args.set or []) + [f"etl.min_code_count={args.min_code_count}"]
     wh = open_warehouse(args, "etl")
-    result = run_etl(wh, wh.cfg, args.notes, args.diagnoses, args.as_of_version, args.as_of_timestamp)
+    result = run_etl(wh, wh.cfg, args.notes, args.diagnoses, args.as_of_run, args.as_of_timestamp)
     print(json.dumps(result, default=str))
     return 0
 
@@ -145,17 +146,22 @@ def cmd_retrain(args) -> int:
     from bertxml.retrain import run_retrain
 
     wh = open_warehouse(args, "retrain")
-    out = run_retrain(wh, wh.cfg, as_of_version=args.as_of_version, as_of_timestamp=args.as_of_timestamp,
+    out = run_retrain(wh, wh.cfg, as_of_run=args.as_of_run, as_of_timestamp=args.as_of_timestamp,
                       notes_source=args.notes, diagnoses_source=args.diagnoses, out_dir=args.out)
     print(out)
     return 0
+
+
+def _model_dir(args, wh) -> str | None:
+    """--model, else score.model_dir from the config, else None (the newest under WORKDIR/models)."""
+    return args.model or wh.cfg.score.model_dir or None
 
 
 def cmd_score(args) -> int:
     from bertxml.score import run_score
 
     wh = open_warehouse(args, "score")
-    result = run_score(wh, wh.cfg, date=args.date, since_last=args.since_last, model_dir=args.model,
+    result = run_score(wh, wh.cfg, date=args.date, since_last=args.since_last, model_dir=_model_dir(args, wh),
                        notes_source=args.notes)
     print(json.dumps(result, default=str))
     return 0
@@ -166,7 +172,7 @@ def cmd_evaluate(args) -> int:
 
     wh = open_warehouse(args, "evaluate")
     result = run_evaluate(wh, wh.cfg, split=args.split, date=args.date, date_from=args.date_from,
-                          date_to=args.date_to, model_dir=args.model, notes_source=args.notes,
+                          date_to=args.date_to, model_dir=_model_dir(args, wh), notes_source=args.notes,
                           diagnoses_source=args.diagnoses)
     print(json.dumps(result, default=str))
     return 0
@@ -176,12 +182,13 @@ def cmd_explain(args) -> int:
     from bertxml.explain import run_explain
 
     wh = open_warehouse(args, "explain")
-    result = run_explain(wh, wh.cfg, args.note_id, code=args.code, model_dir=args.model, html_path=args.html)
+    result = run_explain(wh, wh.cfg, args.note_id, code=args.code, model_dir=_model_dir(args, wh),
+                         html_path=args.html)
     return 0 if result else 1
 
 
 def cmd_sql_server(args) -> int:
-    from bertxml.sqlserver import UnsafeServerError, check_bind, hash_password, serve
+    from bertxml.sqlserver import UnsafeServerError, check_bind, hash_password, serve, server_jar
 
     if args.hash_password:
         import getpass
@@ -203,7 +210,9 @@ def cmd_sql_server(args) -> int:
     except UnsafeServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    wh = open_warehouse(args, "sql-server")
+    # The guard and authenticator classes go on the JVM's system class path, so they must exist before
+    # the JVM starts: Hive loads the authenticator by name at every login, from whichever thread takes it.
+    wh = open_warehouse(args, "sql-server", class_path=(str(server_jar()),))
     serve(wh, port=args.port, host=args.host)
     return 0
 
@@ -218,11 +227,24 @@ def cmd_demo(args) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------------
+class RemovedOption(argparse.Action):
+    """An option that no longer exists: using it is bad usage (exit 2) with a message naming what replaces
+    it, so an old script stops rather than running without it."""
+
+    def __init__(self, option_strings, dest, replacement: str, reason: str, **kwargs):
+        self.replacement, self.reason = replacement, reason
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was removed ({self.reason}): use {self.replacement}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workdir", default="warehouse", help="warehouse root (default ./warehouse)")
-    common.add_argument("--conf", action="append", default=[], metavar="FILE",
-                        help="YAML config over the defaults (repeatable, later wins)")
+    common.add_argument("--conf", action="append", default=[], metavar="FILE|NAME",
+                        help="YAML config over the defaults (repeatable, later wins): a path, or the name "
+                             "of one shipped in bertxml/conf/ (local, prod, codiesp)")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable)")
     common.add_argument("-v", "--verbose", action="store_true")
@@ -230,8 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = argparse.ArgumentParser(add_help=False)
     inputs.add_argument("--notes", metavar="SOURCE", help="notes: a table name or parquet:/csv:/delta:PATH")
     inputs.add_argument("--diagnoses", metavar="SOURCE", help="diagnoses: a table name or parquet:/csv:/delta:PATH")
-    inputs.add_argument("--as-of-version", type=int, help="read the input Delta tables as of this version")
-    inputs.add_argument("--as-of-timestamp", help="read the input Delta tables as of this timestamp")
+    as_of = inputs.add_mutually_exclusive_group()
+    as_of.add_argument("--as-of-run", metavar="RUN_ID",
+                       help="replay an etl run: every input at the Delta version it read (bertxml.job_runs)")
+    as_of.add_argument("--as-of-timestamp", metavar="T",
+                       help="read every input Delta table as of this time (UTC unless it has an offset)")
+    inputs.add_argument("--as-of-version", action=RemovedOption, nargs="?", help=argparse.SUPPRESS,
+                        replacement="--as-of-run RUN_ID (the etl run whose inputs to read again) or --as-of-timestamp T",
+                        reason="one version number cannot pin two tables")
 
     parser = argparse.ArgumentParser(prog="bertxml", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--corpus", action="append", metavar="SOURCE",
                         help="unlabelled text (table or parquet:PATH with a text column), repeatable")
     sized = argparse.ArgumentParser(add_help=False)
-    sized.add_argument("--size", choices=["tiny", "small", "big"], help="model preset (conf/model/SIZE.yaml)")
+    sized.add_argument("--size", choices=["tiny", "small", "big"], help="model preset (bertxml/conf/model/SIZE.yaml)")
 
     p = sub.add_parser("vocab", parents=[common, corpus], help="train the EHR WordPiece vocabulary")
     p.add_argument("--out", help="vocabulary folder (default WORKDIR/vocab)")
@@ -281,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", parents=[common], help="score a night's notes into bertxml.predictions")
     p.add_argument("--date", help="note_date to score (default: yesterday, UTC)")
-    p.add_argument("--since-last", action="store_true", help="score every note this model has not scored yet")
-    p.add_argument("--model", help="model folder (default: the newest under WORKDIR/models)")
+    p.add_argument("--since-last", action="store_true",
+                   help="rescore every night holding a note this model has neither scored nor rejected")
+    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
     p.add_argument("--notes", metavar="SOURCE", help="notes: a table name or parquet:/csv:/delta:PATH")
     p.set_defaults(func=cmd_score)
 
@@ -291,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date")
     p.add_argument("--from", dest="date_from")
     p.add_argument("--to", dest="date_to")
-    p.add_argument("--model", help="model folder (default: the newest under WORKDIR/models)")
+    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
     p.add_argument("--notes", metavar="SOURCE")
     p.add_argument("--diagnoses", metavar="SOURCE")
     p.set_defaults(func=cmd_evaluate)
@@ -308,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", parents=[common], help="label attention for one note (shows PHI: opt-in)")
     p.add_argument("note_id")
     p.add_argument("--code")
-    p.add_argument("--model")
+    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
     p.add_argument("--html", help="write an attention-shaded HTML rendering here")
     p.set_defaults(func=cmd_explain)
 
@@ -342,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a job error: logged with its cause, non-zero exit for the scheduler
+        etl = sys.modules.get("bertxml.etl")  # loaded when the error came from it
+        if etl is not None and isinstance(exc, etl.ReplayError):  # an --as-of-run with no run to replay
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         log.error("%s failed: %s: %s", args.command, type(exc).__name__, exc)
         if args.verbose:
             raise

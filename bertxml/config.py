@@ -1,23 +1,47 @@
 """Typed configuration: one dataclass per concern, defaults commented, overridden by YAML and `--set`.
 
-Resolution order: the defaults below, then `conf/local.yaml`-style files given with `--conf`, then
+Resolution order: the defaults below, then the YAML files given with `--conf`, then
 `--set section.key=value` pairs. Unknown sections or keys are errors that name the key, so a typo never
 silently falls back to a default. The resolved config is saved with every model and every report.
+
+The shipped YAML lives inside the package, in `bertxml/conf/` (the repository's `conf/` is a link to it),
+so an installed wheel finds it from any folder: `--conf local`, `--conf prod`, `--conf codiesp` name
+`bertxml/conf/<NAME>.yaml`, and the model presets are `bertxml/conf/model/<size>.yaml`. A `--conf` value
+with a `/` or a `.yaml`/`.yml` suffix is a file path instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"   # package data: ships in the wheel
 
 
 class ConfigError(ValueError):
     """A config file or `--set` value that does not fit the schema."""
+
+
+PRECISION_SETTINGS = ("auto", "true", "false")
+
+
+def precision_setting(value) -> str:
+    """A precision setting ('auto', true or false; yes/no/1/0 too) -> 'auto', 'true' or 'false'.
+    What 'auto' means per device: `bertxml.precision.decide_precision`."""
+    text = str(value).strip().lower()
+    text = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(text, text)
+    if text not in PRECISION_SETTINGS:
+        raise ConfigError(f"a precision setting must be auto, true or false, got {value!r}")
+    return text
+
+
+def precision_field():
+    """A config field holding a precision setting, checked when the config is loaded."""
+    return field(default="auto", metadata={"check": precision_setting})
 
 
 @dataclass
@@ -26,6 +50,10 @@ class SparkConfig:
     driver_memory: str = "6g"           # local mode: the driver is the only executor
     shuffle_partitions: int = 8         # small default for one machine; raise on a cluster
     log_level: str = "WARN"             # Spark's own console noise
+    io_encryption: bool = True          # local mode: encrypt what Spark writes to local disk (shuffle files,
+                                        # spills, cached blocks: note text passes through them) with a
+                                        # per-application key (spark.io.encryption.enabled); a cluster sets
+                                        # it in its own Spark conf
     conf: dict = field(default_factory=dict)  # extra Spark settings, e.g. GPU scheduling on a cluster
 
 
@@ -69,7 +97,12 @@ class EtlConfig:
 @dataclass
 class VocabConfig:
     size: int = 20000                   # paper §4.2.1: 20K WordPieces
-    min_frequency: int = 2
+    min_frequency: int = 2              # WordPiece trainer: a merge needs this many occurrences
+    min_patients: int = 5               # a word is learnt only if it occurs in the notes of at least this many
+                                        # distinct patients (a corpus text without patient_id counts as one):
+                                        # a surname or record number of a few patients never becomes a token
+    mask_identifiers: bool = True       # e-mail, phone numbers, dates, identifier-shaped words -> @contact@,
+                                        # @date@, @id@ before the vocabulary, the chunks and scoring see them
     lowercase: bool = True              # BERT uncased: lower case and strip accents
     numbers: str = "mask"               # "mask": each digit becomes 'n' (paper Figure 3: "icd - nn - cm"); "keep"
     limit_alphabet: int = 1000          # most frequent characters kept as the trainer's alphabet (BERT's default)
@@ -79,7 +112,7 @@ class VocabConfig:
 
 @dataclass
 class ModelConfig:
-    hidden_size: int = 128              # presets in conf/model/{tiny,small,big}.yaml (paper Table 1)
+    hidden_size: int = 128              # presets in bertxml/conf/model/{tiny,small,big}.yaml (paper Table 1)
     num_hidden_layers: int = 2
     num_attention_heads: int = 2
     intermediate_size: int = 512
@@ -105,7 +138,8 @@ class PretrainConfig:
     max_len: int = 512                  # chunk length read from bertxml.chunks (run `tokenize` for it)
     grad_accum: int = 1                 # micro-batches per optimizer step
     clip: float = 1.0                   # gradient norm clipping; 0 turns it off
-    bf16: bool = True                   # autocast where the hardware has it
+    bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
+                                        # (bertxml.precision); true/false force it
     log_every: int = 20                 # steps between log lines (loss, mlm, nsp, lr, tokens/s)
     seed: int = 13                      # model init, batch order per epoch, masking per step
     threads: int = 0                    # torch CPU threads; 0 leaves torch's default
@@ -125,7 +159,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1                 # linear warm-up over 10%, then linear decay to 0
     clip: float = 1.0
-    bf16: bool = True                   # autocast where the hardware has it
+    bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
+                                        # (bertxml.precision); true/false force it. The BiGRU baseline too
     log_every: int = 20
     eval_every: int = 0                 # 0: evaluate on dev at each epoch end
     seed: int = 13
@@ -149,11 +184,13 @@ class ScoreConfig:
     max_replacement_share: float = 0.01  # more U+FFFD than this share of a note's characters: 'bad_text'
     device: str = "auto"                # "auto": the Spark task's GPU, else CUDA if present, else CPU
     num_threads: int = 0                # torch threads per worker; 0: the task's CPUs (spark.task.cpus)
-    cpu_bf16: str = "auto"              # bf16 on the CPU (weights cast once): "auto" = where the CPU has
-                                        # native bf16 (AVX512-BF16, AMX); true/false force it. GPUs always
-                                        # use bf16 autocast
+    cpu_bf16: str = precision_field()   # bf16 on the CPU (weights cast once): "auto" = where the CPU has
+                                        # native bf16 (AVX512-BF16, AMX; bertxml.precision); true/false
+                                        # force it. GPUs autocast to bf16 where they support it
     partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
+    model_dir: str = ""                 # model folder for score/evaluate/explain when --model is not given;
+                                        # "": the newest under WORKDIR/models (pin one in production)
 
 
 @dataclass
@@ -287,11 +324,18 @@ def apply_overrides(cfg: Config, overrides: dict) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
         target = getattr(cfg, section)
-        types = {f.name: f.type for f in dataclasses.fields(target)}
+        fields = {f.name: f for f in dataclasses.fields(target)}
         for key, value in values.items():
-            if key not in types:
+            if key not in fields:
                 raise ConfigError(f"unknown config key {section}.{key}")
-            setattr(target, key, _coerce(value, types[key], f"{section}.{key}"))
+            value = _coerce(value, fields[key].type, f"{section}.{key}")
+            check = fields[key].metadata.get("check")
+            if check is not None:
+                try:
+                    value = check(value)
+                except ValueError as err:
+                    raise ConfigError(f"config key {section}.{key}: {err}") from None
+            setattr(target, key, value)
     return cfg
 
 
@@ -317,8 +361,29 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def packaged_configs() -> list[str]:
+    """The names `--conf NAME` accepts: the YAML files shipped in bertxml/conf/."""
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def resolve_conf(spec: str | Path) -> Path:
+    """A `--conf` value -> the YAML file it means.
+
+    A bare name (no path separator, no .yaml/.yml suffix) is a config shipped in the package
+    (`prod` -> bertxml/conf/prod.yaml); anything else is a path, relative to the working folder.
+    """
+    text = str(spec)
+    if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        return Path(text)
+    path = CONF_DIR / f"{text}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no packaged config {text!r}; choose one of {packaged_configs()} "
+                          f"or give a path to a .yaml file")
+    return path
+
+
 def model_preset(size: str) -> dict:
-    """conf/model/<size>.yaml as a dict of ModelConfig fields (paper Table 1 for small and big)."""
+    """bertxml/conf/model/<size>.yaml as a dict of ModelConfig fields (paper Table 1 for small and big)."""
     path = CONF_DIR / "model" / f"{size}.yaml"
     if not path.exists():
         choices = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -328,10 +393,11 @@ def model_preset(size: str) -> dict:
 
 def load_config(conf_files: list[str] | None = None, sets: list[str] | None = None,
                 size: str | None = None) -> Config:
-    """Defaults, then each YAML file in order, then a model size preset, then `--set` pairs."""
+    """Defaults, then each YAML file in order (a path or a packaged name, see `resolve_conf`), then a
+    model size preset, then `--set` pairs."""
     cfg = Config()
-    for path in conf_files or []:
-        data = load_yaml(path)
+    for spec in conf_files or []:
+        data = load_yaml(resolve_conf(spec))
         preset = data.pop("model_size", None)
         if preset:
             apply_overrides(cfg, {"model": model_preset(preset)})

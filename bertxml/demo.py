@@ -1,17 +1,27 @@
 """`bertxml demo` / `make demo`: the main job end to end on the embedded default.
 
-generate a synthetic warehouse -> retrain (ETL, vocabulary, chunks, pretraining, fine-tuning, dev AUC)
--> score one night's notes -> AUC report for that night -> example SQL an analyst would type, printed
-with its output. Sizes come from the config (`conf/local.yaml`: a tiny model on CPU).
+The story is a nightly feed after a pause: the scheduler has been off for the warehouse's last
+CATCH_UP_NIGHTS nights. The demo
+1. generates the warehouse (`conf/local.yaml`: 1,500 notes, six weeks of a small hospital) in two commits
+   per table: the history, then the paused nights' notes and diagnoses landing late;
+2. retrains (ETL, vocabulary, chunks, pretraining, fine-tuning, dev AUC) on the history commit
+   (`--as-of-version`), so the model has seen none of the nights it then scores;
+3. catches up as a restarted scheduler would: one `bertxml score --date D` run per missed night;
+4. evaluates those nights (`bertxml evaluate --from --to`): one AUC report per night and one over the span;
+then prints example SQL an analyst would type, with its output. Sizes come from the config (a tiny model
+on CPU).
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
-from bertxml.generate import run_generate
+from bertxml.generate import last_date, run_generate
 from bertxml.sql import format_rows
 
 log = logging.getLogger("bertxml.demo")
+
+CATCH_UP_NIGHTS = 3       # the generated warehouse's last three nights: Monday to Wednesday, 2025-12-29..31
 
 EXAMPLE_SQL = [
     ("Notes per split, with imputed chronic codes",
@@ -24,10 +34,15 @@ EXAMPLE_SQL = [
     ("Why rows were rejected",
      """SELECT job, source, reason, count(*) AS n FROM bertxml.rejects
         GROUP BY job, source, reason ORDER BY n DESC"""),
+    ("Notes scored per night",
+     """SELECT note_date, count(*) AS notes, count(DISTINCT patient_id) AS patients,
+               round(avg(size(predicted_codes)), 2) AS codes_per_note
+        FROM bertxml.predictions GROUP BY note_date ORDER BY note_date"""),
     ("Last night's predicted codes",
      """SELECT note_id, note_date, code, description, round(CAST(probability AS DOUBLE), 3) AS probability
-        FROM bertxml.predicted_codes ORDER BY note_id, probability DESC LIMIT 10"""),
-    ("The newest AUC report per dataset",
+        FROM bertxml.predicted_codes WHERE note_date = (SELECT max(note_date) FROM bertxml.predictions)
+        ORDER BY note_id, probability DESC LIMIT 10"""),
+    ("The newest AUC report per dataset: each night, the span, and dev",
      """SELECT dataset, n_notes, round(micro_auc, 3) AS micro_auc, round(macro_auc, 3) AS macro_auc,
                n_codes_scored, n_codes_skipped FROM bertxml.latest_auc ORDER BY dataset"""),
 ]
@@ -40,11 +55,22 @@ def print_examples(wh, examples) -> None:
         print(format_rows(df.columns, df.collect(), "table"))
 
 
-def busiest_recent_night(wh) -> str:
-    """The test-split date with the most notes: stands in for 'yesterday' on generated data."""
-    row = wh.spark.sql("""SELECT note_date, count(*) AS n FROM bertxml.labeled_notes WHERE split = 'test'
-                          GROUP BY note_date ORDER BY n DESC, note_date DESC LIMIT 1""").first()
-    return str(row["note_date"])
+def catch_up_nights(n: int = CATCH_UP_NIGHTS) -> list[dt.date]:
+    """The generated warehouse's last n nights, oldest first: what a scheduler paused for n days misses."""
+    if n < 1:
+        raise ValueError(f"the demo catches up at least one night, got {n}")
+    last = last_date()
+    return [last - dt.timedelta(days=k) for k in range(n - 1, -1, -1)]
+
+
+def history_version(generated: dict) -> int:
+    """The one Delta version at which both generated tables hold only the history (for `--as-of-version`,
+    which reads notes and diagnoses at the same version)."""
+    versions = set(generated["history_versions"].values())
+    if len(versions) != 1:
+        raise RuntimeError(f"the history commits have different versions {generated['history_versions']}: "
+                           "a job wrote one of the input tables and not the other; run the demo in a new --workdir")
+    return versions.pop()
 
 
 def run_demo(wh) -> int:
@@ -53,15 +79,19 @@ def run_demo(wh) -> int:
     from bertxml.score import run_score
 
     cfg = wh.cfg
-    log.info("demo 1/4: generating %d notes into %s", cfg.generate.notes, wh.workdir)
-    run_generate(wh, cfg.generate)
-    log.info("demo 2/4: retrain (ETL -> vocabulary -> chunks -> pretraining -> fine-tuning -> dev AUC)")
-    model_dir = run_retrain(wh, cfg)
-    night = busiest_recent_night(wh)
-    log.info("demo 3/4: nightly scoring of %s with %s", night, model_dir.name)
-    run_score(wh, cfg, date=night, model_dir=model_dir)
-    log.info("demo 4/4: AUC report for the night of %s", night)
-    run_evaluate(wh, cfg, date=night, model_dir=model_dir)
+    nights = catch_up_nights()
+    log.info("demo 1/4: generating %d notes into %s; the nights %s..%s land after the history",
+             cfg.generate.notes, wh.workdir, nights[0], nights[-1])
+    version = history_version(run_generate(wh, cfg.generate, land_from=nights[0]))
+    log.info("demo 2/4: retrain on the history, version %d (ETL -> vocabulary -> chunks -> pretraining -> "
+             "fine-tuning -> dev AUC)", version)
+    model_dir = run_retrain(wh, cfg, as_of_version=version)
+    for k, night in enumerate(nights, 1):
+        log.info("demo 3/4: the scheduler catches up, night %d of %d: scoring %s with %s",
+                 k, len(nights), night, model_dir.name)
+        run_score(wh, cfg, date=night, model_dir=model_dir)
+    log.info("demo 4/4: AUC report per night and over %s..%s", nights[0], nights[-1])
+    run_evaluate(wh, cfg, date_from=nights[0], date_to=nights[-1], model_dir=model_dir)
     print_examples(wh, EXAMPLE_SQL)
     print(f"\nmodel: {model_dir}\nwarehouse: {wh.workdir}")
     return 0

@@ -1,6 +1,6 @@
 """The ETL of the paper's §4.1: filter notes, attach encounter codes, impute chronic codes, split by patient.
 
-    bertxml etl [--notes SOURCE] [--diagnoses SOURCE] [--min-code-count N] [--as-of-version V]
+    bertxml etl [--notes SOURCE] [--diagnoses SOURCE] [--min-code-count N] [--as-of-run RUN_ID | --as-of-timestamp T]
 
 Reads the notes and diagnoses tables and writes, each in one Delta transaction:
 - `bertxml.labeled_notes`: the kept notes with their split, codes and imputed chronic codes;
@@ -9,6 +9,9 @@ Reads the notes and diagnoses tables and writes, each in one Delta transaction:
 
 Rules, each a function below: `note_reject_reason` (paper's filters and bad rows), `mark_duplicates`,
 `clean_diagnoses`, `encounter_codes`, `impute_chronic_codes`, `assign_split`, `build_label_vocab`.
+Each Delta input is read at one version, recorded in the run's bertxml.job_runs row and in the commits'
+userMetadata; `--as-of-run RUN_ID` reads every input at the version that run read, with its ETL settings
+(`etl_snapshot`, `replay_config`), and so writes the same rows however the tables have grown since.
 The notes' text is not shuffled (only the few rows of repeated ids are, by the duplicate rule): it is
 only joined against small, broadcast tables. It is read twice (a classification that keeps only ids,
 reasons and sizes, and the labeled_notes write) and written once; see README "ETL throughput" for what
@@ -16,6 +19,7 @@ that costs against a plain copy.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,9 +30,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 from bertxml import tables as t
-from bertxml.config import Config, EtlConfig
+from bertxml.config import Config, EtlConfig, apply_overrides, config_from_dict
 from bertxml.icd import icd_reference, is_icd10_shaped, normalize_code_col
-from bertxml.runs import job_run
+from bertxml.runs import find_run, job_run
+from bertxml.warehouse import parse_utc_timestamp
 
 log = logging.getLogger("bertxml.etl")
 
@@ -259,23 +264,105 @@ def label_notes(notes: DataFrame, diagnoses: DataFrame, reference: DataFrame, cf
     return EtlFrames(labeled.select(*t.LABELED_NOTES_SCHEMA.fieldNames()), rejects, classified.count())
 
 
+# ---- replaying an earlier run -------------------------------------------------------------------------
+INPUTS = ("notes", "diagnoses")
+
+
+class ReplayError(ValueError):
+    """An --as-of-run that cannot be replayed: no such run, not a successful ETL run, or one that read an
+    input with no Delta version (a parquet/csv/json file) or another source than the one given."""
+
+
+class EtlSnapshot(NamedTuple):
+    """What an earlier ETL run read: {'source', 'version'} per input, and its ETL settings."""
+    run_id: str
+    inputs: dict
+    etl: dict
+
+
+def etl_snapshot(wh, run_id: str) -> EtlSnapshot:
+    """The snapshot the ETL run `run_id` read, from its bertxml.job_runs row; ReplayError naming the run
+    when there is no such successful ETL run or an input of it has no Delta version to read again."""
+    runs = wh.name(t.JOB_RUNS)
+    run = find_run(wh, run_id)
+    if run is None:
+        raise ReplayError(f"run {run_id} is not in {runs}: give the run_id of an etl run (SELECT run_id, "
+                          f"started_at, inputs FROM {runs} WHERE job = 'etl' AND status = 'succeeded')")
+    if run["job"] != "etl":
+        raise ReplayError(f"run {run_id} is a {run['job']} run: --as-of-run takes an etl run")
+    if run["status"] != "succeeded":
+        raise ReplayError(f"etl run {run_id} did not succeed ({run['status']}): it wrote no training set to rebuild")
+    inputs = {}
+    for what in INPUTS:
+        read = run["inputs"].get(what) or {}
+        if read.get("version") is None:
+            raise ReplayError(f"etl run {run_id} recorded no Delta version of its {what} "
+                              f"({read.get('source') or 'source not recorded'}): only a Delta table's version "
+                              "can be read again (a parquet/csv/json file cannot)")
+        inputs[what] = {"source": read["source"], "version": int(read["version"])}
+    return EtlSnapshot(run_id, inputs, (run["config"] or {}).get("etl") or {})
+
+
+def replay_config(cfg: Config, snapshot: EtlSnapshot) -> Config:
+    """A copy of cfg with the ETL settings the snapshot's run used (the filters, the split's salt, the
+    chronic source, the label threshold: each changes the rows). A setting that differs from cfg's is
+    logged; one this bertxml no longer has is left out, one it added since keeps cfg's value."""
+    known = {f.name for f in dataclasses.fields(EtlConfig)}
+    dropped = sorted(set(snapshot.etl) - known)
+    if dropped:
+        log.warning("run %s: etl settings %s are not settings of this bertxml: left out", snapshot.run_id, dropped)
+    out = apply_overrides(config_from_dict(cfg.to_dict()),
+                          {"etl": {k: v for k, v in snapshot.etl.items() if k in known}})
+    for key in sorted(known):
+        if getattr(out.etl, key) != getattr(cfg.etl, key):
+            log.warning("etl.%s: run %s used %r, this config says %r: replaying the run's", key,
+                        snapshot.run_id, getattr(out.etl, key), getattr(cfg.etl, key))
+    return out
+
+
 def run_etl(wh, cfg: Config, notes_source: str | None = None, diagnoses_source: str | None = None,
-            as_of_version: int | None = None, as_of_timestamp: str | None = None) -> dict:
+            as_of_run: str | None = None, as_of_timestamp: str | None = None) -> dict:
     """Read the inputs, check their schemas (before anything is written), write the three tables.
+
+    Each Delta input is read at one version: its latest, or its version as of `as_of_timestamp`, or
+    (`as_of_run`, an earlier ETL run's id) the version that run read, with that run's source and ETL
+    settings (`etl_snapshot`, `replay_config`): the replay writes the rows that run wrote, however the
+    tables have grown since. The versions read are recorded in the run's bertxml.job_runs row and in the
+    userMetadata of each table's commit.
 
     Only the labeled_notes write reads the notes' text. The rows it wrote (its Delta commit says) must
     equal the notes read less the notes rejected: checked before anything else is written. The
     per-split counts are observed as the write goes; the label vocabulary is read back from what was
     written, without the text. Meanwhile Delta loads the three output tables' state (`wh.preloaded`).
     """
+    if as_of_run and as_of_timestamp:
+        raise ValueError("read as of a run or as of a timestamp, not both")
+    if as_of_timestamp:
+        parse_utc_timestamp(as_of_timestamp)  # a bad one stops the job before it starts
+    sources = {"notes": notes_source or cfg.warehouse.notes, "diagnoses": diagnoses_source or cfg.warehouse.diagnoses}
+    versions = dict.fromkeys(INPUTS)
+    if as_of_run:
+        snapshot = etl_snapshot(wh, as_of_run)
+        for what, given in (("notes", notes_source), ("diagnoses", diagnoses_source)):
+            recorded = snapshot.inputs[what]
+            if given and given != recorded["source"]:
+                raise ReplayError(f"etl run {as_of_run} read its {what} from {recorded['source']}, not {given}: "
+                                  f"leave out --{what} to replay it")
+            sources[what], versions[what] = recorded["source"], recorded["version"]
+        cfg = replay_config(cfg, snapshot)
+        log.info("replaying etl run %s: %s", as_of_run,
+                 ", ".join(f"{what} {r['source']} version {r['version']}" for what, r in snapshot.inputs.items()))
     spark = wh.spark
     labeled_name, vocab_name, rejects_name = (wh.name(n) for n in (t.LABELED_NOTES, t.LABEL_VOCAB, t.REJECTS))
-    with job_run(wh, "etl") as run, wh.preloaded([labeled_name, vocab_name, rejects_name]):
-        notes, notes_read = wh.read_source(notes_source or cfg.warehouse.notes, t.NOTES_SCHEMA, "notes",
-                                           as_of_version, as_of_timestamp)
-        diagnoses, diag_read = wh.read_source(diagnoses_source or cfg.warehouse.diagnoses,
-                                              t.DIAGNOSES_SCHEMA, "diagnoses", as_of_version, as_of_timestamp)
+    with job_run(wh, "etl", cfg) as run, wh.preloaded([labeled_name, vocab_name, rejects_name]):
+        notes, notes_read = wh.read_source(sources["notes"], t.NOTES_SCHEMA, "notes", versions["notes"],
+                                           as_of_timestamp)
+        diagnoses, diag_read = wh.read_source(sources["diagnoses"], t.DIAGNOSES_SCHEMA, "diagnoses",
+                                              versions["diagnoses"], as_of_timestamp)
         run.inputs.update({"notes": notes_read, "diagnoses": diag_read})
+        if as_of_run:
+            for read in run.inputs.values():
+                read["as_of_run"] = as_of_run
         reference = icd_reference(spark, cfg.etl.chronic_source)
         frames = label_notes(notes, diagnoses, reference, cfg.etl, run.run_id)
         lineage = json.dumps({"run_id": run.run_id, "inputs": run.inputs})

@@ -22,10 +22,12 @@ per code (a window per code) and over all pairs (micro: ranks over value buckets
 a small prefix sum, so no single partition holds every probability). Only per-code summaries reach the
 driver. Codes with no positive or no negative note are skipped and counted.
 
-Writes (append-only; a rerun adds a new run): `bertxml.auc_report` (one row per dataset),
-`bertxml.code_auc` (per-code AUCs of the main dataset), and WORKDIR/reports/<run_id>/: code_auc_hist.png
-(Figure 2) and report.json (metrics, model, inputs and the resolved config). The view bertxml.latest_auc
-shows the newest report per model version and dataset.
+Writes `bertxml.auc_report` (one row per dataset) and `bertxml.code_auc` (per-code AUCs of the main
+dataset), each in one transaction that replaces the rows an earlier run of the same model version left
+for those datasets (replaceWhere): a rerun leaves them as one clean run would.
+Also WORKDIR/reports/<run_id>/: code_auc_hist.png (Figure 2) and report.json (metrics, model, inputs and the
+resolved config); earlier runs' folders stay. The view bertxml.latest_auc shows the report per model
+version and dataset.
 
 `auc_report_from_arrays` is the same report from in-memory arrays with scikit-learn (for `bertxml compare`).
 """
@@ -270,7 +272,8 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
     """Evaluate a model (default: the newest under WORKDIR/models) on a split (default
     cfg.evaluate.default_split) or on nights (`date`, or `date_from`..`date_to`).
 
-    Appends bertxml.auc_report rows (one per dataset) and bertxml.code_auc rows, draws the Figure 2
+    Writes bertxml.auc_report rows (one per dataset) and bertxml.code_auc rows, replacing this model
+    version's rows of those datasets, draws the Figure 2
     histogram. Returns {"run_id", "model_version", "dataset", "metrics": {dataset: {...}}, "report_dir",
     ...counts}.
     """
@@ -280,6 +283,7 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
     from bertxml.runs import job_run
     from bertxml.score import arrow_batch_conf, find_model_dir, parse_date, read_model_info
     from bertxml.views import create_views
+    from bertxml.warehouse import sql_string
 
     if date is not None:
         if date_from is not None or date_to is not None:
@@ -344,14 +348,19 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
         report_rows = [(run.run_id, info.model_version, name, *[m[k] for k in METRICS], created)
                        for name, m in sorted(metrics.items(), key=lambda kv: (kv[0] != main, kv[0]))]
         report_df = spark.createDataFrame([_typed(r) for r in report_rows], t.AUC_REPORT_SCHEMA)
-        run.outputs[wh.name(t.AUC_REPORT)] = wh.write(report_df, wh.name(t.AUC_REPORT), mode="append")
+        model_version = sql_string(info.model_version)
+        datasets = ", ".join(sql_string(r[2]) for r in report_rows)
+        run.outputs[wh.name(t.AUC_REPORT)] = wh.write(
+            report_df, wh.name(t.AUC_REPORT),
+            replace_where=f"model_version = {model_version} AND dataset IN ({datasets})")
         per_code = metrics[main]["per_code"]
         code_rows = [(run.run_id, info.model_version, main, c, r.get("description"),
                       None if np.isnan(per_code["auc"][i]) else float(per_code["auc"][i]),
                       int(per_code["n_pos"][i]), int(r.get("train_count") or 0))
                      for i, (c, r) in enumerate(zip(info.codes, info.labels))]
-        run.outputs[wh.name(t.CODE_AUC)] = wh.write(spark.createDataFrame(code_rows, t.CODE_AUC_SCHEMA),
-                                                    wh.name(t.CODE_AUC), mode="append")
+        run.outputs[wh.name(t.CODE_AUC)] = wh.write(
+            spark.createDataFrame(code_rows, t.CODE_AUC_SCHEMA), wh.name(t.CODE_AUC),
+            replace_where=f"model_version = {model_version} AND dataset = {sql_string(main)}")
         create_views(wh)
 
         report_dir = wh.workdir / "reports" / run.run_id

@@ -6,6 +6,10 @@ What it makes, deterministically for a seed (the same seed and size give the sam
 - a code universe (`code_catalog`): `n_codes` real ICD-10-CM codes with Zipf-like frequencies, a curated
   core of common codes with abbreviations, synonyms and medication cues (resources/clinical_lexicon.yaml),
   the rest random leaf codes named by their (sometimes shortened) descriptions;
+- dates as a hospital's feed has them: each encounter on a day of a span that ends on 2025-12-31, drawn
+  by the day's volume (weekdays busier than weekends, `WEEKEND_SHARE`); the span grows with the size so a
+  weekday holds about `WEEKDAY_NOTES` notes, up to three years (`span_days`), and each patient's
+  encounters fall on distinct days across it, so the newest nights are full and patients have histories;
 - patients with chronic conditions (AHRQ CCI) that recur on only some later encounters, as in real coding,
   so the ETL's chronic imputation (paper §4.1) has work to do, plus acute codes per encounter;
 - notes per encounter in sections (HPI, PMH, medications, ROS, exam with vitals, assessment and plan) that
@@ -44,8 +48,11 @@ from bertxml.icd import chronic_codes, icd10cm_descriptions
 
 log = logging.getLogger("bertxml.generate")
 
-EPOCH_FIRST_DAY = 19358          # 2023-01-01 as days since 1970-01-01: encounters span 2023..2025
-N_DAYS = 1096                    # through 2025-12-31
+LAST_DAY = 20453                 # 2025-12-31 (a Wednesday) as days since 1970-01-01: every warehouse's newest night
+MAX_DAYS = 1096                  # a warehouse spans at most three years, 2023-01-01 .. 2025-12-31
+MIN_DAYS = 28                    # and at least four weeks, so a patient's encounters fall on distinct days
+WEEKDAY_NOTES = 45               # notes a weekday holds where the span is not capped: a small hospital's feed
+WEEKEND_SHARE = 0.4              # a Saturday's or Sunday's notes relative to a weekday's (wards, no clinics)
 ZIPF_EXPONENT = 1.0              # code weight ~ 1 / rank: a few codes very common, hundreds rare
 CHRONIC_PER_PATIENT = 1.8        # Poisson mean of a patient's chronic conditions
 MAX_CHRONIC = 6
@@ -171,6 +178,24 @@ def n_patients(cfg: GenerateConfig) -> int:
     return max(1, round(cfg.notes / (cfg.encounters_per_patient * cfg.notes_per_encounter)))
 
 
+def span_days(cfg: GenerateConfig) -> int:
+    """Days the warehouse's notes span, ending on LAST_DAY: enough for a weekday to hold about WEEKDAY_NOTES
+    notes (a week holds 5 + 2 * WEEKEND_SHARE weekdays' worth), within MIN_DAYS .. MAX_DAYS. A bigger
+    warehouse spans more days, up to three years, then each day grows busier: 1,500 notes are six weeks
+    of a small hospital, 1M notes three years of a large one (about 900 a weekday)."""
+    per_day = WEEKDAY_NOTES * (5 + 2 * WEEKEND_SHARE) / 7
+    return min(MAX_DAYS, max(MIN_DAYS, math.ceil(cfg.notes / per_day)))
+
+
+def last_date() -> dt.date:
+    """The newest night of every generated warehouse."""
+    return dt.date(1970, 1, 1) + dt.timedelta(days=LAST_DAY)
+
+
+def _is_weekend(day: int) -> bool:
+    return (day + 3) % 7 >= 5             # 1970-01-01 (day 0) was a Thursday: Monday is 0
+
+
 def check_generate_config(cfg: GenerateConfig) -> None:
     """Raise ValueError naming the first setting the generator cannot use."""
     if cfg.notes < 1:
@@ -262,6 +287,9 @@ class PatientGenerator:
         self.note_types, self.note_type_cum = list(NOTE_TYPES), _cumulative(NOTE_TYPES.values())
         self.roles, self.role_cum = list(AUTHOR_ROLES), _cumulative(AUTHOR_ROLES.values())
         self.nurse_roles, self.nurse_role_cum = list(NURSE_ROLES), _cumulative(NURSE_ROLES.values())
+        # encounter days: the span's days weighted by a weekday's or a weekend day's volume
+        self.days = list(range(LAST_DAY - span_days(cfg) + 1, LAST_DAY + 1))
+        self.day_cum = _cumulative(WEEKEND_SHARE if _is_weekend(d) else 1.0 for d in self.days)
         d, b = cfg.drop_rate, cfg.bad_row_rate
         bounds, edge = [], 0.0
         for defect, kind in NOTE_DEFECTS:
@@ -280,8 +308,12 @@ class PatientGenerator:
         r = random.Random(int(seeds[0]))
         number = f"{i + 1:07d}"
         age, sex, weight_kg = 18 + r.randrange(72), ("woman" if r.random() < 0.52 else "man"), 50 + 70 * r.random()
-        n_enc = min(99, N_DAYS, 1 + _poisson(r, cfg.encounters_per_patient - 1))
-        days = sorted(r.sample(range(N_DAYS), n_enc))             # distinct: strictly increasing dates
+        n_enc = min(99, len(self.days) // 2, 1 + _poisson(r, cfg.encounters_per_patient - 1))
+        taken: set[int] = set()                  # distinct days, each drawn by the day's volume
+        total = self.day_cum[-1]
+        while len(taken) < n_enc:
+            taken.add(self.days[bisect.bisect_right(self.day_cum, r.random() * total)])
+        days = sorted(taken)                     # strictly increasing dates
         chronic: dict[int, int] = {}
         want = min(_poisson(r, CHRONIC_PER_PATIENT), MAX_CHRONIC, len(self.chronic_idx))
         for _ in range(8 * want):
@@ -308,7 +340,7 @@ class PatientGenerator:
             notes = []
             for k in range(min(99, 1 + _poisson(r, cfg.notes_per_encounter - 1))):
                 notes.append(self._note_meta(r, f"N{number}{j:02d}{k:02d}"))
-            encounters.append(_Encounter(encounter_id, EPOCH_FIRST_DAY + day, codes,
+            encounters.append(_Encounter(encounter_id, day, codes,
                                          [c for c, onset in chronic.items() if onset <= j],
                                          diagnosis_codes, notes))
         return _Patient(f"P{number}", age, sex, weight_kg, chronic, int(seeds[1]), encounters)
@@ -598,31 +630,55 @@ def generate_warehouse(spark: SparkSession, cfg: GenerateConfig) -> tuple[DataFr
             diagnoses.select([F.col(f.name).cast(f.dataType) for f in t.DIAGNOSES_SCHEMA.fields]))
 
 
-def run_generate(wh, cfg: GenerateConfig) -> dict:
+def run_generate(wh, cfg: GenerateConfig, land_from: dt.date | str | None = None) -> dict:
     """Write the synthetic `ehr.notes` and `ehr.diagnoses` (each one Delta overwrite) and count them.
 
-    Returns {"notes", "diagnoses", "patients", "versions": {table: Delta version}, "run_id"}. Logs
-    table names and counts only, never text.
+    With `land_from` (a date), each table is written in two commits instead, as a feed that delivers its
+    last nights late: an overwrite with the rows dated before `land_from` (the history), then an append of
+    the rows dated on or after it. A job that reads the tables as of the history commits (`bertxml etl
+    --as-of-version V`) sees the warehouse as it stood before those nights landed.
+
+    Returns {"notes", "diagnoses", "patients", "versions": {table: Delta version}, "history_versions":
+    {table: version of the history commit} (with `land_from` only), "run_id"}. Logs table names and counts
+    only, never text.
     """
     from bertxml.runs import job_run
 
+    if land_from is not None and not isinstance(land_from, dt.date):
+        try:
+            land_from = dt.date.fromisoformat(str(land_from))
+        except ValueError:
+            raise ValueError(f"land_from expects YYYY-MM-DD, got {land_from!r}") from None
     notes_table, diagnoses_table = wh.cfg.warehouse.notes, wh.cfg.warehouse.diagnoses
     with job_run(wh, "generate") as run:
         notes, diagnoses = generate_warehouse(wh.spark, cfg)
-        log.info("generating about %d notes for %d patients (seed %d, %d codes) into %s and %s",
-                 cfg.notes, n_patients(cfg), cfg.seed, cfg.n_codes, notes_table, diagnoses_table)
-        # rows are counted while they are written: counting the lazy frames would generate them again
-        notes_seen, diagnoses_seen = Observation(), Observation()
-        lineage = json.dumps({"run_id": run.run_id, "generate": dataclasses.asdict(cfg)})
-        run.outputs[notes_table] = wh.write(notes.observe(notes_seen, F.count(F.lit(1)).alias("rows")),
-                                            notes_table, metadata=lineage)
-        run.outputs[diagnoses_table] = wh.write(
-            diagnoses.observe(diagnoses_seen, F.count(F.lit(1)).alias("rows")), diagnoses_table, metadata=lineage)
-        counts = {"notes": notes_seen.get["rows"], "diagnoses": diagnoses_seen.get["rows"],
-                  "patients": n_patients(cfg)}
+        log.info("generating about %d notes for %d patients (seed %d, %d codes, %d days to %s) into %s and %s%s",
+                 cfg.notes, n_patients(cfg), cfg.seed, cfg.n_codes, span_days(cfg), last_date(), notes_table,
+                 diagnoses_table, f", the nights from {land_from} in a second commit" if land_from else "")
+        lineage = json.dumps({"run_id": run.run_id, "generate": dataclasses.asdict(cfg),
+                              "land_from": land_from and land_from.isoformat()})
+        counts, history = {"notes": 0, "diagnoses": 0}, {}
+        for key, table, frame, date_col in (("notes", notes_table, notes, "note_date"),
+                                            ("diagnoses", diagnoses_table, diagnoses, "diagnosis_date")):
+            parts = [("overwrite", frame)] if land_from is None else [
+                ("overwrite", frame.filter(F.col(date_col) < F.lit(land_from))),
+                ("append", frame.filter(F.col(date_col) >= F.lit(land_from)))]
+            for mode, part in parts:
+                # rows are counted while they are written: counting the lazy frames would generate them again
+                seen = Observation()
+                run.outputs[table] = wh.write(part.observe(seen, F.count(F.lit(1)).alias("rows")), table,
+                                              mode=mode, metadata=lineage)
+                counts[key] += seen.get["rows"]
+                if land_from is not None and mode == "overwrite":
+                    history[table] = run.outputs[table]
+        counts["patients"] = n_patients(cfg)
         for name, value in counts.items():
             run.count(name, value)
         log.info("wrote %s (%d rows, version %s) and %s (%d rows, version %s) for %d patients",
                  notes_table, counts["notes"], run.outputs[notes_table], diagnoses_table,
                  counts["diagnoses"], run.outputs[diagnoses_table], counts["patients"])
-        return {**counts, "versions": dict(run.outputs), "run_id": run.run_id}
+        out = {**counts, "versions": dict(run.outputs), "run_id": run.run_id}
+        if land_from is not None:
+            run.count("history_versions", history)
+            out["history_versions"] = history
+        return out

@@ -343,8 +343,12 @@ class BertForPretraining(nn.Module):
     decoder is tied to the input word embeddings).
 
     `forward(input_ids, attention_mask, token_type_ids, mlm_labels, nsp_labels)` returns a dict with
-    `mlm_logits` (B, T, V) and `nsp_logits` (B, 2); with labels also `mlm_loss` (mean over masked
-    positions), `nsp_loss` and `loss`, their sum (either may be left out, e.g. pretraining without NSP).
+    `mlm_logits` and `nsp_logits` (B, 2); with labels also `mlm_loss` (mean over masked positions),
+    `nsp_loss` and `loss`, their sum (either may be left out, e.g. pretraining without NSP).
+
+    Without mlm_labels, `mlm_logits` is (B, T, V). With them it is (N, V), the N masked positions only in
+    row-major order: the vocabulary projection is the largest matmul of a small BERT (H x V per token), and
+    only the ~15% masked positions enter the loss, so the rest is not computed.
     """
 
     def __init__(self, config: BertConfig):
@@ -359,20 +363,21 @@ class BertForPretraining(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
                 nsp_labels: torch.Tensor | None = None) -> dict:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        mlm_logits = out.prediction_logits  # (B, T, V)
-        nsp_logits = out.seq_relationship_logits  # (B, 2)
-        result = {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits}
-        losses = []
-        if mlm_labels is not None:
+        out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        states, pooled = out.last_hidden_state, out.pooler_output  # (B, T, H), (B, H)
+        heads = self.model.cls
+        result = {"nsp_logits": heads.seq_relationship(pooled)}  # (B, 2)
+        if mlm_labels is None:
+            result["mlm_logits"] = heads.predictions(states)  # (B, T, V)
+        else:
+            masked = mlm_labels != IGNORE_INDEX  # (B, T)
+            result["mlm_logits"] = heads.predictions(states[masked])  # (N, V)
             # Sum over masked positions / their count: a batch with nothing masked gives 0, not NaN.
-            n_masked = (mlm_labels != IGNORE_INDEX).sum().clamp(min=1)
-            result["mlm_loss"] = F.cross_entropy(mlm_logits.float().flatten(0, 1), mlm_labels.flatten(),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum") / n_masked
-            losses.append(result["mlm_loss"])
+            result["mlm_loss"] = F.cross_entropy(result["mlm_logits"].float(), mlm_labels[masked],
+                                                 reduction="sum") / masked.sum().clamp(min=1)
         if nsp_labels is not None:
-            result["nsp_loss"] = F.cross_entropy(nsp_logits.float(), nsp_labels)
-            losses.append(result["nsp_loss"])
+            result["nsp_loss"] = F.cross_entropy(result["nsp_logits"].float(), nsp_labels)
+        losses = [result[name] for name in ("mlm_loss", "nsp_loss") if name in result]
         if losses:
             result["loss"] = sum(losses)
         return result

@@ -8,7 +8,11 @@ A model folder, default WORKDIR/models/<model_version>, holds
     thresholds.json                         {code: threshold}, tuned on dev for maximum F1
     manifest.json                           {model_version, model_kind, code_version, created_at, config,
                                              inputs {table: Delta version}, max_len, dev_metrics,
-                                             parameters, train_seconds}
+                                             parameters, train_seconds, etl_run {run_id, inputs {notes,
+                                             diagnoses: {source, version}}}}
+
+`etl_run` names the ETL run that wrote the labeled_notes version trained on, and the Delta version of
+each table it read: `bertxml retrain --as-of-run RUN_ID` rebuilds that training set.
 
 An encoder folder from pretraining (WORKDIR/models/encoder-<size>-<timestamp>) holds the Hugging Face
 checkpoint (config.json + model.safetensors), tokenizer.json and a manifest.json with model_kind "encoder".

@@ -9,7 +9,8 @@ same vocabulary). MLM masks 15% of the tokens, 80/10/10 mask/random/keep (bertxm
 pairs come from each chunk's own sentence order (segment A = its first k sentences, B = the sentences that
 follow, or half of the time sentences of another note: bertxml.data.nsp_example). The loop is the one of
 bertxml.train: AdamW without decay on biases/LayerNorm, warm-up then linear decay, accumulation, clipping,
-bf16 autocast, length-bucketed batches, resumable safetensors checkpoints.
+bf16 autocast where the hardware multiplies bf16 natively (bertxml.precision), length-bucketed batches,
+resumable safetensors checkpoints.
 
 Writes an encoder folder (default WORKDIR/models/encoder-<size>-<timestamp>): the Hugging Face checkpoint
 (config.json + model.safetensors) that `bertxml train --encoder DIR` fine-tunes, tokenizer.json and
@@ -32,7 +33,8 @@ from bertxml import tables as t
 from bertxml.config import Config
 from bertxml.data import ChunkSet, bucketed_batches, load_chunks, pretraining_batch
 from bertxml.model import BertForPretraining, bert_config, count_parameters
-from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, _source_tables, _unfinished_model_dir, autocast, autocast_dtype,
+from bertxml.precision import autocast, decide_precision
+from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, _source_tables, _unfinished_model_dir,
                            check_resume, chunks_metadata, file_sha256, load_checkpoint, lr_at, make_optimizer, set_lr,
                            pick_device, planned_steps, save_checkpoint, set_threads, size_label, special_ids,
                            step_seed)
@@ -61,7 +63,7 @@ def load_corpus_chunks(wh, specs, tokenizer, max_len: int) -> tuple[ChunkSet, di
 
 @torch.no_grad()
 def pretraining_loss(model: BertForPretraining, chunks: ChunkSet, cfg: Config, special: dict, vocab_size: int,
-                     device, amp, max_batches: int) -> dict:
+                     device, precision, max_batches: int) -> dict:
     """Mean MLM/NSP loss over up to max_batches batches of chunks: a fixed random sample of batches (not
     the shortest chunks) with the same masks and pairs at every call, so before/after compare."""
     pc = cfg.pretrain
@@ -73,7 +75,7 @@ def pretraining_loss(model: BertForPretraining, chunks: ChunkSet, cfg: Config, s
     for b, index in enumerate(bucketed_batches(chunks.lengths, pc.batch_size, pc.seed + 1, 0)[:max_batches]):
         batch = pretraining_batch(chunks, index, nsp=pc.nsp, seed=pc.seed + 1, step=b, max_len=pc.max_len,
                                   special=special, vocab_size=vocab_size, mlm_probability=pc.mlm_probability)
-        with autocast(device, amp):
+        with autocast(device, precision):
             out = model(**{k: v.to(device) for k, v in batch.items() if v is not None})
         for key in sums:
             if key in out:
@@ -138,7 +140,7 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
     pc = cfg.pretrain
     device = pick_device()
     set_threads(pc.threads, device)
-    amp = autocast_dtype(device, pc.bf16)
+    precision = decide_precision(device, pc.bf16)
     special, vocab_size = special_ids(tokenizer), tokenizer.get_vocab_size()
     if not len(train_set):
         raise ValueError("no train chunks to pre-train on")
@@ -155,14 +157,14 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
     plan = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "world_size": 1, "seed": pc.seed}
     ckpt_dir = out_dir / CHECKPOINT_DIR
     state = {"model_version": version, "step": 0, **plan, "history": [], "train_seconds": 0.0, "tokens": 0,
-             "dev_initial": pretraining_loss(model, dev_set, cfg, special, vocab_size, device, amp, pc.dev_batches)}
+             "dev_initial": pretraining_loss(model, dev_set, cfg, special, vocab_size, device, precision, pc.dev_batches)}
     if resume:
         state = load_checkpoint(ckpt_dir, model, optimizer)
         check_resume(state, plan)
     started = time.perf_counter() - state["train_seconds"]
-    log.info("%s: %d chunks, %d steps (%d per epoch, batch %d x %d), lr %.1e, %d parameters, %s on %s", version,
+    log.info("%s: %d chunks, %d steps (%d per epoch, batch %d x %d), lr %.1e, %d parameters, precision %s", version,
              len(train_set), total_steps, steps_per_epoch, pc.batch_size, pc.grad_accum, pc.lr,
-             count_parameters(model), f"autocast {amp}" if amp else "float32", device)
+             count_parameters(model), precision)
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="pretrain", unit="step", disable=not sys.stderr.isatty())
     window = {"loss": 0.0, "mlm_loss": 0.0, "nsp_loss": 0.0}
@@ -185,7 +187,7 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
                                           max_len=pc.max_len, special=special, vocab_size=vocab_size,
                                           mlm_probability=pc.mlm_probability)
                 batch = {key: value.to(device) for key, value in batch.items() if value is not None}
-                with autocast(device, amp):
+                with autocast(device, precision):
                     out = model(**batch)
                 (out["loss"] / len(group)).backward()
                 for key in window:
@@ -217,7 +219,7 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
                 save_checkpoint(ckpt_dir, model, optimizer, state)
     bar.close()
 
-    dev = pretraining_loss(model, dev_set, cfg, special, vocab_size, device, amp, pc.dev_batches)
+    dev = pretraining_loss(model, dev_set, cfg, special, vocab_size, device, precision, pc.dev_batches)
     model.save_encoder(out_dir)
     modeldir.write_model_dir(
         out_dir, model_version=state["model_version"], model_kind=modeldir.ENCODER_KIND, config=cfg.to_dict(),
@@ -225,7 +227,7 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
         parameters=count_parameters(model), train_seconds=time.perf_counter() - started,
         tokenizer_file=Path(vocab_dir) / modeldir.TOKENIZER_FILE,
         extra={"steps": total_steps, "tokens": state["tokens"], "loss_history": state["history"],
-               "vocab_dir": str(vocab_dir), "tokenizer_sha256": file_sha256(Path(vocab_dir) / modeldir.TOKENIZER_FILE)})
+               "precision": precision.to_dict(), "vocab_dir": str(vocab_dir), "tokenizer_sha256": file_sha256(Path(vocab_dir) / modeldir.TOKENIZER_FILE)})
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info("encoder %s: dev loss %s -> %s -> %s", state["model_version"], state["dev_initial"].get("loss"),
              dev.get("loss"), out_dir)

@@ -6,6 +6,7 @@
         run.outputs["bertxml.labeled_notes"] = wh.write(...)
 
 A failed job is recorded too (status 'failed: <error>') and the error re-raised for the exit status.
+`find_run` reads a recorded run back (`bertxml etl --as-of-run` replays what an ETL run read).
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ class JobRun:
 
 
 @contextlib.contextmanager
-def job_run(wh, job: str):
-    """Time a job, log its summary and append one row to bertxml.job_runs (even when it fails)."""
+def job_run(wh, job: str, cfg=None):
+    """Time a job, log its summary and append one row to bertxml.job_runs (even when it fails). The row's
+    config is `cfg`'s, when the job runs with another than the warehouse's (`wh.cfg`)."""
     run = JobRun(job=job, run_id=new_run_id(job), started_at=dt.datetime.now(dt.timezone.utc))
     log.info("%s started (run %s, warehouse %s)", job, run.run_id, wh.workdir)
     status = "succeeded"
@@ -55,10 +57,27 @@ def job_run(wh, job: str):
         finished = dt.datetime.now(dt.timezone.utc)
         row = [(run.run_id, job, run.started_at.replace(tzinfo=None), finished.replace(tzinfo=None), status,
                 json.dumps(run.inputs, default=str), json.dumps(run.outputs, default=str),
-                json.dumps(run.counts, default=str), json.dumps(wh.cfg.to_dict(), default=str))]
+                json.dumps(run.counts, default=str), json.dumps((cfg or wh.cfg).to_dict(), default=str))]
         try:
             wh.write(local_frame(wh.spark, row, t.JOB_RUNS_SCHEMA), wh.name(t.JOB_RUNS), mode="append")
         except Exception as exc:  # noqa: BLE001 - never hide the job's own error behind the log's
             log.warning("could not record the run in %s: %s", wh.name(t.JOB_RUNS), exc)
         log.info("%s %s in %.1fs; read %s; wrote %s", job, status, (finished - run.started_at).total_seconds(),
                  run.inputs or "-", run.outputs or "-")
+
+
+def find_run(wh, run_id: str) -> dict | None:
+    """The bertxml.job_runs row of `run_id` as a dict, its JSON columns (inputs, outputs, counts, config)
+    parsed; None when the warehouse has no such run."""
+    from pyspark.sql import functions as F
+
+    name = wh.name(t.JOB_RUNS)
+    if not wh.exists(name):
+        return None
+    rows = wh.table(name).filter(F.col("run_id") == run_id).collect()
+    if not rows:
+        return None
+    row = rows[-1].asDict()
+    for key in ("inputs", "outputs", "counts", "config"):
+        row[key] = json.loads(row[key]) if row[key] else {}
+    return row

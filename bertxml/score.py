@@ -2,8 +2,9 @@
 
     bertxml score [--date YYYY-MM-DD | --since-last] [--model DIR] [--notes SOURCE]
 
-With neither --date nor --since-last the job scores YESTERDAY (UTC). `--since-last` scores every note (that
-passes the filters) not yet scored by this model version: the catch-up after missed nights. `--model DIR`
+With neither --date nor --since-last the job scores YESTERDAY (UTC). `--since-last` rescores, night by night,
+every night holding a note this model version has neither scored nor rejected: the catch-up after missed
+nights. `--model DIR`
 defaults to the newest trained model under WORKDIR/models; the model version, label vocabulary, thresholds
 and tokenizer travel with the folder, so two model versions can be scored side by side.
 
@@ -15,10 +16,13 @@ What a run does, each table written in ONE Delta transaction:
    date, rewritten with replaceWhere so a rerun never duplicates), never to the model;
 2. scores the rest through an iterator pandas UDF (`mapInPandas`) whose Python worker loads the model
    ONCE (`make_predict_fn`, cached per process), takes its GPU from `TaskContext.resources()["gpu"]` when
-   the cluster schedules GPUs, starts CUDA there and never on the driver, and uses bf16 autocast on GPU;
-3. MERGEs the notes' rows into `bertxml.predictions` on (note_id, model_version): rerunning a night leaves
-   the table as one run would. The model's label vocabulary is merged into `bertxml.model_labels` on
-   (model_version, label_index), and the analyst views are refreshed.
+   the cluster schedules GPUs, starts CUDA there and never on the driver, and autocasts to bf16 on a GPU
+   that supports it (`bertxml.precision`);
+3. replaces this model version's rows of the night in `bertxml.predictions` (partitioned by note_date) with
+   the notes scored now, in one transaction (replaceWhere model_version and note_date): a note since marked
+   erroneous, rejected or gone from the source loses its old row, and a rerun leaves the night's rows as one
+   clean run would, whatever an earlier run left. The model's label vocabulary is merged into
+   `bertxml.model_labels` on (model_version, label_index), and the analyst views are refreshed.
 
 The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
 max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all chunks of a batch of notes
@@ -64,6 +68,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from bertxml import faults
 from bertxml import tables as t
 from bertxml.config import Config, ScoreConfig
 from bertxml.modeldir import LABEL_VOCAB_FILE, THRESHOLDS_FILE, TOKENIZER_FILE
@@ -258,25 +263,6 @@ def resolve_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 scoring pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def use_cpu_bf16(setting) -> bool:
-    """score.cpu_bf16 ('auto', true or false) -> whether to score in bf16 on the CPU."""
-    value = str(setting).strip().lower()
-    if value == "auto":
-        return native_cpu_bf16()
-    if value in ("true", "1", "yes", "false", "0", "no"):
-        return value in ("true", "1", "yes")
-    raise ValueError(f"score.cpu_bf16 must be auto, true or false, got {setting!r}")
-
-
 def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int):
     """Note texts -> (each note's first `max_chunks` chunks, word pieces per note (of the text read),
     truncated (n,): the note had more chunks, or more than max_chunks * max_len * CHARS_PER_TOKEN_CAP
@@ -320,6 +306,7 @@ class BertScorer:
         import torch
 
         from bertxml.model import load_model
+        from bertxml.precision import decide_precision
         from bertxml.vocab import load_tokenizer
 
         self.info = read_model_info(model_dir, threshold_default)
@@ -338,18 +325,20 @@ class BertScorer:
         self.token_budget = self.batch_size * self.max_len
         self.max_chunks = max(1, int(max_chunks_per_note))
         self.pad_id = int(self.model.config.pad_token_id or 0)
-        # GPU: bf16 autocast (fp32 weights, bf16 matmuls). CPU with cpu_bf16: the weights are cast to bf16
-        # once, because CPU autocast re-casts every weight on every pass and ends up slower than fp32.
-        self.autocast = self.device.type == "cuda"
-        self.bf16 = self.autocast or (self.device.type == "cpu" and use_cpu_bf16(cpu_bf16))
+        # GPU: bf16 autocast where it supports bf16 (fp32 weights, bf16 matmuls). CPU: cpu_bf16 decides, and
+        # the weights are cast to bf16 once, because CPU autocast re-casts every weight on every pass and
+        # ends up slower than fp32.
+        self.precision = decide_precision(self.device, cpu_bf16 if self.device.type == "cpu" else "auto")
+        self.bf16 = self.precision.bf16
+        self.autocast = self.bf16 and self.device.type == "cuda"
         # The label attention: one SDPA call, or on a bf16 CPU label blocks (CPU SDPA runs bf16 at fp32 speed).
         attend = label_attention_blocked if self.bf16 and not self.autocast else label_attention_sdpa
         self.fused_head = (attend if self.model.head_type == "bertxml"
                            and fused_head_matches(self.model, self.device, attend) else None)
         if self.bf16 and not self.autocast:
             self.model.to(torch.bfloat16)
-        log.info("scorer %s (%s, %d labels, max_len %d) on %s%s", self.info.model_version, self.info.model_kind,
-                 self.info.n_labels, self.max_len, self.device, " bf16" if self.bf16 else "")
+        log.info("scorer %s (%s, %d labels, max_len %d), precision %s", self.info.model_version,
+                 self.info.model_kind, self.info.n_labels, self.max_len, self.precision)
 
     # texts -> chunks ---------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> tuple[list[list[list[int]]], np.ndarray, np.ndarray]:
@@ -596,9 +585,13 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
     import pandas as pd
 
     predict = info = codes = None
+    batches = 0
     for frame in frames:
         if len(frame) == 0:
             continue
+        batches += 1
+        if batches == 2:
+            faults.point("score:udf")
         if predict is None:  # on the first notes: a task with an empty partition never loads the model
             predict = worker_predictor(model_dir, device, options)
             info = getattr(predict, "info", None) or read_model_info(model_dir, options.get("threshold_default", 0.5))
@@ -735,9 +728,10 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
 
     A night: every note dated `date` is filtered and the kept ones scored (a rerun rescores them: same
     rows). Catch-up: the dates holding a note neither scored by this model version nor rejected are
-    processed as nights, scoring only their notes not yet scored.
-    Writes bertxml.predictions (MERGE on note_id, model_version), bertxml.model_labels (on model_version,
-    label_index) and bertxml.rejects (replaceWhere job = 'score' and the nights processed), then refreshes
+    processed as nights, each as `date` would process it (all its notes).
+    Writes bertxml.predictions (replaceWhere the model version and those nights: their rows become the notes
+    scored now), bertxml.model_labels (on model_version, label_index) and
+    bertxml.rejects (replaceWhere job = 'score' and the nights processed), then refreshes
     the views. Returns the job's counts (notes_read, rejected, rejected_by_reason, notes_scored, chunks,
     notes_truncated, notes_per_s, ...). Raises on failure, for the exit status: a bad model folder
     (ModelDirError), a bad source schema (SchemaError), a night with no notes at all (NoNotesError,
@@ -784,8 +778,6 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
                 raise NoNotesError(f"no notes dated {night} in {read['source']}: the feed may not have landed "
                                    f"(set score.allow_empty=true to accept an empty night)")
             kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_bytes", F.octet_length("text"))
-            if since_last and done is not None:
-                kept = kept.join(done, "note_id", "left_anti")
             _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, batches)
         finally:
             flagged.unpersist()
@@ -829,6 +821,7 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
     from pyspark.sql import functions as F
 
     from bertxml.etl import reject_rows
+    from bertxml.warehouse import sql_string
 
     spark = wh.spark
     scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
@@ -849,15 +842,25 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
         ok = stats.get(None)
         n_scored = int(ok["n"]) if ok else 0
         n_run = sum(int(r["n"]) for r in stats.values())  # notes through the model, incl. 'no_tokens'
-        if n_scored:
-            _write_model_labels(wh, run, info)
-            preds = scored.filter(F.col("reason").isNull()).select(
-                "note_id", "patient_id", "note_date", F.lit(info.model_version).alias("model_version"),
-                F.lit(run.run_id).alias("run_id"), F.lit(scored_at).cast("timestamp").alias("scored_at"),
-                "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
-            preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in t.PREDICTIONS_SCHEMA.fields])
-            name = wh.name(t.PREDICTIONS)
-            run.outputs[name] = wh.merge(preds, name, ["note_id", "model_version"])
+        name = wh.name(t.PREDICTIONS)
+        dated = [b for b in batches if b != "undated"]  # undated notes are always rejected (null_note_date)
+        if n_scored or (dated and wh.exists(name)):
+            if n_scored:
+                _write_model_labels(wh, run, info)
+                preds = scored.filter(F.col("reason").isNull()).select(
+                    "note_id", "patient_id", "note_date", F.lit(info.model_version).alias("model_version"),
+                    F.lit(run.run_id).alias("run_id"), F.lit(scored_at).cast("timestamp").alias("scored_at"),
+                    "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
+                preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name)
+                                       for f in t.PREDICTIONS_SCHEMA.fields])
+            else:  # every note of the nights rejected: the write only deletes their old rows
+                preds = spark.createDataFrame([], t.PREDICTIONS_SCHEMA)
+            # The nights' rows of this model version are replaced by the notes scored now, in one transaction
+            # (replaceWhere): a note scored before and now rejected, or gone from the source, loses its old
+            # row; only the nights' partitions are read and rewritten.
+            scope = (f"model_version = {sql_string(info.model_version)} AND note_date IN ("
+                     + ", ".join(f"DATE'{d}'" for d in dated) + ")")
+            run.outputs[name] = wh.write(preds, name, replace_where=scope, partition_by=t.PREDICTIONS_PARTITIONS)
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
         n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)

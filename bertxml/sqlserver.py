@@ -17,8 +17,8 @@ What it serves, and to whom (README "SQL for analysts"):
   pass on a command line and are never logged.
 
 The two Java classes are compiled with the JDK's javac on first use, against pyspark's own jars, into
-a cache folder (BERTXML_CACHE_DIR, default ~/.cache/bertxml), and loaded into the running JVM by a
-class loader of their own; nothing is downloaded. Every query reads the newest committed snapshot, so
+a cache folder (BERTXML_CACHE_DIR, default ~/.cache/bertxml), before Spark starts, and put on the driver
+JVM's system class path (spark.driver.extraClassPath); nothing is downloaded. Every query reads the newest committed snapshot, so
 analysts can query while the nightly job writes; tables created after start-up are registered every
 `sqlserver.refresh_seconds`. The jars (spark-hive-thriftserver, hive-jdbc, beeline) ship with pyspark.
 """
@@ -202,34 +202,28 @@ def start_thrift_server(wh, port: int = 10000, host: str = "localhost", allow_te
 
     spark = wh.spark
     jvm = spark.sparkContext._jvm
-    thread = jvm.java.lang.Thread.currentThread()
-    previous_loader = thread.getContextClassLoader()
-    url = Path(server_jar()).as_uri()
-    _add_to_driver_class_path(spark, previous_loader, url)
-    try:
-        hidden = [] if allow_text else [wh.cfg.warehouse.notes] + [wh.name(n) for n in t.TEXT_TABLES]
-        guarded = text_locations(wh) if not allow_text else []
-        # Path queries are off for every session the server opens (they inherit the shared state's
-        # initial settings); the guard, not this, is what keeps the text folders out of reach, since a
-        # client may SET it back.
-        jsession = jvm.bertxml.sqlserver.PhiGuard.newGuardedSession(
-            spark.sparkContext._jsc.sc(), {"spark.sql.runSQLOnFiles": "false"}, guarded)
-        session = SparkSession(spark.sparkContext, jsparkSession=jsession)
-        served = Warehouse(session, wh.workdir, wh.cfg, hidden=frozenset(hidden))
-        session.conf.set("hive.server2.thrift.port", str(port))
-        session.conf.set("hive.server2.thrift.bind.host", host)
-        session.conf.set("hive.server2.transport.mode", "binary")
-        if password_file:
-            # Hive builds the CUSTOM provider from a fresh HiveConf, which reads JVM system properties.
-            jvm.java.lang.System.setProperty("hive.server2.custom.authentication.class", AUTH_CLASS)
-            jvm.java.lang.System.setProperty(PASSWORD_FILE_PROPERTY, password_file)
-            session.conf.set("hive.server2.authentication", "CUSTOM")
-        else:
-            session.conf.set("hive.server2.authentication", "NONE")
-        server = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2.startWithContext(
-            jsession.sqlContext())
-    finally:
-        thread.setContextClassLoader(previous_loader)
+    _check_on_class_path(jvm)
+    hidden = [] if allow_text else [wh.cfg.warehouse.notes] + [wh.name(n) for n in t.TEXT_TABLES]
+    guarded = text_locations(wh) if not allow_text else []
+    # Path queries are off for every session the server opens (they inherit the shared state's initial
+    # settings); the guard, not this, is what keeps the text folders out of reach, since a client may
+    # SET it back.
+    jsession = jvm.bertxml.sqlserver.PhiGuard.newGuardedSession(
+        spark.sparkContext._jsc.sc(), {"spark.sql.runSQLOnFiles": "false"}, guarded)
+    session = SparkSession(spark.sparkContext, jsparkSession=jsession)
+    served = Warehouse(session, wh.workdir, wh.cfg, hidden=frozenset(hidden))
+    session.conf.set("hive.server2.thrift.port", str(port))
+    session.conf.set("hive.server2.thrift.bind.host", host)
+    session.conf.set("hive.server2.transport.mode", "binary")
+    if password_file:
+        # Hive builds the CUSTOM provider from a fresh HiveConf, which reads JVM system properties.
+        jvm.java.lang.System.setProperty("hive.server2.custom.authentication.class", AUTH_CLASS)
+        jvm.java.lang.System.setProperty(PASSWORD_FILE_PROPERTY, password_file)
+        session.conf.set("hive.server2.authentication", "CUSTOM")
+    else:
+        session.conf.set("hive.server2.authentication", "NONE")
+    server = jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2.startWithContext(
+        jsession.sqlContext())
     wait_for_port(host, port)
     log.info("Thrift JDBC/ODBC server on jdbc:hive2://%s:%d (warehouse %s; note text %s; logins %s)",
              host, port, wh.workdir, "served" if allow_text else "not served",
@@ -237,24 +231,20 @@ def start_thrift_server(wh, port: int = 10000, host: str = "localhost", allow_te
     return SqlServer(server, served, host, port)
 
 
-def _add_to_driver_class_path(spark, loader, url: str) -> None:
-    """Make the jar's classes loadable by the driver's class loader, which the Thrift server's worker
-    threads use to find the authenticator (Hive loads it by name at every login).
-
-    Under spark-submit (pyspark's own launcher included) that loader is Spark's MutableURLClassLoader,
-    which takes new jars while running; otherwise this thread gets a child loader with the jar, which
-    the server's threads inherit when it starts them.
-    """
-    jvm = spark.sparkContext._jvm
-    jurl = jvm.java.net.URL(url)
-    if loader.getClass().getName().startswith("org.apache.spark.util.") and "URLClassLoader" in \
-            loader.getClass().getName():
-        if url not in {u.toString() for u in loader.getURLs()}:
-            loader.addURL(jurl)
-        return
-    urls = spark.sparkContext._gateway.new_array(jvm.java.net.URL, 1)
-    urls[0] = jurl
-    jvm.java.lang.Thread.currentThread().setContextClassLoader(jvm.java.net.URLClassLoader(urls, loader))
+def _check_on_class_path(jvm) -> None:
+    """The guard and authenticator must be on the JVM's system class path: Hive loads the authenticator
+    by name at every login, with the class loader of whichever server thread takes it, and only the
+    system one is shared by all. Jars cannot join it once the JVM runs, so `bertxml sql-server` puts
+    server_jar() on spark.driver.extraClassPath before it starts Spark (get_spark's class_path)."""
+    loader = jvm.java.lang.ClassLoader.getSystemClassLoader()
+    for name in (GUARD_CLASS, AUTH_CLASS):
+        try:
+            jvm.java.lang.Class.forName(name, False, loader)
+        except Exception:  # py4j's error for a ClassNotFoundException
+            raise RuntimeError(
+                f"{name} is not on the driver's class path: start Spark with "
+                f"spark.driver.extraClassPath={server_jar()} (spark-submit --driver-class-path), "
+                "as `bertxml sql-server` does") from None
 
 
 def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:

@@ -116,6 +116,11 @@ PREDICTIONS_SCHEMA = StructType([
     StructField("truncated", BooleanType()),          # longer than score.max_chunks_per_note: first chunks only
 ])
 
+# Partitioned by note_date, so a night's MERGE reads and rewrites only that night's files. A predictions table
+# that an earlier bertxml created unpartitioned keeps working: the MERGE then skips files by their note_date
+# statistics instead.
+PREDICTIONS_PARTITIONS = ("note_date",)
+
 MODEL_LABELS = "model_labels"  # each scored model version's label vocabulary, for the views
 
 MODEL_LABELS_SCHEMA = StructType([
@@ -126,7 +131,8 @@ MODEL_LABELS_SCHEMA = StructType([
     StructField("threshold", FloatType()),
 ])
 
-# `bertxml evaluate`: append-only, one row per (run_id, dataset); the view bertxml.latest_auc picks the newest.
+# `bertxml evaluate`: one row per (model_version, dataset), replaced by the next run of that model version on
+# that dataset (MERGE); the view bertxml.latest_auc picks the newest (tables an earlier bertxml appended to).
 # dataset: 'dev' | 'test' | 'date:YYYY-MM-DD' (one night) | 'dates:FROM..TO' (a range; its nights get rows too).
 AUC_REPORT_SCHEMA = StructType([
     StructField("run_id", StringType(), False),

@@ -6,7 +6,8 @@
 What it does (paper §4.2.2): reads the chunks of `bertxml.chunks` (one chunking, cfg.model.max_len) at a
 Delta version pinned on the driver, trains on the train split with binary cross-entropy, AdamW with weight
 decay (none on biases and LayerNorm), a linear warm-up over cfg.train.warmup of the steps then a linear
-decay to 0, gradient accumulation and clipping, bf16 autocast where the hardware has it, and length-bucketed
+decay to 0, gradient accumulation and clipping, bf16 autocast where the hardware multiplies bf16 natively
+(bertxml.precision), and length-bucketed
 batches. A note's prediction is the max over its chunks (§4.1); dev macro/micro AUC is measured at each
 epoch end (or every eval_every steps) and the checkpoint with the best dev macro AUC is kept. Per-code
 thresholds are tuned on dev for maximum F1. The result is a model folder (bertxml.modeldir).
@@ -54,6 +55,7 @@ from bertxml.data import (ChunkSet, bucketed_batches, coding_batch, eval_batches
                           shard_batches, table_path)
 from bertxml.model import (HEADS, BertForIcdCoding, bert_config, chunk_max, count_parameters,
                            from_pretrained_encoder, save_model)
+from bertxml.precision import Precision, autocast, decide_precision
 
 log = logging.getLogger("bertxml.train")
 
@@ -107,20 +109,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """This step's learning rate on every group, times the group's lr_scale."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def autocast_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
-    """bfloat16 when asked for and the device has it (CUDA with bf16 support, or the CPU); else None."""
-    if not bf16:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision context: weights and optimizer stay float32, matmuls run in `dtype`."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -268,14 +256,14 @@ def check_resume(saved: dict, expected: dict) -> None:
 
 @torch.no_grad()
 def predict_notes(model: BertForIcdCoding, chunks: ChunkSet, batch_size: int, device: torch.device,
-                  amp_dtype: torch.dtype | None, pad_id: int) -> np.ndarray:
+                  precision: Precision | None, pad_id: int) -> np.ndarray:
     """Note-level probabilities (n_notes, M): the max over each note's chunks (paper §4.1)."""
     was_training = model.training
     model.eval()
     scores = torch.empty(len(chunks), model.n_labels)  # (n_chunks, M) logits
     for index in eval_batches(chunks.lengths, batch_size):
         ids, mask = pad_ids([chunks.input_ids[i] for i in index], pad_id)  # (B, T)
-        with autocast(device, amp_dtype):
+        with autocast(device, precision):
             logits = model(ids.to(device), mask.to(device))["logits"]  # (B, M)
         scores[torch.from_numpy(index)] = logits.float().cpu()
     model.train(was_training)
@@ -414,6 +402,29 @@ def chunks_metadata(path: str | Path, version: int, max_len: int) -> dict | None
     return None
 
 
+def etl_lineage(source, name: str, path: str | None, version: int | None) -> dict | None:
+    """The ETL run that wrote this version of labeled_notes and what it read: {"run_id", "inputs": {"notes":
+    {"source", "version", ...}, "diagnoses": {...}}}, from the lineage bertxml.etl leaves in the commit's
+    userMetadata (a Warehouse asks it; a workdir's Delta log is read as JSON, no JVM). None when the commit
+    holds none (a table written by something else, or a commit file cleaned up after a checkpoint)."""
+    if version is None:
+        return None
+    if hasattr(source, "spark"):
+        meta = source.commit_metadata(name, version)
+    else:
+        commit = Path(path) / "_delta_log" / f"{int(version):020d}.json"
+        infos = [json.loads(line).get("commitInfo") for line in commit.read_text().splitlines()
+                 if line.strip()] if commit.exists() else []
+        text = next((i.get("userMetadata") for i in infos if i and i.get("userMetadata")), None)
+        try:
+            meta = json.loads(text) if text else None
+        except json.JSONDecodeError:
+            meta = None
+    if not isinstance(meta, dict) or not meta.get("run_id"):
+        return None
+    return {"run_id": meta["run_id"], "inputs": meta.get("inputs") or {}}
+
+
 def _source_tables(source, cfg: Config) -> dict:
     """{short: (qualified name, Delta folder, version)} for the tables training reads, from a Warehouse or a
     path-mode workdir. Path mode reads the latest versions from the Delta logs (no Spark job needed);
@@ -503,6 +514,7 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
                          max_len=max_len, labels=labels, tokenizer_file="", versions=versions,
                          labeled_notes_path=notes_path, labeled_notes_version=notes_version,
                          encoder_dir=str(encoder_dir) if encoder_dir else None, init=str(init) if init else None)
+    meta = None
     if init:
         # The checkpoint's vocabulary, saved (no truncation) as the model's tokenizer.json for scoring.
         tokenizer_file = out_dir / modeldir.TOKENIZER_FILE
@@ -525,8 +537,20 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
                              f"({meta['tokenizer_sha256'][:12]}) than {tokenizer_file} ({sha[:12]}): "
                              "run `bertxml tokenize` with this vocabulary")
     inputs.extra["tokenizer_sha256"] = file_sha256(inputs.tokenizer_file)
-    log.info("training inputs: %s; %d labels; tokenizer %s; out %s", versions, len(labels),
-             inputs.tokenizer_file, out_dir)
+    # The training set's notes: the labeled_notes version the chunks were made from (tokenize records it),
+    # or the one read here for an `init` checkpoint.
+    trained_notes = notes_version
+    if inputs.chunks_path and meta and meta.get("labeled_notes_version") is not None:
+        trained_notes = int(meta["labeled_notes_version"])
+        if trained_notes != notes_version:
+            log.warning("the chunks for max_len %d were made from %s version %d, not its latest (%d): run "
+                        "`bertxml tokenize` to train on the latest ETL", max_len, notes_name, trained_notes,
+                        notes_version)
+    lineage = etl_lineage(source, notes_name, notes_path, trained_notes)
+    inputs.extra["etl_run"] = {**lineage, "labeled_notes_version": trained_notes} if lineage else None
+    read = {r.get("source"): r.get("version") for r in (lineage or {}).get("inputs", {}).values()}
+    log.info("training inputs: %s; written by etl run %s from %s; %d labels; tokenizer %s; out %s", versions,
+             (lineage or {}).get("run_id", "-"), read or "-", len(labels), inputs.tokenizer_file, out_dir)
     return inputs
 
 
@@ -623,7 +647,7 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
     if not resume:
         raw.init_output_bias(train_set.label_rates(n_labels))
     optimizer = make_optimizer(raw, tc.lr, tc.weight_decay, fast=raw.head_parameters(), fast_scale=tc.head_lr_scale)
-    amp = autocast_dtype(device, tc.bf16)
+    precision = decide_precision(device, tc.bf16)
 
     def epoch_batches(epoch: int) -> list[np.ndarray]:
         return shard_batches(bucketed_batches(train_set.lengths, tc.batch_size, tc.seed, epoch, tc.bucket_window),
@@ -640,15 +664,14 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
         check_resume(state, plan)
     started = time.perf_counter() - state["train_seconds"]
     if rank == 0:
-        log.info("%s: %d steps (%d per epoch, batch %d x %d accumulation x %d processes), lr %.1e, %s on %s",
-                 inputs.model_version, total_steps, steps_per_epoch, tc.batch_size, tc.grad_accum, world, tc.lr,
-                 f"autocast {amp}" if amp else "float32", device)
+        log.info("%s: %d steps (%d per epoch, batch %d x %d accumulation x %d processes), lr %.1e, precision %s",
+                 inputs.model_version, total_steps, steps_per_epoch, tc.batch_size, tc.grad_accum, world, tc.lr, precision)
 
     def evaluate_and_select(step: int) -> None:
         """Rank 0: dev AUCs; keep the weights when dev macro AUC is the best so far."""
         if not dev_set.n_notes:
             return
-        probs = predict_notes(raw, dev_set, tc.eval_batch_size, device, amp, pad_id)
+        probs = predict_notes(raw, dev_set, tc.eval_batch_size, device, precision, pad_id)
         metrics = {**auc_metrics(probs, dev_labels), "step": step, "epoch": round(step / steps_per_epoch, 3)}
         state["history"].append(metrics)
         improved = selection_score(metrics) > selection_score(state["best"])
@@ -683,7 +706,7 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
                 # DDP all-reduces gradients on the last micro-batch of the step only
                 sync = nullcontext() if world == 1 or k == len(group) - 1 else model.no_sync()
                 with sync:
-                    with autocast(device, amp):
+                    with autocast(device, precision):
                         loss = model(**batch)["loss"] / len(group)
                     loss.backward()
                 window_loss += loss.detach().float()
@@ -721,7 +744,7 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
     bar.close()
 
     if rank == 0:
-        finish_model_dir(raw, inputs, cfg, state, dev_set, dev_labels, device, amp, pad_id,
+        finish_model_dir(raw, inputs, cfg, state, dev_set, dev_labels, device, precision, pad_id,
                          time.perf_counter() - started)
     barrier(world)
     if created_group:
@@ -730,7 +753,7 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
 
 
 def finish_model_dir(model: BertForIcdCoding, inputs: TrainInputs, cfg: Config, state: dict, dev_set: ChunkSet,
-                     dev_labels: np.ndarray, device, amp, pad_id: int, train_seconds: float) -> Path:
+                     dev_labels: np.ndarray, device, precision, pad_id: int, train_seconds: float) -> Path:
     """Best dev weights -> model.safetensors; dev thresholds; manifest. Removes best/ and checkpoint/."""
     out_dir = Path(inputs.out_dir)
     best_weights = out_dir / BEST_DIR / "model.safetensors"
@@ -740,13 +763,13 @@ def finish_model_dir(model: BertForIcdCoding, inputs: TrainInputs, cfg: Config, 
     thresholds = np.full(len(codes), cfg.score.threshold_default, dtype=np.float32)
     dev_metrics: dict = {"notes": 0}
     if dev_set.n_notes:
-        probs = predict_notes(model, dev_set, cfg.train.eval_batch_size, device, amp, pad_id)
+        probs = predict_notes(model, dev_set, cfg.train.eval_batch_size, device, precision, pad_id)
         thresholds = tune_thresholds(probs, dev_labels, cfg.score.threshold_default)
         dev_metrics = {**auc_metrics(probs, dev_labels), "micro_f1": micro_f1(probs, dev_labels, thresholds)}
     dev_metrics.update(best_step=(state["best"] or {}).get("step"), history=state["history"])
     save_model(model, out_dir)
     extra = {"steps": state["total_steps"], "world_size": state["world_size"], "tokens": state["tokens"],
-             "loss_history": state["loss_history"],
+             "loss_history": state["loss_history"], "precision": precision.to_dict(),
              "encoder_dir": inputs.encoder_dir, "init": inputs.init, **inputs.extra}
     modeldir.write_model_dir(out_dir, model_version=state["model_version"], model_kind=inputs.model_kind,
                              config=cfg.to_dict(), inputs=inputs.versions, max_len=inputs.max_len,

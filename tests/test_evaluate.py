@@ -124,6 +124,14 @@ def test_run_evaluate_on_a_split(wh, cfg, model_dir):
     assert json.loads((Path(result["report_dir"]) / "report.json").read_text())["dataset"] == "test"
     assert wh.spark.sql("SELECT dataset FROM bertxml.latest_auc").collect()[0].dataset == "test"
 
+    # A rerun replaces the model version's rows of the dataset: as many rows as one run leaves.
+    again = run_evaluate(wh, cfg, split="test", model_dir=model_dir)
+    report = wh.table(wh.name(t.AUC_REPORT)).collect()
+    assert len(report) == 1 and report[0].run_id == again["run_id"]
+    assert report[0].micro_auc == pytest.approx(expected["micro_auc"], abs=1e-3)
+    code_rows = wh.table(wh.name(t.CODE_AUC)).collect()
+    assert len(code_rows) == len(CODES) and {r.run_id for r in code_rows} == {again["run_id"]}
+
 
 def test_run_evaluate_on_coded_nights(wh, cfg, model_dir):
     notes = [(i, p, e, d, "progress_note", "physician", "final", text) for i, p, e, d, text, _ in NOTES]

@@ -12,8 +12,9 @@ from dataclasses import replace
 import pytest
 
 from bertxml.config import GenerateConfig
-from bertxml.generate import (MALFORMED_CODES, UNKNOWN_SHAPED_CODES, PatientGenerator, check_generate_config,
-                              code_catalog, generate_warehouse, load_lexicon, n_patients, run_generate)
+from bertxml.generate import (LAST_DAY, MALFORMED_CODES, MAX_DAYS, MIN_DAYS, UNKNOWN_SHAPED_CODES,
+                              PatientGenerator, check_generate_config, code_catalog, generate_warehouse,
+                              last_date, load_lexicon, n_patients, run_generate, span_days)
 from bertxml.icd import ICD10_SHAPE, chronic_codes, icd10cm_descriptions, normalize_code
 from bertxml.tables import DIAGNOSES_SCHEMA, NOTES_SCHEMA
 
@@ -147,8 +148,45 @@ def test_encounter_dates_increase_per_patient(small):
     for encounters in by_patient.values():
         dates = [encounters[e] for e in sorted(encounters)]
         assert all(a < b for a, b in zip(dates, dates[1:]))
-        assert str(dates[0]) >= "2023-01-01" and str(dates[-1]) <= "2025-12-31"
+        assert dates[0] > last_date() - dt.timedelta(days=span_days(SMALL)) and dates[-1] <= last_date()
     assert all(d.diagnosis_date == enc_date[d.encounter_id] for d in diagnoses)
+
+
+def test_the_span_grows_with_the_size_up_to_three_years():
+    assert last_date() == dt.date(2025, 12, 31)
+    assert span_days(SMALL) == MIN_DAYS                                  # 300 notes: four weeks
+    assert 35 <= span_days(replace(SMALL, notes=1500)) <= 50             # the demo: about six weeks
+    sizes = [300, 1500, 5000, 20000, 40000, 100000, 1000000]
+    spans = [span_days(replace(SMALL, notes=n)) for n in sizes]
+    assert spans == sorted(spans) and spans[-1] == spans[-2] == MAX_DAYS
+    assert last_date() - dt.timedelta(days=MAX_DAYS - 1) == dt.date(2023, 1, 1)
+
+
+def test_dates_follow_a_hospital_week_and_patients_keep_histories():
+    """The demo's size: every day of the span has notes, weekdays about 2.5x weekends, the newest nights
+    as full as any, and most patients seen on several days weeks apart."""
+    cfg = replace(SMALL, notes=1500, seed=7)
+    gen = PatientGenerator(cfg)
+    patients = [gen.structure(i) for i in range(n_patients(cfg))]
+    per_day = Counter()
+    for p in patients:
+        for e in p.encounters:
+            per_day[e.day] += len(e.notes)
+    first = LAST_DAY - span_days(cfg) + 1
+    assert set(per_day) == set(range(first, LAST_DAY + 1))
+    weekday = [n for d, n in per_day.items() if (epoch_day(d)).weekday() < 5]
+    weekend = [n for d, n in per_day.items() if (epoch_day(d)).weekday() >= 5]
+    assert len(weekend) >= 10 and 30 <= sum(weekday) / len(weekday) <= 60
+    assert sum(weekday) / len(weekday) > 1.8 * sum(weekend) / len(weekend)
+    assert min(per_day[d] for d in range(LAST_DAY - 2, LAST_DAY + 1)) >= 30      # Mon-Wed, 2025-12-29..31
+    several = [p for p in patients if len(p.encounters) >= 2]
+    assert len(several) > 0.7 * len(patients)
+    spans = sorted(p.encounters[-1].day - p.encounters[0].day for p in several)
+    assert spans[len(spans) // 2] >= 14
+
+
+def epoch_day(day: int) -> dt.date:
+    return dt.date(1970, 1, 1) + dt.timedelta(days=day)
 
 
 def test_chronic_codes_recur_but_not_always(small):
@@ -276,6 +314,24 @@ def test_bad_config_is_refused():
 
 
 # ---- the job ---------------------------------------------------------------------------------------------
+def test_land_from_writes_the_history_then_the_late_nights(wh, small):
+    """Two commits per table: the rows before land_from, then the rest; together the one-commit rows."""
+    notes_table, diagnoses_table = wh.cfg.warehouse.notes, wh.cfg.warehouse.diagnoses
+    land = last_date() - dt.timedelta(days=2)
+    result = run_generate(wh, SMALL, land_from=land.isoformat())
+    assert result["history_versions"] == {notes_table: 0, diagnoses_table: 0}
+    assert result["versions"] == {notes_table: 1, diagnoses_table: 1}
+    assert result["notes"] == len(small[0]) and result["diagnoses"] == len(small[1])
+    assert _sorted(wh.table(notes_table).collect()) == small[0]
+    assert _sorted(wh.table(diagnoses_table).collect()) == small[1]
+    history = wh.table(notes_table, version=0).collect()
+    assert _sorted(history) == [n for n in small[0] if n.note_date < land]
+    assert 0 < len(history) < len(small[0])
+    assert _sorted(wh.table(diagnoses_table, version=0).collect()) == [d for d in small[1] if d.diagnosis_date < land]
+    with pytest.raises(ValueError, match="land_from"):
+        run_generate(wh, SMALL, land_from="29/12/2025")
+
+
 def test_run_generate_writes_both_tables_and_never_logs_text(wh, caplog, small):
     result = run_generate(wh, SMALL)
     notes_table, diagnoses_table = wh.cfg.warehouse.notes, wh.cfg.warehouse.diagnoses

@@ -282,7 +282,14 @@ def test_pretraining_losses_finite_and_falling():
     nsp_labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
 
     out = model(masked, mask, token_types, mlm_labels=mlm_labels, nsp_labels=nsp_labels)
-    assert out["mlm_logits"].shape == (8, 16, VOCAB) and out["nsp_logits"].shape == (8, 2)
+    n_masked = int((mlm_labels != -100).sum())
+    assert out["mlm_logits"].shape == (n_masked, VOCAB) and out["nsp_logits"].shape == (8, 2)  # masked rows only
+    model.eval()  # no dropout: the masked-only loss equals the loss over every position's logits
+    full = model(masked, mask, token_types)["mlm_logits"]  # (B, T, V)
+    assert full.shape == (8, 16, VOCAB)
+    by_all_positions = torch.nn.functional.cross_entropy(full.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(model(masked, mask, token_types, mlm_labels=mlm_labels)["mlm_loss"], by_all_positions)
+    model.train()
     for name in ("loss", "mlm_loss", "nsp_loss"):
         assert torch.isfinite(out[name]), name
     torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["nsp_loss"])

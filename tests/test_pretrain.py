@@ -106,7 +106,7 @@ def test_run_pretrain_loss_falls_and_the_encoder_fine_tunes(wh, tmp_path):
     pq.write_table(pa.table({"note_id": ["c1", "c2"], "text": [n["text"] for n in notes[:2]]}), corpus)
 
     cfg = tiny_config(max_steps=3, lr=1e-5, eval_batch_size=32)
-    for key, value in dict(max_len=24, batch_size=8, epochs=8, lr=2e-3, warmup=0.1, log_every=5, bf16=False,
+    for key, value in dict(max_len=24, batch_size=8, epochs=8, lr=2e-3, warmup=0.1, log_every=5, bf16="false",
                            threads=1, dev_batches=4, seed=3).items():
         setattr(cfg.pretrain, key, value)
     encoder = run_pretrain(wh, cfg, vocab_dir, None, corpus_sources=[f"parquet:{corpus}"])

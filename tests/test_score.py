@@ -20,6 +20,7 @@ from bertxml import tables as t
 from bertxml.config import ModelConfig, VocabConfig
 from bertxml.model import BertForIcdCoding, bert_config, save_model
 from bertxml.modeldir import write_model_dir
+from bertxml.precision import cpu_has_native_bf16, decide_precision
 from bertxml.score import (PREDICTORS, ModelDirError, NoNotesError, label_attention_blocked, label_attention_sdpa,
                            make_predict_fn, predicted_codes, read_model_info, register_predictor, run_score,
                            score_frames, top_codes)
@@ -47,7 +48,7 @@ def make_model_dir(root, version="bertxml-test-a", head="bertxml", codes=CODES, 
     (weights for another label vocabulary)."""
     out = Path(root) / version
     out.mkdir(parents=True)
-    tokenizer = train_tokenizer([SENTENCES * 3], VocabConfig(size=300, min_frequency=1))
+    tokenizer = train_tokenizer([SENTENCES * 3], VocabConfig(size=300, min_frequency=1, min_patients=1))
     tokenizer.save(str(out / "tokenizer.json"))
     torch.manual_seed(seed)
     mcfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -100,6 +101,10 @@ def test_predict_fn_shapes_and_max_over_chunks(model_dir):
     bf16 = make_predict_fn(model_dir, device="cpu", cpu_bf16=True)     # bf16 weights: close, not equal
     assert bf16.fused_head is label_attention_blocked                  # label blocks, not CPU SDPA
     assert np.abs(bf16(texts) - probs).max() < 2e-2
+    # auto: the one precision decision (bf16 weights only where this CPU multiplies bf16 natively)
+    auto = make_predict_fn(model_dir, device="cpu")
+    assert auto.precision == decide_precision("cpu") and auto.bf16 == cpu_has_native_bf16()
+    assert next(auto.model.parameters()).dtype == auto.precision.dtype
     scored = predict.score(texts)
     assert scored.n_chunks.tolist()[0] == 1 and scored.n_chunks[1] > 3 and scored.n_tokens[2] == 0
     assert not scored.truncated.any()
@@ -218,10 +223,10 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     assert wh.table(wh.name(t.MODEL_LABELS)).count() == len(CODES)
     assert {r.code for r in wh.spark.sql("SELECT code FROM bertxml.predicted_codes").collect()} <= set(CODES)
 
-    # A rerun of the night leaves the tables as one run would.
+    # A rerun of the night leaves the tables as one run would: same keys, no row twice.
     run_score(wh, cfg, date=dt.date(2025, 3, 1), model_dir=model_dir)
     again = predictions(wh)
-    assert again.keys() == preds.keys()
+    assert again.keys() == preds.keys() and wh.table(wh.name(t.PREDICTIONS)).count() == len(preds)
     for key, r in preds.items():
         np.testing.assert_allclose(again[key].probabilities, r.probabilities, atol=1e-6)
         assert again[key].predicted_codes == r.predicted_codes and again[key].n_chunks == r.n_chunks
@@ -245,6 +250,32 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     assert len(runs) == 5 and {r.status for r in runs} == {"succeeded"}
     counts = json.loads(sorted(runs, key=lambda r: r.started_at)[0].counts)
     assert counts["chunks"] >= 7 and counts["notes_per_s"] > 0
+    assert wh.table(wh.name(t.PREDICTIONS)).inputFiles() and _partition_columns(wh) == ["note_date"]
+
+    # Night 1 rerun after the feed changed: n4 now erroneous, n2 gone. Their old rows go in the same MERGE;
+    # night 2 and the other model version's rows stay as they were.
+    before = predictions(wh)
+    changed = [r for r in NIGHT1 if r[0] not in ("n2", "n4")] + [note("n4", D1, NIGHT1[3][-1], status="erroneous")]
+    write_notes(wh, changed + NIGHT2, bad_utf8=BAD)
+    run_score(wh, cfg, date=D1, model_dir=model_dir)
+    after = predictions(wh)
+    assert wh.table(wh.name(t.PREDICTIONS)).count() == len(after) == len(before) - 2
+    assert set(before) - set(after) == {("n2", "bertxml-test-a"), ("n4", "bertxml-test-a")}
+    for key in [k for k in after if k[0] in ("m1", "m2")]:
+        assert after[key].run_id == before[key].run_id          # another night: not rewritten
+    assert sorted(r.note_id for r in wh.table(wh.name(t.REJECTS)).filter(
+        "job = 'score' AND reason = 'dropped_status'").collect()) == ["err", "n4"]
+
+    # Every note of the night now rejected: the rerun only deletes the night's rows.
+    write_notes(wh, [note(n, D1, "bp ok") for n in ("n1", "n3", "dup")] + NIGHT2)
+    assert run_score(wh, cfg, date=D1, model_dir=model_dir)["notes_scored"] == 0
+    assert {k[0] for k in predictions(wh)} == {"m1", "m2"} and wh.table(wh.name(t.PREDICTIONS)).count() == 4
+
+
+def _partition_columns(wh):
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forPath(wh.spark, str(wh.path(wh.name(t.PREDICTIONS)))).detail().first().partitionColumns
 
 
 def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
@@ -259,12 +290,3 @@ def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
     statuses = [r.status for r in wh.table(wh.name(t.JOB_RUNS)).collect()]
     assert len(statuses) == 2 and all(s.startswith("failed") for s in statuses)  # the bad date: before the job
     assert not wh.exists(wh.name(t.PREDICTIONS))
-
-
-def test_cpu_bf16_setting():
-    from bertxml.score import native_cpu_bf16, use_cpu_bf16
-
-    assert use_cpu_bf16("auto") == native_cpu_bf16()      # bf16 only where the CPU has it natively
-    assert use_cpu_bf16(True) and use_cpu_bf16("TRUE") and not use_cpu_bf16(False) and not use_cpu_bf16("no")
-    with pytest.raises(ValueError, match="cpu_bf16"):
-        use_cpu_bf16("sometimes")

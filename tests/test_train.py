@@ -90,7 +90,7 @@ def tiny_config(**train) -> Config:
     cfg.model = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                             max_position_embeddings=64, max_len=MAX_LEN, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
-    settings = dict(lr=3e-3, batch_size=8, epochs=5, warmup=0.1, threads=1, log_every=5, bf16=False,
+    settings = dict(lr=3e-3, batch_size=8, epochs=5, warmup=0.1, threads=1, log_every=5, bf16="false",
                     checkpoint_every=0, eval_batch_size=16, seed=13)
     settings.update(train)
     for key, value in settings.items():
@@ -245,14 +245,15 @@ def train_here(wh, cfg, out_dir, resume=False, **kwargs) -> Path:
 
 def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
     wh, vocab_dir = tiny_wh
-    cfg = tiny_config(epochs=10, bf16=True)  # bf16: exercise autocast on the CPU
+    cfg = tiny_config(epochs=10, bf16="true")  # forced bf16: exercise autocast on any CPU
     out = run_train(wh, cfg, out_dir=tmp_path / "m")
     manifest = modeldir.load_manifest(out)
     assert set(modeldir.MANIFEST_KEYS) <= set(manifest)
     assert manifest["model_kind"] == "bertxml" and manifest["max_len"] == MAX_LEN
     tables = (t.LABELED_NOTES, t.LABEL_VOCAB, t.CHUNKS)
     assert manifest["inputs"] == {wh.name(s): wh.version(wh.name(s)) for s in tables}
-    assert manifest["config"]["model"]["hidden_size"] == 32 and manifest["config"]["train"]["bf16"] is True
+    assert manifest["config"]["model"]["hidden_size"] == 32 and manifest["config"]["train"]["bf16"] == "true"
+    assert manifest["precision"]["dtype"] == "bfloat16" and manifest["precision"]["setting"] == "true"
     assert manifest["code_version"].startswith(__import__("bertxml").__version__)
     assert manifest["parameters"] > 0 and manifest["train_seconds"] > 0
 

@@ -11,7 +11,7 @@ from bertxml import tables as t
 from bertxml.config import VocabConfig
 from bertxml.vocab import (PLACEHOLDERS, SPECIAL, SPECIAL_TOKENS, build_normalizer, load_reference_tokenizer,
                            load_tokenizer, new_tokenizer, oov_report, oov_words, run_vocab, save_vocab,
-                           train_tokenizer)
+                           train_from_word_counts, train_tokenizer, trainable_words, words_of_documents)
 
 
 def normalized(text, **kw):
@@ -40,7 +40,74 @@ def test_deidentification_placeholders(raw, placeholder):
 
 
 def test_what_is_not_a_placeholder():
-    assert normalized("mail j@x.org, BP <140/90> a<b>c") == ["mail", "j@x.org,", "bp", "<nnn/nn>", "a<b>c"]
+    assert normalized("BP <140/90> a<b>c @ x") == ["bp", "<nnn/nn>", "a<b>c", "@", "x"]
+
+
+@pytest.mark.parametrize("raw, placeholder", [
+    ("jane.doe@example.org", "@contact@"), ("617-555-0142", "@contact@"), ("(617) 555-0142", "@contact@"),
+    ("+1 617.555.0142", "@contact@"), ("2024-03-14", "@date@"), ("03/14/2024", "@date@"), ("14.03.24", "@date@"),
+    ("March 14, 2024", "@date@"), ("14 Mar 2024", "@date@"), ("A1234567", "@id@"), ("MRN00482913", "@id@"),
+    ("12AB34567", "@id@"),
+])
+def test_identifiers_become_placeholders(raw, placeholder):
+    assert normalized(f"seen {raw} today") == ["seen", placeholder, "today"]
+    assert normalized(f"seen {raw} today", mask_identifiers=False) != ["seen", placeholder, "today"]
+
+
+def test_what_is_not_an_identifier():
+    # ICD codes, doses, vitals, ratios, short alphanumerics: digits masked, letters kept
+    assert normalized("E11.9 covid19 1000mg HbA1c BP 120/80 x2 1-2-3") == [
+        "enn.n", "covidnn", "nnnnmg", "hbanc", "bp", "nnn/nn", "xn", "n-n-n"]
+    assert normalized("call 617-555-01425 or 2024-03-145") == ["call", "nnn-nnn-nnnnn", "or", "nnnn-nn-nnn"]
+
+
+# Planted fake identifiers: each in a few notes of different patients, the surname also repeated many times
+# in one patient's notes (occurrences a WordPiece min_frequency would let through).
+SURNAME, MRN, PHONE, ACCOUNT = "Quarnstrom", "00482913", "617-555-0142", "ZK7734019"
+
+
+def planted_corpus(rng):
+    common = ["patient", "denies", "chest", "pain", "hypertension", "metformin", "daily", "follow", "up",
+              "quarterly", "storm", "mrn", "phone", "account", "seen", "by", "mr", "dr"]
+    docs = [(f"P{i}", " ".join(rng.choice(common) for _ in range(25)) + f" MRN {i:08d}.") for i in range(40)]
+    planted = [f"Seen by Dr {SURNAME}. MRN {MRN}, phone {PHONE}, account {ACCOUNT}." for _ in range(3)]
+    docs += [(f"Q{i}", text) for i, text in enumerate(planted)]                 # three patients
+    docs += [("Q0", f"{SURNAME} {SURNAME} {SURNAME} follow up.") for _ in range(10)]  # one patient, often
+    return docs
+
+
+def assert_not_learnt(tokenizer, identifiers):
+    vocab = tokenizer.get_vocab()
+    for raw in identifiers:
+        forms = {raw, raw.lower()}
+        masked = build_normalizer(VocabConfig(mask_identifiers=False)).normalize_str(raw).strip()
+        if set(masked) - set("n-/.() +"):     # all-digit ones become a shape that every such number shares
+            forms.add(masked)
+        for form in forms:
+            assert form not in vocab and f"##{form}" not in vocab, f"{raw!r} learnt as {form!r}"
+
+
+def test_planted_identifiers_never_become_tokens():
+    docs = planted_corpus(random.Random(3))
+    cfg = VocabConfig(size=400, min_frequency=2)
+    counts = words_of_documents(docs, cfg)
+    assert counts[SURNAME.lower()] == (33, 3)                     # 33 occurrences, 3 patients
+    words = trainable_words(counts, cfg.min_patients)
+    assert "quarterly" in words and "storm" in words and SURNAME.lower() not in words
+    tok = train_from_word_counts(words, cfg)
+    assert tok.get_vocab_size() < 400                                # room left: nothing was crowded out
+    assert_not_learnt(tok, [SURNAME, MRN, PHONE, ACCOUNT, "zknnnnnnn"])
+    assert tok.encode(f"Dr {SURNAME}", add_special_tokens=False).tokens[1] != SURNAME.lower()
+    assert "@id@" in tok.encode(f"account {ACCOUNT}").tokens and "@contact@" in tok.encode(PHONE).tokens
+
+    # the guard is what keeps them out: with min_patients 1, or without identifier masking, they are learnt
+    loose = train_from_word_counts(trainable_words(counts, 1), cfg)
+    assert SURNAME.lower() in loose.get_vocab()
+    unmasked = VocabConfig(size=400, min_frequency=2, min_patients=3, mask_identifiers=False)
+    raw = train_from_word_counts(trainable_words(words_of_documents(docs, unmasked), 3), unmasked)
+    assert "zknnnnnnn" in raw.get_vocab() and SURNAME.lower() in raw.get_vocab()
+    with pytest.raises(ValueError, match="min_patients"):
+        trainable_words(counts, 0)
 
 
 def hand_vocab(words):
@@ -118,12 +185,14 @@ def test_run_vocab_end_to_end(spark, wh, cfg, tmp_path):
     assert out["texts"] == 31 and out["oov_split"] == "dev" and out["oov_notes"] == 2
     assert out["vocab_size"] <= 120
     tok = load_tokenizer(tmp_path / "vocab")
-    assert tok.token_to_id("metformin") is not None and tok.token_to_id("bisoprolol") is not None
+    # "bisoprolol" is in one corpus text only: fewer than vocab.min_patients (5) documents, never trained on
+    assert tok.token_to_id("metformin") is not None and tok.token_to_id("bisoprolol") is None
+    assert out["words_trained_on"] < out["distinct_words"]
     report = json.loads((tmp_path / "vocab" / "oov_report.json").read_text())
     # ours: only "zyxwv" is split; BERT uncased: "zyxwv" too (digits kept, "12" is a word it holds).
     assert report["oov_per_note_ours"] == pytest.approx(0.5) == out["oov_per_note_ours"]
     assert report["oov_per_note_reference"] == pytest.approx(0.5)
-    assert set(report) >= {"oov_per_note_ours", "oov_per_note_reference", "notes"}
+    assert set(report) >= {"oov_per_note_ours", "oov_per_note_reference", "notes", "min_patients"}
     runs = wh.table(wh.name(t.JOB_RUNS)).filter("job = 'vocab'").collect()
     assert len(runs) == 1 and runs[0].status == "succeeded"
     assert json.loads(runs[0].counts)["vocab_size"] == out["vocab_size"]
