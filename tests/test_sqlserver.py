@@ -31,10 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def beeline(port: int, query: str, password_file=None, user: str = "analyst", force: bool = False):
-    """Run statements through beeline; returns the CompletedProcess (stdout: CSV lines)."""
+def beeline(port: int, query, password_file=None, user: str = "analyst", force: bool = False, script=None):
+    """Run a statement (-e) or a script file (-f) through beeline; returns the CompletedProcess."""
     cmd = [str(beeline_path()), "-u", f"jdbc:hive2://127.0.0.1:{port}", "--silent=true",
-           "--outputformat=csv2", "-n", user, "-e", query]
+           "--outputformat=csv2", "-n", user, *(["-f", str(script)] if script else ["-e", query])]
     if password_file:
         cmd[3:3] = ["-w", str(password_file)]  # beeline reads the password from this file
     if force:
@@ -120,11 +120,18 @@ def test_default_server_serves_no_text_and_checks_passwords(wh, spark, tmp_path)
             "SELECT text FROM default.notes_copy",
             "SELECT reflect('java.lang.System', 'getProperty', 'user.home')",
         ]
-        out = beeline(port, ";\n".join(attempts), tmp_path / "right", force=True)
-        assert SECRET not in out.stdout + out.stderr and "CANARY" not in out.stdout + out.stderr
-        assert out.stderr.count("TABLE_OR_VIEW_NOT_FOUND") == 2, out.stderr[-3000:]
-        assert out.stderr.count(GUARD) == 4, out.stderr[-3000:]
-        assert "reflect/java_method are not served" in out.stderr
+        # By name and by path, each on its own login: refused, and the text nowhere in the reply.
+        for query, reason in ((attempts[0], "TABLE_OR_VIEW_NOT_FOUND"), (attempts[1], "")):
+            out = beeline(port, query, tmp_path / "right")
+            assert out.returncode != 0 and reason in out.stderr, out.stderr[-3000:]
+            assert "CANARY" not in out.stdout + out.stderr
+        # All routes in one script (beeline's --force goes on after a failed statement only with -f).
+        script = tmp_path / "attempts.sql"
+        script.write_text(";\n".join(attempts) + ";\n")
+        out = beeline(port, None, tmp_path / "right", force=True, script=script)
+        assert "CANARY" not in out.stdout + out.stderr
+        assert GUARD in out.stderr, out.stderr[-3000:]
+        assert "reflect/java_method are not served" in out.stderr, out.stderr[-3000:]
 
 
 def lines_or_empty(out) -> list[str]:
