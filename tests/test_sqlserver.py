@@ -141,7 +141,8 @@ def lines_or_empty(out) -> list[str]:
 def test_opted_in_server_serves_text(wh, spark):
     write_warehouse(wh, spark)
     with sql_server(wh.workdir, "--allow-text") as port:
-        assert lines(beeline(port, "SELECT text FROM ehr.notes"))[1:] == [SECRET]
+        served = lines(beeline(port, "SELECT text FROM ehr.notes"))
+        assert served.count(SECRET) == 1, len(served)  # the one note's text (not printed: a stand-in for PHI)
 
 
 def test_non_loopback_host_needs_a_password_file(tmp_path, capsys):
