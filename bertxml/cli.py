@@ -3,7 +3,7 @@
     bertxml generate --notes 2000            # a synthetic EHR warehouse (ehr.notes, ehr.diagnoses)
     bertxml etl                              # bertxml.labeled_notes, label_vocab, rejects
     bertxml sql "SELECT ..." --format json   # Spark SQL over the warehouse
-    bertxml sql-server --port 10000          # JDBC/ODBC (beeline, BI tools) over the warehouse
+    bertxml sql-server --port 10000          # JDBC/ODBC (beeline, BI tools) over the warehouse, no note text
     bertxml demo                             # the main job end to end on the embedded default
     bertxml compare                          # the paper's Tables 2-3 on this warehouse (bertxml.model_comparison)
 
@@ -31,12 +31,12 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def open_warehouse(args, app: str):
+def open_warehouse(args, app: str, class_path: tuple[str, ...] = ()):
     """Config + SparkSession + Warehouse for a command."""
     from bertxml.warehouse import Warehouse, get_spark
 
     cfg = load_config(args.conf, args.set, getattr(args, "size", None))
-    spark = get_spark(cfg, app=f"bertxml-{app}")
+    spark = get_spark(cfg, app=f"bertxml-{app}", class_path=class_path)
     return Warehouse(spark, Path(args.workdir), cfg)
 
 
@@ -188,9 +188,31 @@ def cmd_explain(args) -> int:
 
 
 def cmd_sql_server(args) -> int:
-    from bertxml.sqlserver import serve
+    from bertxml.sqlserver import UnsafeServerError, check_bind, hash_password, serve, server_jar
 
-    wh = open_warehouse(args, "sql-server")
+    if args.hash_password:
+        import getpass
+
+        # From the terminal without echo, or one line on stdin (scripts); never from the command line.
+        password = getpass.getpass(f"password for {args.hash_password}: ") if sys.stdin.isatty() \
+            else sys.stdin.readline().rstrip("\n")
+        try:
+            print(hash_password(args.hash_password, password))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.allow_text:
+        args.set = (args.set or []) + ["sqlserver.allow_text=true"]
+    cfg = load_config(args.conf, args.set)
+    try:  # before Spark starts: an unsafe bind is refused at once
+        check_bind(args.host, cfg.sqlserver.password_file)
+    except UnsafeServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # The guard and authenticator classes go on the JVM's system class path, so they must exist before
+    # the JVM starts: Hive loads the authenticator by name at every login, from whichever thread takes it.
+    wh = open_warehouse(args, "sql-server", class_path=(str(server_jar()),))
     serve(wh, port=args.port, host=args.host)
     return 0
 
@@ -326,7 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sql-server", parents=[common], help="Thrift JDBC/ODBC server over the warehouse")
     p.add_argument("--port", type=int, default=10000)
-    p.add_argument("--host", default="localhost")
+    p.add_argument("--host", default="localhost",
+                   help="address to listen on; not a loopback one only with sqlserver.password_file set")
+    p.add_argument("--allow-text", action="store_true",
+                   help="also serve the tables that hold note text (sqlserver.allow_text; PHI: opt-in)")
+    p.add_argument("--hash-password", metavar="USER",
+                   help="print a password-file line for USER (password from the terminal or stdin) and exit")
     p.set_defaults(func=cmd_sql_server)
 
     p = sub.add_parser("demo", parents=[common], help="the main job end to end on the embedded default")

@@ -255,6 +255,15 @@ class CompareConfig:
 
 
 @dataclass
+class SqlServerConfig:
+    allow_text: bool = False            # serve the tables that hold note text (ehr.notes, labeled_notes,
+                                        # chunks) over JDBC; off: they are absent and their folders refused
+    password_file: str = ""             # users and PBKDF2 hashes (`bertxml sql-server --hash-password USER`);
+                                        # set: logins need a password, and a non-loopback --host is allowed
+    refresh_seconds: float = 30.0       # how often tables created after start-up are registered
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     warehouse: WarehouseConfig = field(default_factory=WarehouseConfig)
@@ -268,6 +277,7 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    sqlserver: SqlServerConfig = field(default_factory=SqlServerConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -31,6 +31,10 @@ LABEL_VOCAB = "label_vocab"
 REJECTS = "rejects"
 JOB_RUNS = "job_runs"
 CHUNKS = "chunks"
+# Our output tables that hold note text (PHI): labeled_notes has it verbatim, and chunks' token ids
+# decode back to it with the vocabulary. With the input notes table (WarehouseConfig.notes) they are
+# what `bertxml sql-server` does not serve unless the operator opts in.
+TEXT_TABLES = (LABELED_NOTES, CHUNKS)
 PREDICTIONS = "predictions"
 AUC_REPORT = "auc_report"
 CODE_AUC = "code_auc"

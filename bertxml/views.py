@@ -27,7 +27,8 @@ def create_views(warehouse) -> list[str]:
     schema = warehouse.cfg.warehouse.schema
     made = []
     for view, (needs, sql) in VIEWS.items():
-        if all(warehouse.exists(f"{schema}.{name}") for name in needs):
+        tables = [f"{schema}.{name}" for name in needs]
+        if all(warehouse.exists(table) and table not in warehouse.hidden for table in tables):
             warehouse.spark.sql(f"CREATE OR REPLACE VIEW {schema}.{view} AS " + sql.format(schema=schema))
             made.append(view)
     return made

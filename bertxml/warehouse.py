@@ -38,11 +38,13 @@ class SchemaError(ValueError):
     """An input whose columns are missing or of the wrong type: the job stops before writing."""
 
 
-def get_spark(cfg: Config, app: str = "bertxml") -> SparkSession:
+def get_spark(cfg: Config, app: str = "bertxml", class_path: tuple[str, ...] = ()) -> SparkSession:
     """The job's SparkSession with Delta Lake enabled.
 
     Under spark-submit or on a cluster the master and the jars come from there; run as a plain Python
-    program (the embedded default) it is local Spark with Delta's jars from the local cache.
+    program (the embedded default) it is local Spark with Delta's jars from the local cache, plus the jars
+    in `class_path` on the driver JVM's system class path (classes that Spark or Hive load by name from
+    any thread, such as the SQL server's authenticator).
     """
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -75,7 +77,7 @@ def get_spark(cfg: Config, app: str = "bertxml") -> SparkSession:
             "spark.jars": ",".join(jars),
             # Also on the driver's own class path, so threads with their own class loader (the Thrift
             # server's sessions) find Delta's catalog classes too.
-            "spark.driver.extraClassPath": os.pathsep.join(jars_not_in_spark(jars)),
+            "spark.driver.extraClassPath": os.pathsep.join([*jars_not_in_spark(jars), *map(str, class_path)]),
             "spark.driver.memory": cfg.spark.driver_memory,
             "spark.ui.enabled": "false",
             "spark.databricks.delta.snapshotPartitions": "2",
@@ -163,6 +165,7 @@ class Warehouse:
     spark: SparkSession
     workdir: Path
     cfg: Config
+    hidden: frozenset = frozenset()  # qualified names this session's catalog must not register
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
@@ -188,8 +191,10 @@ class Warehouse:
         root = self.workdir / "tables"
         for log_dir in sorted(root.glob("*/*/_delta_log")) if root.exists() else []:
             table_dir = log_dir.parent
-            if _has_commit(log_dir):  # a first write killed before its commit leaves a log folder, no table
-                found.append(self._register(f"{table_dir.parent.name}.{table_dir.name}"))
+            name = f"{table_dir.parent.name}.{table_dir.name}"
+            # a first write killed before its commit leaves a log folder, no table
+            if name not in self.hidden and _has_commit(log_dir):
+                found.append(self._register(name))
         from bertxml.views import create_views
 
         create_views(self)
