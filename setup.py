@@ -31,7 +31,8 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["bertxml", "bertxml.*"]),
     # The shipped configs (bertxml/conf/*.yaml, the presets in conf/model/) and resources travel in the wheel.
-    package_data={"bertxml": ["resources/*", "conf/*.yaml", "conf/model/*.yaml"]},
+    package_data={"bertxml": ["resources/*", "resources/java/bertxml/sqlserver/*.java",  # sql-server's guard
+                              "conf/*.yaml", "conf/model/*.yaml"]},
     install_requires=CORE,
     extras_require={"local": LOCAL, "dev": DEV},
     entry_points={"console_scripts": ["bertxml=bertxml.cli:main"]},
