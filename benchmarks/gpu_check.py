@@ -290,7 +290,7 @@ def stage_ddp(args) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    losses = torch.tensor([float(loss)], device=device)
+    losses = torch.tensor([float(loss.detach())], device=device)
     dist.all_reduce(losses)
     backend = dist.get_backend()
     if rank == 0:

@@ -13,7 +13,8 @@
 #           (spark.task.resource.gpu.amount=1), notes/s against the engine called directly
 #   ddp     one DistributedDataParallel step under torchrun, nccl (up to 2 GPUs)
 # then one summary table. Exit status: 0 when every stage passed (or there is no GPU: skipped), 1 when a
-# stage failed, 2 when the GPU is there but the Python packages are not.
+# stage failed, 2 when the GPU is there but the Python packages are not. Without java or Spark's jars the
+# spark stage alone is SKIPPED.
 #
 # Offline: nothing is installed or downloaded. Python: $PYTHON, else the repository's .venv/bin/python,
 # else python3. Logs: $GPU_CHECK_LOGS (default a temp folder). GPU_CHECK_DRY_RUN=1 runs every stage on
@@ -54,7 +55,13 @@ missing=""
 for module in torch transformers tokenizers safetensors numpy pandas pyarrow yaml pyspark pytest; do
     "$PY" -c "import $module" >/dev/null 2>&1 || missing="$missing $module"
 done
-command -v java >/dev/null 2>&1 || missing="$missing java(for Spark)"
+# The Spark stage alone needs a JVM and Spark's jars; without them it is SKIPPED (named in the table) and the
+# other stages still run: a GPU image often has neither, and bertxml itself needs only pyspark's Python part.
+spark_missing=""
+command -v java >/dev/null 2>&1 || spark_missing="no java on PATH"
+if ! "$PY" -c 'import os, pyspark, sys; sys.exit(0 if os.path.isdir(os.path.join(os.path.dirname(pyspark.__file__), "jars")) else 1)' >/dev/null 2>&1; then
+    spark_missing="${spark_missing:+$spark_missing, }pyspark without its jars"
+fi
 if [ "$DRY" != "1" ]; then
     if [ $torch_ok -eq 0 ] && [ "$n_cuda" = "0" ]; then
         echo "nvidia-smi lists a GPU ($hw_gpus) but torch $torch_info cannot use it (a CPU-only torch build?)." >&2
@@ -120,7 +127,12 @@ run_stage() {
 
 run_stage tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 run_stage train 150 "$PY" benchmarks/gpu_check.py train "${TRAIN_ARGS[@]}"
-run_stage spark 180 "$PY" benchmarks/gpu_check.py spark "${SPARK_ARGS[@]}"
+if [ -z "$spark_missing" ]; then
+    run_stage spark 180 "$PY" benchmarks/gpu_check.py spark "${SPARK_ARGS[@]}"
+else
+    echo; echo "==== spark: SKIPPED ($spark_missing)"
+    names+=(spark) results+=(SKIPPED) seconds+=(0) figures+=("$spark_missing")
+fi
 run_stage ddp 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
     benchmarks/gpu_check.py ddp --device "$DEVICE"
 
