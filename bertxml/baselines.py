@@ -245,6 +245,7 @@ def train_logreg(inputs, cfg: Config) -> Path:
 def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: int, seconds: float,
             extra: dict) -> Path:
     """Dev thresholds and metrics, then modeldir.write_model_dir (tokenizer, labels, thresholds, manifest)."""
+    from bertxml.drift import add_dev_reference
     from bertxml.train import auc_metrics, micro_f1, tune_thresholds
 
     codes = [row["code"] for row in inputs.labels]
@@ -263,7 +264,8 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
                              tokenizer_file=inputs.tokenizer_file, label_vocab=inputs.labels,
                              thresholds={c: float(th) for c, th in zip(codes, thresholds)},
                              extra={**extra, "tokenizer_sha256": inputs.extra.get("tokenizer_sha256"),
-                                    "etl_run": inputs.extra.get("etl_run")})
+                                    "etl_run": inputs.extra.get("etl_run")},
+                             drift_profile=add_dev_reference(inputs.drift_profile, codes, dev_probs, thresholds))
     log.info("%s %s: dev macro AUC %s, micro AUC %s -> %s", inputs.model_kind, inputs.model_version,
              fmt_metric(dev_metrics.get("macro_auc")), fmt_metric(dev_metrics.get("micro_auc")), out_dir)
     return out_dir

@@ -39,6 +39,23 @@ def precision_setting(value) -> str:
     return text
 
 
+def positive_number(value) -> float:
+    """A drift limit: a finite number above 0."""
+    number = float(value)
+    if not (number > 0 and number != float("inf")):
+        raise ValueError(f"must be a number above 0, got {value!r}")
+    return number
+
+
+def at_least(minimum: int):
+    """A check for an int setting that must be at least `minimum`."""
+    def check(value) -> int:
+        if int(value) < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value!r}")
+        return int(value)
+    return check
+
+
 def precision_field():
     """A config field holding a precision setting, checked when the config is loaded."""
     return field(default="auto", metadata={"check": precision_setting})
@@ -194,6 +211,33 @@ class ScoreConfig:
 
 
 @dataclass
+class DriftConfig:
+    """`bertxml.night_drift`: each scored night against the training set (bertxml.drift). A night is
+    flagged when one of its measures passes its limit; nights with fewer than min_notes scored notes get
+    their rows but are never flagged (too few notes to judge)."""
+    enabled: bool = True                # write bertxml.night_drift after each scored night
+    min_notes: int = field(default=30, metadata={"check": at_least(1)})
+    code_psi_limit: float = field(default=0.25, metadata={"check": positive_number})
+                                        # PSI of the code mix (each code's share of the summed mean
+                                        # probabilities) against dev at training time; 0.25: the usual
+                                        # "significant shift"
+    note_length_psi_limit: float = field(default=0.25, metadata={"check": positive_number})
+                                        # PSI of words per note over the training set's length bins
+    note_type_psi_limit: float = field(default=0.25, metadata={"check": positive_number})
+                                        # PSI of notes per note type (a type unseen in training counts)
+    oov_share_limit: float = field(default=0.05, metadata={"check": positive_number})
+                                        # rise in the share of words the vocabulary does not hold whole
+    code_rate_limit: float = field(default=0.10, metadata={"check": positive_number})
+                                        # a code row is flagged when its predicted positive rate moves
+                                        # more than this (and 3 binomial standard errors) from training
+    length_bins: int = field(default=5, metadata={"check": at_least(2)})
+                                        # training-time quantile bins of note length (recorded then)
+    profile_notes: int = field(default=20000, metadata={"check": at_least(1)})
+                                        # train notes (a fixed hash sample) tokenised for the training
+                                        # profile's length and OOV figures
+
+
+@dataclass
 class EvalConfig:
     low_freq_threshold: int = 2000      # paper Table 3: fewer than 2,000 train examples
     default_split: str = "test"         # what `bertxml evaluate` scores when given no split or date
@@ -275,6 +319,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sqlserver: SqlServerConfig = field(default_factory=SqlServerConfig)

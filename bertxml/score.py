@@ -740,6 +740,7 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from bertxml.drift import run_night_drift
     from bertxml.runs import job_run
     from bertxml.views import create_views
 
@@ -779,6 +780,7 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
                                    f"(set score.allow_empty=true to accept an empty night)")
             kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_bytes", F.octet_length("text"))
             _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, batches)
+            run_night_drift(wh, cfg, run, info, kept, batches)  # bertxml.night_drift, against training
         finally:
             flagged.unpersist()
         create_views(wh)

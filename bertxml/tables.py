@@ -188,3 +188,26 @@ MODEL_COMPARISON_SCHEMA = StructType([
     StructField("inputs", StringType()),              # JSON: table -> Delta version the model was trained on
     StructField("created_at", TimestampType(), False),
 ])
+
+# `bertxml score` (bertxml.drift): each scored night against the model's training profile, one row per
+# (note_date, model_version, kind, name); a night's rows for a model version are replaced by its next run.
+# kind: 'night' (name 'summary': value = measures flagged) | 'output' (code_psi, codes_per_note, codes_shifted)
+# | 'input' (note_length, oov_share, note_type) | 'code' (name = the code) | 'note_type' (name = the type).
+NIGHT_DRIFT = "night_drift"
+
+NIGHT_DRIFT_SCHEMA = StructType([
+    StructField("note_date", DateType(), False),
+    StructField("model_version", StringType(), False),
+    StructField("kind", StringType(), False),
+    StructField("name", StringType(), False),
+    StructField("value", DoubleType()),               # the night's figure
+    StructField("baseline", DoubleType()),            # the training set's (codes: the model's rate on dev)
+    StructField("train_rate", DoubleType()),          # code rows: the code's share of train notes
+    StructField("drift", DoubleType()),               # what the limit applies to (a PSI, a difference)
+    StructField("limit", DoubleType()),               # the config's limit; null: not judged on its own
+    StructField("flagged", BooleanType(), False),     # past the limit, on a night with >= drift.min_notes
+    StructField("n_notes", LongType(), False),        # notes scored that night
+    StructField("detail", StringType()),              # why not measured, which measures flagged, new types
+    StructField("run_id", StringType(), False),
+    StructField("computed_at", TimestampType(), False),
+])

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from bertxml import modeldir
+from bertxml import drift, modeldir
 from bertxml import tables as t
 from bertxml.config import CONF_DIR, Config, config_from_dict, load_config, load_yaml
 from bertxml.data import (ChunkSet, bucketed_batches, coding_batch, eval_batches, load_chunks, pad_ids,
@@ -337,6 +337,7 @@ class TrainInputs:
     encoder_dir: str | None = None
     init: str | None = None
     extra: dict = field(default_factory=dict)
+    drift_profile: dict | None = None    # the training set's input statistics (bertxml.drift.training_profile)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -548,6 +549,9 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
                         notes_version)
     lineage = etl_lineage(source, notes_name, notes_path, trained_notes)
     inputs.extra["etl_run"] = {**lineage, "labeled_notes_version": trained_notes} if lineage else None
+    inputs.drift_profile = drift.training_profile(
+        source, cfg, tokenizer_file=inputs.tokenizer_file, labeled_notes_path=notes_path,
+        labeled_notes_version=trained_notes, codes=[row["code"] for row in labels], etl_run=lineage, max_len=max_len)
     read = {r.get("source"): r.get("version") for r in (lineage or {}).get("inputs", {}).values()}
     log.info("training inputs: %s; written by etl run %s from %s; %d labels; tokenizer %s; out %s", versions,
              (lineage or {}).get("run_id", "-"), read or "-", len(labels), inputs.tokenizer_file, out_dir)
@@ -762,6 +766,7 @@ def finish_model_dir(model: BertForIcdCoding, inputs: TrainInputs, cfg: Config, 
     codes = [row["code"] for row in inputs.labels]
     thresholds = np.full(len(codes), cfg.score.threshold_default, dtype=np.float32)
     dev_metrics: dict = {"notes": 0}
+    probs = None
     if dev_set.n_notes:
         probs = predict_notes(model, dev_set, cfg.train.eval_batch_size, device, precision, pad_id)
         thresholds = tune_thresholds(probs, dev_labels, cfg.score.threshold_default)
@@ -776,7 +781,8 @@ def finish_model_dir(model: BertForIcdCoding, inputs: TrainInputs, cfg: Config, 
                              dev_metrics=dev_metrics, parameters=count_parameters(model),
                              train_seconds=train_seconds, tokenizer_file=inputs.tokenizer_file,
                              label_vocab=inputs.labels,
-                             thresholds={code: float(th) for code, th in zip(codes, thresholds)}, extra=extra)
+                             thresholds={code: float(th) for code, th in zip(codes, thresholds)}, extra=extra,
+                             drift_profile=drift.add_dev_reference(inputs.drift_profile, codes, probs, thresholds))
     for folder in (BEST_DIR, CHECKPOINT_DIR):
         shutil.rmtree(out_dir / folder, ignore_errors=True)
     log.info("model %s: dev macro AUC %s, micro AUC %s (step %s) -> %s", state["model_version"],

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 from bertxml import tables as t
@@ -73,6 +74,26 @@ def write_evaluations(wh, model_version):
     wh.write(wh.spark.createDataFrame(code_auc, t.CODE_AUC_SCHEMA), wh.name(t.CODE_AUC))
 
 
+def write_drift_profile(model_dir, texts):
+    """drift_profile.json as training records it (`bertxml.drift.training_profile`), here from the nights'
+    own texts with every code at a dev rate of 1/2, so bertxml.night_drift gets rows to plot."""
+    from tokenizers import Tokenizer
+
+    from bertxml.drift import PROFILE_VERSION, bin_counts, length_edges, word_stats
+    from bertxml.modeldir import DRIFT_PROFILE_FILE, write_json
+
+    words, oov = word_stats(Tokenizer.from_file(str(model_dir / "tokenizer.json")), texts)
+    edges = length_edges(words, 3)
+    write_json(model_dir / DRIFT_PROFILE_FILE, {
+        "profile_version": PROFILE_VERSION, "train_notes": len(texts), "measured_notes": len(texts),
+        "note_length": {"unit": "words", "edges": edges, "counts": bin_counts(words, edges).tolist(),
+                        "median": float(np.median(words)), "mean": float(words.mean())},
+        "oov": {"words": int(words.sum()), "oov_words": int(oov.sum()), "share": float(oov.sum() / words.sum())},
+        "note_types": {"progress_note": len(texts)}, "note_types_reason": None,
+        "codes": {c: {"train_rate": 0.2, "rate": 0.5, "mean_probability": 0.5} for c in CODES},
+        "dev": {"notes": len(texts), "codes_per_note": 2.5}})
+
+
 @pytest.fixture
 def scored_warehouse(wh, cfg):
     """Two nights of notes scored by a tiny model under WORKDIR/models, and their AUC reports."""
@@ -80,6 +101,7 @@ def scored_warehouse(wh, cfg):
     wh.write(wh.spark.createDataFrame(notes, t.NOTES_SCHEMA), "ehr.notes")
     # I10 is predicted for every note (threshold 0), so each night has codes and the explanation a code.
     model_dir = make_model_dir(wh.workdir / "models", thresholds={c: 0.0 if c == "I10" else 0.5 for c in CODES})
+    write_drift_profile(model_dir, [n[4] for n in NOTES])
     cfg.score.partitions = 1
     assert run_score(wh, cfg, since_last=True, model_dir=model_dir)["notes_scored"] == len(NOTES)
     write_evaluations(wh, "bertxml-test-a")
@@ -112,13 +134,15 @@ def test_notebook_runs_headless_against_a_small_warehouse(scored_warehouse, tmp_
     assert D1.isoformat() in per_night and D2.isoformat() in per_night       # one row per scored night
     assert "I10" in text_of(tagged(nb, "top-codes"))
     assert D2.isoformat() in text_of(tagged(nb, "auc-over-time"))           # the nightly AUC table
+    drift = text_of(tagged(nb, "drift-over-time"))                           # bertxml.night_drift's nights
+    assert D1.isoformat() in drift and D2.isoformat() in drift and "n_notes" in drift
     code_auc = text_of(tagged(nb, "code-auc"))
     assert "evaluate-test on test: 4 codes with an AUC" in code_auc                # the newest evaluation
     assert code_auc.index("I10") < code_auc.index("J45.909") < code_auc.index("E11.9")  # worst first
     explanation = text_of(tagged(nb, "explanation"))
     assert "I10" in explanation and "weight" in explanation
     assert "SHOW_TEXT is False" in text_of(tagged(nb, "explanation-text"))
-    for tag in ("codes-per-night", "auc-over-time", "code-auc"):
+    for tag in ("codes-per-night", "auc-over-time", "drift-over-time", "code-auc"):
         images = [o for o in tagged(nb, tag).outputs if "image/png" in o.get("data", {})]
         assert len(images) == 1, tag
     everything = "\n".join(text_of(c) for c in nb.cells if c.cell_type == "code").lower()
