@@ -7,7 +7,8 @@ CATCH_UP_NIGHTS nights. The demo
 2. retrains (ETL, vocabulary, chunks, pretraining, fine-tuning, dev AUC) on the warehouse as it stood
    when the history had landed (`--as-of-timestamp`), so the model has seen none of the nights it then
    scores;
-3. catches up as a restarted scheduler would: one `bertxml score --date D` run per missed night;
+3. catches up as a restarted scheduler would: one `bertxml score --date D` run per missed night, each
+   also writing the night's drift against the training set (`bertxml.night_drift`);
 4. evaluates those nights (`bertxml evaluate --from --to`): one AUC report per night and one over the span;
 then prints example SQL an analyst would type, with its output. Sizes come from the config (a tiny model
 on CPU).
@@ -43,6 +44,11 @@ EXAMPLE_SQL = [
      """SELECT note_id, note_date, code, description, round(CAST(probability AS DOUBLE), 3) AS probability
         FROM bertxml.predicted_codes WHERE note_date = (SELECT max(note_date) FROM bertxml.predictions)
         ORDER BY note_id, probability DESC LIMIT 10"""),
+    ("Drift of the last night against the training set, before any label (bertxml.night_drift)",
+     """SELECT note_date, kind, name, round(value, 3) AS value, round(baseline, 3) AS baseline,
+               round(drift, 3) AS drift, `limit`, flagged, n_notes, detail FROM bertxml.night_drift
+        WHERE kind IN ('night', 'output', 'input')
+          AND note_date = (SELECT max(note_date) FROM bertxml.night_drift) ORDER BY kind = 'night' DESC, kind, name"""),
     ("The newest AUC report per dataset: each night, the span, and dev",
      """SELECT dataset, n_notes, round(micro_auc, 3) AS micro_auc, round(macro_auc, 3) AS macro_auc,
                n_codes_scored, n_codes_skipped FROM bertxml.latest_auc ORDER BY dataset"""),
