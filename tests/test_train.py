@@ -263,8 +263,14 @@ def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
     assert manifest["dev_metrics"]["macro_auc"] > 0.85, manifest["dev_metrics"]  # and the signal is learnt
     assert all(w["tokens_per_s"] > 0 for w in manifest["loss_history"])
 
-    assert sorted(p.name for p in out.iterdir()) == ["label_vocab.json", "manifest.json", "model.safetensors",
-                                                     "model_config.json", "thresholds.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["drift_profile.json", "label_vocab.json", "manifest.json",
+                                                     "model.safetensors", "model_config.json", "thresholds.json",
+                                                     "tokenizer.json"]
+    profile = json.loads((out / modeldir.DRIFT_PROFILE_FILE).read_text())  # the nightly drift's reference
+    assert profile["train_notes"] == 64 and sum(profile["note_length"]["counts"]) == 64
+    assert profile["note_types"] is None and "unknown" in profile["note_types_reason"]  # no ETL lineage here
+    assert set(profile["codes"]) == set(CODES) and profile["dev"]["notes"] == 24
+    assert all(0 <= c["train_rate"] <= 1 and 0 <= c["rate"] <= 1 for c in profile["codes"].values())
     assert_no_pickles(out)
     assert (out / "tokenizer.json").read_bytes() == (vocab_dir / "tokenizer.json").read_bytes()
     assert [r["code"] for r in modeldir.load_label_vocab(out)] == CODES
