@@ -26,7 +26,9 @@ Rows (`bertxml.tables.NIGHT_DRIFT_SCHEMA`), keyed by (note_date, model_version, 
     note_type  <type>          share of the night's notes  share of train notes     the type's PSI term
 
 `train_rate` (code rows) is the code's share of train notes. A night is flagged when code_psi, note_length,
-note_type or oov_share passes its limit (`DriftConfig`) and it has at least `drift.min_notes` scored notes;
+note_type or oov_share passes its limit (`DriftConfig`; for note_length and note_type at least the PSI that
+sampling noise passes once in 1,000 nights of that size, `noise_psi`) and it has at least `drift.min_notes`
+scored notes;
 the job logs a warning and counts it in `bertxml.job_runs` (`drift`, `drift_flagged_nights`). A model folder
 trained before profiles were recorded has no `drift_profile.json`: the night is skipped, with the reason
 logged and counted. Note text never leaves the tokenizer: only counts are kept.
@@ -50,6 +52,7 @@ log = logging.getLogger("bertxml.drift")
 
 PROFILE_VERSION = 1
 EPS = 1e-4                    # share floor in a PSI term: a bin empty on one side adds a large, finite term
+NOISE_QUANTILE = 0.999        # a PSI limit is at least what sampling noise passes once in 1,000 nights
 CHARS_PER_WORD_CAP = 64       # text cut at max_chunks * max_len * this many characters, as scoring cuts it
 
 
@@ -85,6 +88,16 @@ def psi_terms(expected, actual, eps: float = EPS) -> np.ndarray:
     e = np.maximum(e / e.sum() if e.sum() > 0 else e, eps)
     a = np.maximum(a / a.sum() if a.sum() > 0 else a, eps)
     return (a - e) * np.log(a / e)
+
+
+def noise_psi(bins: int, n_notes: int, quantile: float = NOISE_QUANTILE) -> float:
+    """The PSI that sampling alone passes once in 1 / (1 - quantile) nights of n_notes notes drawn from the
+    training distribution over `bins` bins: n * PSI is about chi-square with bins - 1 degrees of freedom
+    (PSI is the symmetric chi-square divergence for small differences). A PSI limit is raised to this, so
+    a small night is flagged only for a shift its notes can show."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(quantile, max(1, bins - 1)) / max(1, n_notes))
 
 
 def length_edges(words: np.ndarray, bins: int) -> list[float]:
@@ -317,7 +330,8 @@ def night_rows(profile: dict, codes: tuple, dc, n_notes: int, output: dict | Non
     if len(words):
         night_counts = bin_counts(words, length["edges"])
         add("input", "note_length", value=float(np.median(words)), baseline=length["median"],
-            drift=psi(length["counts"], night_counts), limit=dc.note_length_psi_limit,
+            drift=psi(length["counts"], night_counts),
+            limit=max(dc.note_length_psi_limit, noise_psi(len(night_counts), len(words))),
             detail=f"words per note; {len(length['counts'])} bins")
         share = float(oov.sum() / words.sum()) if words.sum() else 0.0
         base = profile["oov"]["share"]
@@ -334,7 +348,8 @@ def night_rows(profile: dict, codes: tuple, dc, n_notes: int, output: dict | Non
         terms = psi_terms(expected, actual)
         new = sorted(n for n in night_types if n not in types)
         add("input", "note_type", value=sum(night_types[n] for n in new) / len(inputs), drift=float(terms.sum()),
-            limit=dc.note_type_psi_limit, detail=f"new types: {', '.join(new)}" if new else None)
+            limit=max(dc.note_type_psi_limit, noise_psi(len(names), len(inputs))),
+            detail=f"new types: {', '.join(new)}" if new else None)
         for name, e, a, term in zip(names, expected, actual, terms):
             add("note_type", name, value=a / actual.sum(), baseline=e / expected.sum() if expected.sum() else None,
                 drift=float(term))
