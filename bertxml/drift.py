@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -386,6 +387,7 @@ def run_night_drift(wh, cfg, run, info, notes, nights: list[str]) -> dict | None
         log.warning("night drift skipped: %s", reason)
         run.count("drift", f"skipped: {reason}")
         return None
+    started = time.perf_counter()
     preds_name = wh.name(t.PREDICTIONS)
     if not wh.exists(preds_name):
         run.count("drift", "skipped: no predictions table")
@@ -423,6 +425,7 @@ def run_night_drift(wh, cfg, run, info, notes, nights: list[str]) -> dict | None
     run.outputs[name] = wh.write(local_frame(wh.spark, records, t.NIGHT_DRIFT_SCHEMA), name, replace_where=scope)
     run.count("drift", summary)
     run.count("drift_flagged_nights", sorted(d for d, s in summary.items() if s["flagged"]))
+    run.count("drift_seconds", round(time.perf_counter() - started, 2))
     return {d: s["flagged"] for d, s in summary.items()}
 
 

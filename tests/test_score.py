@@ -212,6 +212,8 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     np.testing.assert_allclose(row.probabilities, by_hand(model_dir, NIGHT1[0][-1])[0], atol=1e-5)
     assert preds[("n3", "bertxml-test-a")].truncated and preds[("n3", "bertxml-test-a")].n_chunks == 3
     assert first["notes_read"] == 11 and first["notes_scored"] == 5 and first["notes_truncated"] == 1
+    assert "has no drift_profile.json" in first["drift"]     # an older model folder: drift skipped, said why
+    assert not wh.exists(wh.name(t.NIGHT_DRIFT))
     assert first["rejected_by_reason"] == {"bad_text": 1, "dropped_status": 1, "duplicate_row": 1,
                                            "empty_text": 1, "no_tokens": 1, "short_text": 1}
     rejects = wh.table(wh.name(t.REJECTS)).filter("job = 'score'").collect()
