@@ -401,3 +401,12 @@ def test_encounter_predictions_over_nights_and_reruns(wh, cfg, tmp_path):
     assert labels["I10"].auto_threshold == 0.0 and labels["I10"].dev_support == 40
     assert labels["E11.9"].auto_threshold is None
     assert predictions(wh)[("a1", "bertxml-test-a")].encounter_id == "EA"
+
+    # The demo's example SQL over the new tables and columns runs and finds the rows.
+    from bertxml.demo import EXAMPLE_SQL
+
+    shown = [(title, wh.spark.sql(query).collect()) for title, query in EXAMPLE_SQL
+             if any(word in title for word in ("band", "workload", "Operating points"))]
+    assert len(shown) == 3 and all(rows for _, rows in shown)
+    workload = {r.encounter_id: r for r in shown[1][1]}
+    assert set(workload) == {"EA", "EB"} and workload["EA"].n_notes == 1
