@@ -60,6 +60,32 @@ def build_model(root: Path, wh, n_labels: int) -> Path:
     return out
 
 
+def band_cost(n_labels: int, notes: int = 256, reps: int = 20) -> None:
+    """The bands inside the UDF: `predicted_bands` against the plain `predicted_codes` it replaced, on one
+    Arrow batch of notes (score.arrow_batch_notes = 256) at n_labels codes, best of reps."""
+    from bertxml.score import ModelInfo, predicted_bands, predicted_codes
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((notes, n_labels), dtype=np.float32) ** 8  # a few codes per note over 0.5
+    codes = tuple(f"C{i}" for i in range(n_labels))
+    info = ModelInfo(model_dir=Path("."), model_version="x", model_kind="bertxml", max_len=512, labels=(),
+                     codes=codes, thresholds=np.full(n_labels, 0.5, dtype=np.float32),
+                     auto_thresholds=np.full(n_labels, 0.8, dtype=np.float32),
+                     review_thresholds=np.full(n_labels, 0.3, dtype=np.float32))
+    arr = np.array(codes, dtype=object)
+    best = {}
+    for name, fn in (("predicted_codes", lambda: predicted_codes(probs, arr, info.thresholds)),
+                     ("predicted_bands", lambda: predicted_bands(probs, info))):
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        best[name] = min(times)
+    print(f"bands in the UDF, per batch of {notes} notes x {n_labels} codes: predicted_codes "
+          f"{best['predicted_codes'] * 1e3:.2f} ms, predicted_bands {best['predicted_bands'] * 1e3:.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--notes", type=int, default=1500)
@@ -87,6 +113,7 @@ def main() -> None:
             step["seconds"] = time.perf_counter() - started
 
     encounters.write_encounter_predictions = timed
+    band_cost(args.labels)
     with tempfile.TemporaryDirectory() as tmp:
         wh = Warehouse(get_spark(cfg, "bench-encounters"), Path(tmp) / "wh", cfg)
         run_generate(wh, cfg.generate)

@@ -314,6 +314,15 @@ def test_operating_points_by_hand():
     assert points["B"]["auto"] is None and points["B"]["review"] is None and points["B"]["support"] == 1
 
 
+def test_band_targets_are_checked():
+    from bertxml.config import ConfigError, load_config
+
+    assert load_config(sets=["bands.auto_precision=0.95"]).bands.auto_precision == 0.95
+    for bad in ("bands.auto_precision=1.5", "bands.review_recall=0", "bands.min_support=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(sets=[bad])
+
+
 def test_bands_follow_the_operating_points(tmp_path):
     from bertxml.modeldir import OPERATING_POINTS_FILE, write_json
     from bertxml.score import predicted_bands
