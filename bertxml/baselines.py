@@ -244,16 +244,20 @@ def train_logreg(inputs, cfg: Config) -> Path:
 
 def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: int, seconds: float,
             extra: dict) -> Path:
-    """Dev thresholds and metrics, then modeldir.write_model_dir (tokenizer, labels, thresholds, manifest)."""
+    """Dev thresholds, operating points and metrics, then modeldir.write_model_dir (tokenizer, labels,
+    thresholds, operating points, drift profile, manifest)."""
     from bertxml.drift import add_dev_reference
-    from bertxml.train import auc_metrics, micro_f1, tune_thresholds
+    from bertxml.train import auc_metrics, micro_f1, operating_points, tune_thresholds
 
     codes = [row["code"] for row in inputs.labels]
     thresholds = np.full(len(codes), cfg.score.threshold_default, dtype=np.float32)
     dev_metrics: dict = {"notes": 0}
+    points = None
     if dev_probs is not None:
         labels = dev_set.note_labels(len(codes))
         thresholds = tune_thresholds(dev_probs, labels, cfg.score.threshold_default)
+        points = operating_points(dev_probs, labels, codes, thresholds, cfg.bands.auto_precision,
+                                  cfg.bands.review_recall, cfg.bands.min_support)
         dev_metrics = {**auc_metrics(dev_probs, labels), "micro_f1": micro_f1(dev_probs, labels, thresholds)}
     dev_metrics.update(extra.pop("dev_extra", {}))
     saved = config_from_dict(cfg.to_dict())
@@ -263,6 +267,7 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
                              dev_metrics=dev_metrics, parameters=parameters, train_seconds=seconds,
                              tokenizer_file=inputs.tokenizer_file, label_vocab=inputs.labels,
                              thresholds={c: float(th) for c, th in zip(codes, thresholds)},
+                             operating_points=points,
                              extra={**extra, "tokenizer_sha256": inputs.extra.get("tokenizer_sha256"),
                                     "etl_run": inputs.extra.get("etl_run")},
                              drift_profile=add_dev_reference(inputs.drift_profile, codes, dev_probs, thresholds))

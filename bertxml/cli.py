@@ -173,7 +173,7 @@ def cmd_evaluate(args) -> int:
     wh = open_warehouse(args, "evaluate")
     result = run_evaluate(wh, wh.cfg, split=args.split, date=args.date, date_from=args.date_from,
                           date_to=args.date_to, model_dir=_model_dir(args, wh), notes_source=args.notes,
-                          diagnoses_source=args.diagnoses)
+                          diagnoses_source=args.diagnoses, level=args.level)
     print(json.dumps(result, default=str))
     return 0
 
@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
     p.add_argument("--notes", metavar="SOURCE")
     p.add_argument("--diagnoses", metavar="SOURCE")
+    p.add_argument("--level", choices=["note", "encounter", "both"], default="note",
+                   help="note: each note against its labels; encounter: each encounter's max over its notes "
+                        "against the encounter's codes (datasets 'encounter:...'); both: the two side by side")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", parents=[common],

@@ -210,6 +210,29 @@ class ScoreConfig:
                                         # "": the newest under WORKDIR/models (pin one in production)
 
 
+def share_setting(value) -> float:
+    """A precision or recall target: a number in (0, 1]."""
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"must be a share in (0, 1], got {value!r}")
+    return value
+
+
+@dataclass
+class BandConfig:
+    """Per-code operating points measured on dev when a model folder is written (operating_points.json),
+    and the review bands the nightly scoring gives each predicted code from them."""
+    auto_precision: float = field(default=0.9, metadata={"check": share_setting})
+                                        # 'auto' band: at or above the lowest threshold whose dev precision
+                                        # reaches this (codes a coder may accept without reading)
+    review_recall: float = field(default=0.9, metadata={"check": share_setting})
+                                        # 'review' band: down to the highest threshold whose dev recall reaches
+                                        # this; codes between it and the F1 threshold are predicted too
+    min_support: int = field(default=10, metadata={"check": at_least(1)})
+                                        # dev notes with the code needed to estimate either; rarer codes get
+                                        # no auto band (every prediction 'review') and keep the F1 threshold
+
+
 @dataclass
 class DriftConfig:
     """`bertxml.night_drift`: each scored night against the training set (bertxml.drift). A night is
@@ -320,6 +343,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    bands: BandConfig = field(default_factory=BandConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sqlserver: SqlServerConfig = field(default_factory=SqlServerConfig)

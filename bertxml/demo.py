@@ -9,7 +9,8 @@ CATCH_UP_NIGHTS nights. The demo
    scores;
 3. catches up as a restarted scheduler would: one `bertxml score --date D` run per missed night, each
    also writing the night's drift against the training set (`bertxml.night_drift`);
-4. evaluates those nights (`bertxml evaluate --from --to`): one AUC report per night and one over the span;
+4. evaluates those nights (`bertxml evaluate --from --to --level both`): one AUC report per night and one
+   over the span, for the notes and for their encounters;
 then prints example SQL an analyst would type, with its output. Sizes come from the config (a tiny model
 on CPU).
 """
@@ -40,8 +41,8 @@ EXAMPLE_SQL = [
      """SELECT note_date, count(*) AS notes, count(DISTINCT patient_id) AS patients,
                round(avg(size(predicted_codes)), 2) AS codes_per_note
         FROM bertxml.predictions GROUP BY note_date ORDER BY note_date"""),
-    ("Last night's predicted codes",
-     """SELECT note_id, note_date, code, description, round(CAST(probability AS DOUBLE), 3) AS probability
+    ("Last night's predicted codes, each with its review band",
+     """SELECT note_id, encounter_id, code, description, round(CAST(probability AS DOUBLE), 3) AS probability, band
         FROM bertxml.predicted_codes WHERE note_date = (SELECT max(note_date) FROM bertxml.predictions)
         ORDER BY note_id, probability DESC LIMIT 10"""),
     ("Drift of the last night against the training set, before any label (bertxml.night_drift)",
@@ -49,7 +50,20 @@ EXAMPLE_SQL = [
                round(drift, 3) AS drift, `limit`, flagged, n_notes, detail FROM bertxml.night_drift
         WHERE kind IN ('night', 'output', 'input')
           AND note_date = (SELECT max(note_date) FROM bertxml.night_drift) ORDER BY kind = 'night' DESC, kind, name"""),
-    ("The newest AUC report per dataset: each night, the span, and dev",
+    ("Last night's coder workload: codes to review per encounter (each code's max over the encounter's notes)",
+     """SELECT encounter_id, n_notes, first_note_date, last_note_date,
+               size(filter(predicted_bands, b -> b = 'review')) AS to_review,
+               size(filter(predicted_bands, b -> b = 'auto')) AS auto_accepted
+        FROM bertxml.encounter_predictions
+        WHERE encounter_id IN (SELECT encounter_id FROM bertxml.predictions
+                               WHERE note_date = (SELECT max(note_date) FROM bertxml.predictions))
+        ORDER BY to_review DESC, encounter_id LIMIT 8"""),
+    ("Operating points on dev of the most frequent codes (auto-accept and review thresholds)",
+     """SELECT code, dev_support, round(threshold, 3) AS f1_threshold, round(auto_threshold, 3) AS auto_threshold,
+               round(auto_precision, 2) AS auto_precision, round(review_threshold, 3) AS review_threshold,
+               round(review_recall, 2) AS review_recall
+        FROM bertxml.model_labels ORDER BY dev_support DESC NULLS LAST, code LIMIT 8"""),
+    ("The newest AUC report per dataset: each night and the span, for notes and for encounters",
      """SELECT dataset, n_notes, round(micro_auc, 3) AS micro_auc, round(macro_auc, 3) AS macro_auc,
                n_codes_scored, n_codes_skipped FROM bertxml.latest_auc ORDER BY dataset"""),
 ]
@@ -94,7 +108,7 @@ def run_demo(wh) -> int:
                  k, len(nights), night, model_dir.name)
         run_score(wh, cfg, date=night, model_dir=model_dir)
     log.info("demo 4/4: AUC report per night and over %s..%s", nights[0], nights[-1])
-    run_evaluate(wh, cfg, date_from=nights[0], date_to=nights[-1], model_dir=model_dir)
+    run_evaluate(wh, cfg, date_from=nights[0], date_to=nights[-1], model_dir=model_dir, level="both")
     print_examples(wh, EXAMPLE_SQL)
     print(f"\nmodel: {model_dir}\nwarehouse: {wh.workdir}")
     return 0

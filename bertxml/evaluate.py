@@ -1,13 +1,19 @@
 """Evaluation (paper §4.4): micro and macro AUC, the low-frequency macro AUC of Table 3, F1 and P@k, and the
 per-code AUC histogram of Figure 2, for a model on a split or on nightly batches since coded.
 
-    bertxml evaluate [--split dev|test | --date D | --from D --to D] [--model DIR]
+    bertxml evaluate [--split dev|test | --date D | --from D --to D] [--model DIR] [--level note|encounter|both]
 
 - `--split dev|test`: the notes of `bertxml.labeled_notes` in that split, with their ETL labels.
 - `--date D`, `--from D --to D`: the notes of those nights from the notes SOURCE, labelled exactly as the
   ETL labels them (`bertxml.etl.label_notes`: encounter codes plus chronic codes imputed from every
   diagnosis known now), so a model's drift shows night by night. Notes whose encounter has no diagnosis
   yet are left out (counted). A range writes one report row for the whole range and one per night.
+
+`--level encounter` (or `both`, beside the note level) scores encounters as coders code them: an
+encounter's probability per code is the maximum over its notes in the set (as `bertxml.encounter_predictions`
+holds it), its labels the union of its notes' labels, i.e. the encounter's codes plus the chronic codes the
+ETL imputes. Its datasets are named 'encounter:' + the note level's ('encounter:test',
+'encounter:date:2025-12-29'; a range's nights by each encounter's last note), and n_notes counts encounters.
 
 A note's probabilities come from `bertxml.predictions` when this model version has scored it, else
 from the model on the fly through the same pandas-UDF path as `bertxml score` (`score.score_notes`).
@@ -47,6 +53,8 @@ log = logging.getLogger("bertxml.evaluate")
 
 N_BUCKETS = 4096          # value buckets for the micro AUC's ranks: logit in [-32, 32] at 1/64 resolution
 P_AT = (5, 8)
+LEVELS = ("note", "encounter", "both")
+ENCOUNTER_PREFIX = "encounter:"
 METRICS = ("micro_auc", "macro_auc", "macro_auc_low_freq", "n_codes_scored", "n_codes_skipped",
            "n_codes_low_freq", "n_notes", "micro_f1", "macro_f1", "p_at_5", "p_at_8")
 
@@ -207,13 +215,30 @@ def precision_at_k(k: int, n_labels: int):
 
 
 # ---- the evaluation sets ---------------------------------------------------------------------------------
-def _labels(labeled, code_map):
-    """(note_id, label_idx ARRAY<INT>): the label indices of a note's codes that are in the model's vocabulary."""
+def _labels(labeled, code_map, key: str = "note_id"):
+    """(key, label_idx ARRAY<INT>): the label indices of the codes of a note (or, key 'encounter_id', of
+    all an encounter's notes) that are in the model's vocabulary."""
     from pyspark.sql import functions as F
 
-    pairs = labeled.select("note_id", F.explode_outer("codes").alias("code"))
+    pairs = labeled.select(key, F.explode_outer("codes").alias("code"))
     pairs = pairs.join(F.broadcast(code_map.select("code", "code_index")), "code", "left")
-    return pairs.groupBy("note_id").agg(F.array_sort(F.collect_set("code_index")).alias("label_idx"))
+    return pairs.groupBy(key).agg(F.array_sort(F.collect_set("code_index")).alias("label_idx"))
+
+
+def encounter_set(probs, labeled, code_map, datasets):
+    """Encounter-level evaluation rows (dataset, note_id = the encounter_id, probabilities, label_idx): the
+    max over the encounter's notes (`bertxml.encounters.encounter_probabilities`) against the union of
+    their labels. `datasets(date column)` -> the dataset names of an encounter dated by its last note."""
+    from pyspark.sql import functions as F
+
+    from bertxml.encounters import encounter_probabilities
+
+    notes = probs.join(labeled.select("note_id", "encounter_id", "note_date"), "note_id")
+    last = notes.groupBy("encounter_id").agg(F.max("note_date").alias("note_date"))
+    highest = encounter_probabilities(notes.select("encounter_id", "probabilities"))
+    rows = highest.join(last, "encounter_id").join(_labels(labeled, code_map, "encounter_id"), "encounter_id")
+    return rows.select(F.explode(datasets(F.col("note_date"))).alias("dataset"),
+                       F.col("encounter_id").alias("note_id"), "probabilities", "label_idx")
 
 
 def note_probabilities(wh, labeled, info, cfg: Config, run):
@@ -262,15 +287,16 @@ def labeled_for_dates(wh, cfg: Config, date_from: dt.date, date_to: dt.date, run
     left_out = {r["reason"]: r["n"] for r in frames.rejects.filter(F.col("source") == "notes")
                 .groupBy("reason").agg(F.count("*").alias("n")).collect()}
     run.count("notes_left_out_by_reason", dict(sorted(left_out.items())))
-    return frames.labeled.select("note_id", "note_date", "text", "codes")
+    return frames.labeled.select("note_id", "encounter_id", "note_date", "text", "codes")
 
 
 # ---- the job -----------------------------------------------------------------------------------------------
 def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from=None, date_to=None,
                  model_dir: str | Path | None = None, notes_source: str | None = None,
-                 diagnoses_source: str | None = None) -> dict:
+                 diagnoses_source: str | None = None, level: str = "note") -> dict:
     """Evaluate a model (default: the newest under WORKDIR/models) on a split (default
-    cfg.evaluate.default_split) or on nights (`date`, or `date_from`..`date_to`).
+    cfg.evaluate.default_split) or on nights (`date`, or `date_from`..`date_to`), at the note level,
+    the encounter level (datasets 'encounter:...') or both (`level`).
 
     Writes bertxml.auc_report rows (one per dataset) and bertxml.code_auc rows, replacing this model
     version's rows of those datasets, draws the Figure 2
@@ -301,7 +327,10 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
         date_from, date_to = parse_date(date_from), parse_date(date_to)
         if date_to < date_from:
             raise ValueError(f"--from {date_from} is after --to {date_to}")
+    if level not in LEVELS:
+        raise ValueError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
     main, per_night = _dataset_names(split, date_from, date_to)
+    mains = ([main] if level != "encounter" else []) + ([ENCOUNTER_PREFIX + main] if level != "note" else [])
     spark = wh.spark
 
     with job_run(wh, "evaluate") as run:
@@ -309,7 +338,7 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
                                cfg.score.threshold_default)
         run.inputs["model"] = {"dir": str(info.model_dir), "model_version": info.model_version}
         run.count("model_version", info.model_version)
-        run.count("dataset", main)
+        run.count("dataset", mains[0])
         code_map = spark.createDataFrame(
             [(i, c, r.get("description"), int(r.get("train_count") or 0), float(info.thresholds[i]))
              for i, (c, r) in enumerate(zip(info.codes, info.labels))],
@@ -322,45 +351,62 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
                 raise FileNotFoundError(f"table {name} does not exist: run `bertxml etl` first")
             run.inputs[name] = version
             labeled = wh.table(name, version=version).filter(F.col("split") == split) \
-                .select("note_id", "note_date", "text", "codes")
+                .select("note_id", "encounter_id", "note_date", "text", "codes")
         else:
             labeled = labeled_for_dates(wh, cfg, date_from, date_to, run, notes_source, diagnoses_source)
 
         labeled = labeled.persist(StorageLevel.MEMORY_AND_DISK)  # read by the scoring, the dates and the labels
         with arrow_batch_conf(spark, cfg.score.arrow_batch_notes):
-            probs = note_probabilities(wh, labeled, info, cfg, run)
-            notes = (probs.join(labeled.select("note_id", "note_date"), "note_id")
-                     .join(_labels(labeled, code_map), "note_id"))
-            datasets = (F.array(F.lit(main), F.concat(F.lit("date:"), F.col("note_date").cast("string")))
-                        if per_night else F.array(F.lit(main)))
-            notes = notes.select(F.explode(datasets).alias("dataset"), "note_id", "probabilities", "label_idx") \
-                .persist(StorageLevel.MEMORY_AND_DISK)
+            probs = note_probabilities(wh, labeled, info, cfg, run).persist(StorageLevel.MEMORY_AND_DISK)
+
+            def datasets(date, prefix=""):
+                return (F.array(F.lit(prefix + main), F.concat(F.lit(prefix + "date:"), date.cast("string")))
+                        if per_night else F.array(F.lit(prefix + main)))
+
+            parts = []
+            if level != "encounter":
+                notes = (probs.join(labeled.select("note_id", "note_date"), "note_id")
+                         .join(_labels(labeled, code_map), "note_id"))
+                parts.append(notes.select(F.explode(datasets(F.col("note_date"))).alias("dataset"), "note_id",
+                                          "probabilities", "label_idx"))
+            if level != "note":
+                parts.append(encounter_set(probs, labeled, code_map, lambda d: datasets(d, ENCOUNTER_PREFIX)))
+            notes = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+            notes = notes.persist(StorageLevel.MEMORY_AND_DISK)
             try:
                 metrics = _metrics(notes, code_map, info, cfg)
             finally:
                 notes.unpersist()
+                probs.unpersist()
                 labeled.unpersist()
         if not metrics:
             raise ValueError(f"no labelled note to evaluate in {main}")
+        if level != "note":
+            run.count("n_encounters", metrics[ENCOUNTER_PREFIX + main]["n_notes"])
+        main = mains[0]  # what the histogram, report.json and the counts below describe
         run.count("n_notes", metrics[main]["n_notes"])
 
         created = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         report_rows = [(run.run_id, info.model_version, name, *[m[k] for k in METRICS], created)
-                       for name, m in sorted(metrics.items(), key=lambda kv: (kv[0] != main, kv[0]))]
+                       for name, m in sorted(metrics.items(), key=lambda kv: (kv[0] not in mains, kv[0]))]
         report_df = spark.createDataFrame([_typed(r) for r in report_rows], t.AUC_REPORT_SCHEMA)
         model_version = sql_string(info.model_version)
         datasets = ", ".join(sql_string(r[2]) for r in report_rows)
         run.outputs[wh.name(t.AUC_REPORT)] = wh.write(
             report_df, wh.name(t.AUC_REPORT),
             replace_where=f"model_version = {model_version} AND dataset IN ({datasets})")
-        per_code = metrics[main]["per_code"]
-        code_rows = [(run.run_id, info.model_version, main, c, r.get("description"),
-                      None if np.isnan(per_code["auc"][i]) else float(per_code["auc"][i]),
-                      int(per_code["n_pos"][i]), int(r.get("train_count") or 0))
-                     for i, (c, r) in enumerate(zip(info.codes, info.labels))]
+        code_rows = []
+        for name in (m for m in mains if m in metrics):  # per-code AUCs of each level's main dataset
+            per_code = metrics[name]["per_code"]
+            code_rows += [(run.run_id, info.model_version, name, c, r.get("description"),
+                           None if np.isnan(per_code["auc"][i]) else float(per_code["auc"][i]),
+                           int(per_code["n_pos"][i]), int(r.get("train_count") or 0))
+                          for i, (c, r) in enumerate(zip(info.codes, info.labels))]
+        written = ", ".join(sql_string(m) for m in mains if m in metrics)
         run.outputs[wh.name(t.CODE_AUC)] = wh.write(
             spark.createDataFrame(code_rows, t.CODE_AUC_SCHEMA), wh.name(t.CODE_AUC),
-            replace_where=f"model_version = {model_version} AND dataset = {sql_string(main)}")
+            replace_where=f"model_version = {model_version} AND dataset IN ({written})")
+        per_code = metrics[main]["per_code"]
         create_views(wh)
 
         report_dir = wh.workdir / "reports" / run.run_id

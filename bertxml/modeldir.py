@@ -9,6 +9,10 @@ A model folder, default WORKDIR/models/<model_version>, holds
     drift_profile.json                      the training set's input statistics and each code's rates, the
                                             reference of the nightly drift table (bertxml.drift); absent in
                                             folders trained before it was recorded
+    operating_points.json                   per code from dev: the F1, auto-accept (precision target) and
+                                            review (recall target) thresholds with the precision, recall
+                                            and support measured there (bertxml.train.operating_points);
+                                            a folder without it scores every predicted code 'review'
     manifest.json                           {model_version, model_kind, code_version, created_at, config,
                                              inputs {table: Delta version}, max_len, dev_metrics,
                                              parameters, train_seconds, etl_run {run_id, inputs {notes,
@@ -38,6 +42,7 @@ TOKENIZER_FILE = "tokenizer.json"
 LABEL_VOCAB_FILE = "label_vocab.json"
 THRESHOLDS_FILE = "thresholds.json"
 DRIFT_PROFILE_FILE = "drift_profile.json"
+OPERATING_POINTS_FILE = "operating_points.json"
 MANIFEST_KEYS = ("model_version", "model_kind", "code_version", "created_at", "config", "inputs", "max_len",
                  "dev_metrics", "parameters", "train_seconds")
 ENCODER_KIND = "encoder"
@@ -114,11 +119,11 @@ def write_json(path: Path, data) -> Path:
 def write_model_dir(out_dir: str | Path, *, model_version: str, model_kind: str, config: dict, inputs: dict,
                     max_len: int, dev_metrics: dict, parameters: int, train_seconds: float,
                     tokenizer_file: str | Path, label_vocab: list[dict] | None = None,
-                    thresholds: dict | None = None, extra: dict | None = None,
-                    drift_profile: dict | None = None) -> Path:
+                    thresholds: dict | None = None, operating_points: dict | None = None,
+                    extra: dict | None = None, drift_profile: dict | None = None) -> Path:
     """Complete a model folder whose weights are already saved: copy tokenizer.json, write label_vocab.json,
-    thresholds.json and drift_profile.json when given, and manifest.json LAST (its presence marks the
-    folder as finished).
+    thresholds.json, operating_points.json and drift_profile.json when given, and manifest.json LAST (its
+    presence marks the folder as finished).
 
     `config` is the resolved Config.to_dict(); `inputs` maps table names to the Delta versions read.
     `extra` adds keys to the manifest (e.g. the encoder or checkpoint a model was initialised from).
@@ -134,6 +139,8 @@ def write_model_dir(out_dir: str | Path, *, model_version: str, model_kind: str,
         write_json(out_dir / THRESHOLDS_FILE, thresholds)
     if drift_profile is not None:
         write_json(out_dir / DRIFT_PROFILE_FILE, drift_profile)
+    if operating_points is not None:
+        write_json(out_dir / OPERATING_POINTS_FILE, operating_points)
     manifest = {
         "model_version": model_version,
         "model_kind": model_kind,

@@ -21,8 +21,11 @@ What a run does, each table written in ONE Delta transaction:
 3. replaces this model version's rows of the night in `bertxml.predictions` (partitioned by note_date) with
    the notes scored now, in one transaction (replaceWhere model_version and note_date): a note since marked
    erroneous, rejected or gone from the source loses its old row, and a rerun leaves the night's rows as one
-   clean run would, whatever an earlier run left. The model's label vocabulary is merged into
-   `bertxml.model_labels` on (model_version, label_index), and the analyst views are refreshed.
+   clean run would, whatever an earlier run left. Each predicted code carries a band (`predicted_bands`:
+   'auto' at or above the code's auto-accept threshold, else 'review'). The model's label
+   vocabulary and operating points are merged into `bertxml.model_labels` on (model_version, label_index);
+4. recomputes the encounters of the nights' notes from all their notes' predictions and MERGEs them into
+   `bertxml.encounter_predictions` (`bertxml.encounters`), and the analyst views are refreshed.
 
 The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
 max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all chunks of a batch of notes
@@ -71,12 +74,14 @@ import numpy as np
 from bertxml import faults
 from bertxml import tables as t
 from bertxml.config import Config, ScoreConfig
-from bertxml.modeldir import LABEL_VOCAB_FILE, THRESHOLDS_FILE, TOKENIZER_FILE
+from bertxml.modeldir import LABEL_VOCAB_FILE, OPERATING_POINTS_FILE, THRESHOLDS_FILE, TOKENIZER_FILE
 
 log = logging.getLogger("bertxml.score")
 
 CHARS_PER_TOKEN_CAP = 64   # text cut at max_chunks * max_len * this many characters before tokenising
-SCORE_COLUMNS = ("n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes")
+SCORE_COLUMNS = ("n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes",
+                 "predicted_bands")
+BANDS = ("auto", "review")
 
 
 class ModelDirError(ValueError):
@@ -112,7 +117,9 @@ class ModelInfo:
     """What the driver needs to know about a model folder: its identity and its label space.
 
     codes (M,) in label_index order, i.e. the order of `predictions.probabilities`; thresholds (M,) float32,
-    per code, from thresholds.json (codes it lacks get `threshold_default`).
+    per code, from thresholds.json (codes it lacks get `threshold_default`). From operating_points.json:
+    auto_thresholds and review_thresholds (M,) float32, +inf where the code has none (too rare on dev, or
+    a folder without the file), and points, the file's per-code dicts (None where absent).
     """
 
     model_dir: Path
@@ -122,15 +129,43 @@ class ModelInfo:
     labels: tuple          # label_vocab.json rows (dicts), label_index order
     codes: tuple
     thresholds: np.ndarray
+    auto_thresholds: np.ndarray = None
+    review_thresholds: np.ndarray = None
+    points: tuple = ()
+
+    def __post_init__(self):
+        none = np.full(len(self.codes), np.inf, dtype=np.float32)
+        for name in ("auto_thresholds", "review_thresholds"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, none)
+        if not self.points:
+            object.__setattr__(self, "points", (None,) * len(self.codes))
 
     @property
     def n_labels(self) -> int:
         return len(self.codes)
 
+    @property
+    def predict_thresholds(self) -> np.ndarray:
+        """(M,) float32: a code is predicted when its probability reaches any of its thresholds (F1, review,
+        auto), i.e. the lowest; it is 'auto' from auto_thresholds up, 'review' below."""
+        return np.minimum(np.minimum(self.thresholds, self.review_thresholds), self.auto_thresholds)
+
     def label_rows(self) -> list[tuple]:
-        """bertxml.model_labels rows: (model_version, label_index, code, description, threshold)."""
-        return [(self.model_version, i, code, row.get("description"), float(self.thresholds[i]))
-                for i, (code, row) in enumerate(zip(self.codes, self.labels))]
+        """bertxml.model_labels rows (MODEL_LABELS_SCHEMA): the code, its F1 threshold and its operating
+        points on dev (nulls where the folder has none)."""
+        def at(point, key, field):
+            value = (point or {}).get(key)
+            return None if value is None or value.get(field) is None else float(value[field])
+
+        rows = []
+        for i, (code, row, point) in enumerate(zip(self.codes, self.labels, self.points)):
+            support = None if point is None or point.get("support") is None else int(point["support"])
+            rows.append((self.model_version, i, code, row.get("description"), float(self.thresholds[i]), support,
+                         at(point, "f1", "precision"), at(point, "f1", "recall"),
+                         *[at(point, key, field) for key in ("auto", "review")
+                           for field in ("threshold", "precision", "recall")]))
+        return rows
 
 
 def read_model_info(model_dir: str | Path, threshold_default: float = 0.5) -> ModelInfo:
@@ -169,12 +204,36 @@ def read_model_info(model_dir: str | Path, threshold_default: float = 0.5) -> Mo
     else:
         log.warning("%s has no %s: every code uses threshold %.2f", model_dir, THRESHOLDS_FILE, threshold_default)
     max_len = int(manifest.get("max_len") or manifest.get("config", {}).get("model", {}).get("max_len") or 512)
+    auto, review, points = _read_operating_points(model_dir, codes)
     info = ModelInfo(model_dir=model_dir, model_version=str(manifest.get("model_version") or model_dir.name),
-                     model_kind=kind, max_len=max_len, labels=tuple(labels), codes=codes, thresholds=thresholds)
+                     model_kind=kind, max_len=max_len, labels=tuple(labels), codes=codes, thresholds=thresholds,
+                     auto_thresholds=auto, review_thresholds=review, points=points)
     check = VALIDATORS.get(kind)
     if check is not None:
         check(info)
     return info
+
+
+def _read_operating_points(model_dir: Path, codes: tuple) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """operating_points.json -> (auto thresholds (M,), review thresholds (M,), per-code dicts); +inf and None
+    for codes without them. A folder without the file (trained before bands existed) gives every predicted
+    code 'review' at its F1 threshold."""
+    auto = np.full(len(codes), np.inf, dtype=np.float32)
+    review = np.full(len(codes), np.inf, dtype=np.float32)
+    path = model_dir / OPERATING_POINTS_FILE
+    if not path.exists():
+        log.warning("%s has no %s: every predicted code is banded 'review'", model_dir, OPERATING_POINTS_FILE)
+        return auto, review, (None,) * len(codes)
+    try:
+        per_code = json.loads(path.read_text())["codes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelDirError(f"{path} is not an operating points file ({exc})") from None
+    points = tuple(per_code.get(code) for code in codes)
+    for i, point in enumerate(points):
+        for key, out in (("auto", auto), ("review", review)):
+            if point and point.get(key) and point[key].get("threshold") is not None:
+                out[i] = float(point[key]["threshold"])
+    return auto, review, points
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -576,6 +635,20 @@ def predicted_codes(probs: np.ndarray, codes: np.ndarray, thresholds: np.ndarray
     return [codes[np.flatnonzero(row)].tolist() for row in hits]
 
 
+def predicted_bands(probs: np.ndarray, info: ModelInfo) -> tuple[list[list[str]], list[list[str]]]:
+    """Each row's predicted codes (reaching `info.predict_thresholds`) and, aligned with them, their bands:
+    'auto' where the probability reaches the code's auto-accept threshold, else 'review'."""
+    codes = np.array(info.codes, dtype=object)
+    hits = probs >= info.predict_thresholds[None, :]
+    auto = probs >= info.auto_thresholds[None, :]
+    out_codes, out_bands = [], []
+    for hit, sure in zip(hits, auto):
+        idx = np.flatnonzero(hit)
+        out_codes.append(codes[idx].tolist())
+        out_bands.append(np.where(sure[idx], BANDS[0], BANDS[1]).tolist())
+    return out_codes, out_bands
+
+
 def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, top_k: int,
                  out_columns: list[str]) -> Iterator:
     """mapInPandas body: frames of notes (with `text`) -> frames of the other columns + SCORE_COLUMNS.
@@ -609,10 +682,11 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
         out["n_chunks"] = scored.n_chunks.astype("int32")
         out["truncated"] = scored.truncated.astype(bool)
         out["reason"] = np.where(empty, "no_tokens", None)
-        tops, hits = top_codes(probs, codes, top_k), predicted_codes(probs, codes, info.thresholds)
+        tops, (hits, bands) = top_codes(probs, codes, top_k), predicted_bands(probs, info)
         out["probabilities"] = [None if e else p for e, p in zip(empty, probs)]
         out["top_codes"] = [None if e else x for e, x in zip(empty, tops)]
         out["predicted_codes"] = [None if e else x for e, x in zip(empty, hits)]
+        out["predicted_bands"] = [None if e else x for e, x in zip(empty, bands)]
         yield pd.DataFrame(out, columns=out_columns)
 
 
@@ -628,6 +702,7 @@ def scored_schema(df_schema):
         T.StructField("probabilities", T.ArrayType(T.FloatType(), False)),
         T.StructField("top_codes", T.ArrayType(t.TOP_CODE)),
         T.StructField("predicted_codes", T.ArrayType(T.StringType())),
+        T.StructField("predicted_bands", T.ArrayType(T.StringType())),
     ])
 
 
@@ -754,6 +829,7 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
         run.count("model_version", info.model_version)
         notes, read = _read_notes(wh, notes_source or cfg.warehouse.notes)
         run.inputs["notes"] = read
+        all_notes = notes
         done = _scored_ids(wh, run, info.model_version)
         if night is not None:
             nights = [night]
@@ -779,7 +855,7 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
                 raise NoNotesError(f"no notes dated {night} in {read['source']}: the feed may not have landed "
                                    f"(set score.allow_empty=true to accept an empty night)")
             kept = flagged.filter(F.col("reason").isNull()).drop("reason").withColumn("text_bytes", F.octet_length("text"))
-            _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, batches)
+            _score_and_write(wh, cfg, run, info, kept, flagged, by_reason, batches, all_notes)
             run_night_drift(wh, cfg, run, info, kept, batches)  # bertxml.night_drift, against training
         finally:
             flagged.unpersist()
@@ -817,8 +893,9 @@ def _pending_nights(wh, notes, done) -> list:
 
 
 def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_reason: dict,
-                     batches: list[str]) -> None:
-    """Run the model over the kept notes (one Spark action, timed) and write the three tables."""
+                     batches: list[str], all_notes) -> None:
+    """Run the model over the kept notes (one Spark action, timed) and write the four tables.
+    `all_notes`: the whole notes source (the pinned snapshot), for the encounters' other notes."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -852,7 +929,8 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
                 preds = scored.filter(F.col("reason").isNull()).select(
                     "note_id", "patient_id", "note_date", F.lit(info.model_version).alias("model_version"),
                     F.lit(run.run_id).alias("run_id"), F.lit(scored_at).cast("timestamp").alias("scored_at"),
-                    "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated")
+                    "probabilities", "top_codes", "predicted_codes", "n_chunks", "truncated", "encounter_id",
+                    "predicted_bands")
                 preds = preds.select(*[F.col(f.name).cast(f.dataType).alias(f.name)
                                        for f in t.PREDICTIONS_SCHEMA.fields])
             else:  # every note of the nights rejected: the write only deletes their old rows
@@ -862,7 +940,14 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
             # row; only the nights' partitions are read and rewritten.
             scope = (f"model_version = {sql_string(info.model_version)} AND note_date IN ("
                      + ", ".join(f"DATE'{d}'" for d in dated) + ")")
-            run.outputs[name] = wh.write(preds, name, replace_where=scope, partition_by=t.PREDICTIONS_PARTITIONS)
+            before = wh.version(name)  # the nights' rows as they were: their encounters are touched too
+            run.outputs[name] = wh.write(preds, name, replace_where=scope, partition_by=t.PREDICTIONS_PARTITIONS,
+                                         merge_schema=True)
+            if dated:
+                from bertxml.encounters import write_encounter_predictions
+
+                write_encounter_predictions(wh, run, info, all_notes, dated, before, run.outputs[name], scored_at,
+                                            cfg.score.top_k)
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
         n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)
@@ -893,13 +978,16 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
 
 
 def _write_model_labels(wh, run, info: ModelInfo) -> None:
-    """The model's label vocabulary into bertxml.model_labels (MERGE on model_version, label_index), once
-    per model version: the views join predictions to codes through it."""
+    """The model's label vocabulary and operating points into bertxml.model_labels (MERGE on model_version,
+    label_index), once per model version: the views join predictions to codes through it. A table an
+    earlier bertxml created gains the operating-point columns (schema evolution) on the next write."""
     from pyspark.sql import functions as F
 
     name = wh.name(t.MODEL_LABELS)
-    if wh.exists(name) and (wh.table(name).filter(F.col("model_version") == info.model_version).count()
-                            == info.n_labels):
-        return
+    if wh.exists(name):
+        table = wh.table(name)
+        if (set(t.MODEL_LABELS_SCHEMA.fieldNames()) <= set(table.columns)
+                and table.filter(F.col("model_version") == info.model_version).count() == info.n_labels):
+            return
     labels = wh.spark.createDataFrame(info.label_rows(), t.MODEL_LABELS_SCHEMA)
-    run.outputs[name] = wh.merge(labels, name, ["model_version", "label_index"])
+    run.outputs[name] = wh.merge(labels, name, ["model_version", "label_index"], evolve_schema=True)

@@ -114,6 +114,10 @@ PREDICTIONS_SCHEMA = StructType([
     StructField("predicted_codes", ArrayType(StringType())),
     StructField("n_chunks", IntegerType()),           # chunks scored (the note's probability is their max)
     StructField("truncated", BooleanType()),          # longer than score.max_chunks_per_note: first chunks only
+    # Added after the first release, so last: a table an earlier bertxml created gains them on its next
+    # write (Delta schema evolution), its older rows null.
+    StructField("encounter_id", StringType()),
+    StructField("predicted_bands", ArrayType(StringType())),  # 'auto' | 'review', one per predicted_codes entry
 ])
 
 # Partitioned by note_date, so a night's MERGE reads and rewrites only that night's files. A predictions table
@@ -128,7 +132,37 @@ MODEL_LABELS_SCHEMA = StructType([
     StructField("label_index", IntegerType(), False),
     StructField("code", StringType(), False),
     StructField("description", StringType()),
-    StructField("threshold", FloatType()),
+    StructField("threshold", FloatType()),            # F1-max on dev: predicted at or above it
+    # The code's operating points on dev (operating_points.json; null where the folder has none, or the
+    # code has fewer than bands.min_support dev positives: then it is always 'review').
+    StructField("dev_support", IntegerType()),        # dev notes with the code
+    StructField("f1_precision", FloatType()),
+    StructField("f1_recall", FloatType()),
+    StructField("auto_threshold", FloatType()),       # 'auto' at or above it (reaches bands.auto_precision)
+    StructField("auto_precision", FloatType()),
+    StructField("auto_recall", FloatType()),
+    StructField("review_threshold", FloatType()),     # predicted ('review') down to it (reaches bands.review_recall)
+    StructField("review_precision", FloatType()),
+    StructField("review_recall", FloatType()),
+])
+
+# `bertxml score`: per encounter and model version, each code's maximum over the encounter's scored notes,
+# recomputed from all of them whenever one of its notes' nights is scored (MERGE on encounter_id,
+# model_version; an encounter left with no scored note loses its row).
+ENCOUNTER_PREDICTIONS = "encounter_predictions"
+
+ENCOUNTER_PREDICTIONS_SCHEMA = StructType([
+    StructField("encounter_id", StringType(), False),
+    StructField("patient_id", StringType()),
+    StructField("model_version", StringType(), False),
+    StructField("first_note_date", DateType()),
+    StructField("last_note_date", DateType()),
+    StructField("n_notes", IntegerType(), False),     # scored notes the maximum is over
+    StructField("probabilities", ArrayType(FloatType(), False)),
+    StructField("top_codes", ArrayType(TOP_CODE)),
+    StructField("predicted_codes", ArrayType(StringType())),
+    StructField("predicted_bands", ArrayType(StringType())),  # 'auto' | 'review', one per predicted code
+    StructField("updated_at", TimestampType(), False),
 ])
 
 # `bertxml evaluate`: one row per (model_version, dataset), replaced by the next run of that model version on

@@ -298,6 +298,54 @@ def tune_thresholds(probs: np.ndarray, labels: np.ndarray, default: float = 0.5)
     return out
 
 
+def _cut(scores: np.ndarray, tp: np.ndarray, k: int, positives: int) -> dict:
+    """The operating point of predicting the top k+1 notes: threshold scores[k], precision and recall."""
+    return {"threshold": float(scores[k]), "precision": float(tp[k] / (k + 1)), "recall": float(tp[k] / positives)}
+
+
+def operating_points(probs: np.ndarray, labels: np.ndarray, codes: list[str], f1_thresholds: np.ndarray,
+                     auto_precision: float = 0.9, review_recall: float = 0.9, min_support: int = 10) -> dict:
+    """Per code, from dev probabilities (n, M) and labels (n, M): the operating points the review bands use.
+
+    - "f1": the F1-max threshold (`tune_thresholds`), with the precision and recall it has on these notes;
+    - "auto": the LOWEST threshold whose precision reaches auto_precision (the most recall at that
+      precision); None when no cut reaches it;
+    - "review": the HIGHEST threshold whose recall reaches review_recall (the fewest notes to read for it);
+    - "support": the notes with the code.
+    Thresholds are cut only between different scores, as in `tune_thresholds`. A code with fewer than
+    min_support positive notes gets no "auto" and no "review" (too rare to estimate a band: every
+    prediction of it goes to review, at its F1 threshold). Returns a JSON-ready dict:
+    {"targets": {...}, "codes": {code: {"support", "f1", "auto", "review"}}}.
+    """
+    out = {}
+    for j, code in enumerate(codes):
+        positives = int(labels[:, j].sum())
+        point = {"support": positives, "f1": None, "auto": None, "review": None}
+        out[code] = point
+        if positives == 0:
+            continue
+        hit = probs[:, j] >= np.float32(f1_thresholds[j])
+        tp_f1 = int((hit & (labels[:, j] > 0)).sum())
+        point["f1"] = {"threshold": float(f1_thresholds[j]), "precision": tp_f1 / max(int(hit.sum()), 1),
+                       "recall": tp_f1 / positives}
+        if positives < min_support:
+            continue
+        order = np.argsort(-probs[:, j], kind="stable")
+        scores, hits = probs[order, j], labels[order, j] > 0
+        tp = np.cumsum(hits)  # true positives when the top k+1 notes are predicted
+        valid = np.ones(len(scores), dtype=bool)
+        valid[:-1] = scores[:-1] != scores[1:]  # only cut between different scores
+        k = np.arange(len(scores))
+        precise = np.flatnonzero(valid & (tp >= auto_precision * (k + 1) - 1e-9))
+        if len(precise):
+            point["auto"] = _cut(scores, tp, int(precise[-1]), positives)
+        enough = np.flatnonzero(valid & (tp >= review_recall * positives - 1e-9))
+        point["review"] = _cut(scores, tp, int(enough[0]), positives)
+    return {"targets": {"auto_precision": auto_precision, "review_recall": review_recall,
+                        "min_support": min_support, "measured_on": "dev", "notes": int(labels.shape[0])},
+            "codes": out}
+
+
 def micro_f1(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> float:
     predicted = probs >= thresholds[None, :]
     tp = float((predicted & (labels > 0)).sum())
@@ -767,9 +815,12 @@ def finish_model_dir(model: BertForIcdCoding, inputs: TrainInputs, cfg: Config, 
     thresholds = np.full(len(codes), cfg.score.threshold_default, dtype=np.float32)
     dev_metrics: dict = {"notes": 0}
     probs = None
+    points = None
     if dev_set.n_notes:
         probs = predict_notes(model, dev_set, cfg.train.eval_batch_size, device, precision, pad_id)
         thresholds = tune_thresholds(probs, dev_labels, cfg.score.threshold_default)
+        points = operating_points(probs, dev_labels, codes, thresholds, cfg.bands.auto_precision,
+                                  cfg.bands.review_recall, cfg.bands.min_support)
         dev_metrics = {**auc_metrics(probs, dev_labels), "micro_f1": micro_f1(probs, dev_labels, thresholds)}
     dev_metrics.update(best_step=(state["best"] or {}).get("step"), history=state["history"])
     save_model(model, out_dir)
@@ -781,7 +832,8 @@ def finish_model_dir(model: BertForIcdCoding, inputs: TrainInputs, cfg: Config, 
                              dev_metrics=dev_metrics, parameters=count_parameters(model),
                              train_seconds=train_seconds, tokenizer_file=inputs.tokenizer_file,
                              label_vocab=inputs.labels,
-                             thresholds={code: float(th) for code, th in zip(codes, thresholds)}, extra=extra,
+                             thresholds={code: float(th) for code, th in zip(codes, thresholds)},
+                             operating_points=points, extra=extra,
                              drift_profile=drift.add_dev_reference(inputs.drift_profile, codes, probs, thresholds))
     for folder in (BEST_DIR, CHECKPOINT_DIR):
         shutil.rmtree(out_dir / folder, ignore_errors=True)

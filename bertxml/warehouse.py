@@ -400,12 +400,14 @@ class Warehouse:
 
     # ---- writes --------------------------------------------------------------------------------------
     def write(self, df: DataFrame, name: str, mode: str = "overwrite", replace_where: str | None = None,
-              metadata: str | None = None, partition_by: tuple[str, ...] = ()) -> int:
+              metadata: str | None = None, partition_by: tuple[str, ...] = (), merge_schema: bool = False) -> int:
         """Write df to a Delta table in ONE transaction and return the new table version.
 
         mode "overwrite" replaces the table (or, with replace_where, only the rows matching it);
-        "append" adds rows. The schema is overwritten only on a full overwrite. `partition_by` lays out
-        a table this write creates or wholly replaces; an existing table otherwise keeps its layout.
+        "append" adds rows. The schema is overwritten only on a full overwrite; `merge_schema` lets an
+        append or replaceWhere add df's new columns to an existing table (its other rows get nulls).
+        `partition_by` lays out a table this write creates or wholly replaces; an existing table otherwise
+        keeps its layout.
         """
         writer = df.write.format("delta").mode(mode)
         if partition_by and (not self.exists(name) or (mode == "overwrite" and not replace_where)):
@@ -414,6 +416,8 @@ class Warehouse:
             writer = writer.option("replaceWhere", replace_where)
         elif mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
+        if merge_schema and (replace_where or mode == "append"):
+            writer = writer.option("mergeSchema", "true")
         if metadata:
             writer = writer.option("userMetadata", metadata)
         with faults.during_write(name, self.path(name)):
@@ -427,19 +431,32 @@ class Warehouse:
                  f"replaceWhere {replace_where}" if replace_where else mode)
         return version
 
-    def merge(self, df: DataFrame, name: str, keys: list[str], partition_by: tuple[str, ...] = ()) -> int:
+    def merge(self, df: DataFrame, name: str, keys: list[str], partition_by: tuple[str, ...] = (),
+              delete_when: str | None = None, evolve_schema: bool = False) -> int:
         """Upsert df into a Delta table keyed on `keys` (one MERGE transaction); creates it (laid out by
-        `partition_by`) if absent. To make a set of rows exactly df's, use `write(replace_where=...)`."""
+        `partition_by`) if absent. To make a set of rows exactly df's, use `write(replace_where=...)`.
+
+        `delete_when`, a condition on the source row `s` (e.g. "s.n_notes = 0"): such a row deletes its
+        match and inserts nothing. `evolve_schema`: df's new columns are added to the table."""
         from delta.tables import DeltaTable
 
         if not self.exists(name):
+            if delete_when:
+                df = df.alias("s").filter(f"NOT ({delete_when})")
             return self.write(df, name, partition_by=partition_by)
         target = (DeltaTable.forPath(self.spark, str(self.path(name))) if self.path_mode
                   else DeltaTable.forName(self.spark, name))
         condition = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+        builder = target.alias("t").merge(df.alias("s"), condition)
+        if evolve_schema:
+            builder = builder.withSchemaEvolution()
+        if delete_when:
+            builder = (builder.whenMatchedDelete(delete_when).whenMatchedUpdateAll()
+                       .whenNotMatchedInsertAll(f"NOT ({delete_when})"))
+        else:
+            builder = builder.whenMatchedUpdateAll().whenNotMatchedInsertAll()
         with faults.during_write(name, self.path(name)):
-            (target.alias("t").merge(df.alias("s"), condition)
-             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+            builder.execute()
         version = self.version(name)
         log.info("merged into %s on %s (Delta version %s)", name, ", ".join(keys), version)
         return version

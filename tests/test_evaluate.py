@@ -132,6 +132,24 @@ def test_run_evaluate_on_a_split(wh, cfg, model_dir):
     code_rows = wh.table(wh.name(t.CODE_AUC)).collect()
     assert len(code_rows) == len(CODES) and {r.run_id for r in code_rows} == {again["run_id"]}
 
+    # The encounter level: t1 and t2 now share encounter E1, scored as the max of the two against the
+    # union of their codes; its rows sit beside the note level's.
+    rows = [(i, p, "E1" if i == "t2" else e, d, "test", text, codes, []) for i, p, e, d, text, codes in NOTES]
+    wh.write(wh.spark.createDataFrame(rows, t.LABELED_NOTES_SCHEMA), wh.name(t.LABELED_NOTES))
+    result = run_evaluate(wh, cfg, split="test", model_dir=model_dir, level="encounter")
+    enc_probs = np.vstack([np.maximum(probs[0], probs[1]), probs[2:]])
+    enc_y = np.vstack([np.maximum(y[0], y[1]), y[2:]])
+    expected = auc_report_from_arrays(enc_y, enc_probs, train_counts=[1000, 2000, 3000, 4000, 5000],
+                                      thresholds=[0.5] * len(CODES))
+    report = {r.dataset: r for r in wh.table(wh.name(t.AUC_REPORT)).collect()}
+    assert set(report) == {"test", "encounter:test"} and result["n_encounters"] == 5
+    assert report["encounter:test"].n_notes == 5
+    for key in ("micro_auc", "macro_auc", "micro_f1", "p_at_5"):
+        assert getattr(report["encounter:test"], key) == pytest.approx(expected[key], abs=1e-3), key
+    assert report["test"].run_id == again["run_id"]
+    enc_codes = {r.code: r for r in wh.table(wh.name(t.CODE_AUC)).filter("dataset = 'encounter:test'").collect()}
+    assert enc_codes["I10"].n_pos == 2 and wh.table(wh.name(t.CODE_AUC)).count() == 2 * len(CODES)
+
 
 def test_run_evaluate_on_coded_nights(wh, cfg, model_dir):
     notes = [(i, p, e, d, "progress_note", "physician", "final", text) for i, p, e, d, text, _ in NOTES]

@@ -63,7 +63,8 @@ def wait_killed(started) -> None:
     print(f"{fault}: killed after {time.perf_counter() - t0:.1f}s")
 
 
-def rows(spark, workdir: Path, table: str, where: str = "true", drop=("run_id", "scored_at", "rejected_at")):
+def rows(spark, workdir: Path, table: str, where: str = "true",
+         drop=("run_id", "scored_at", "rejected_at", "updated_at")):
     """A table's rows, without the columns that name the run, sorted; every row kept (duplicates count)."""
     df = spark.read.format("delta").load(str(workdir / "tables" / "bertxml" / table)).filter(where)
     df = df.drop(*[c for c in drop if c in df.columns])
@@ -140,10 +141,11 @@ def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
         wait_killed(job)
         work = tmp_path / fault.replace(":", "-")
         if fault.startswith("commit:"):
-            assert_killed_mid_commit(base, work, t.REJECTS, committed=[t.PREDICTIONS])
+            assert_killed_mid_commit(base, work, t.REJECTS, committed=[t.PREDICTIONS, t.ENCOUNTER_PREDICTIONS])
         run_score(Warehouse(spark, work, cfg), cfg, date=NIGHT, model_dir=model)
         assert_same_tables(spark, work, tmp_path / "clean",
-                           {t.PREDICTIONS: "true", t.REJECTS: "job = 'score'", t.MODEL_LABELS: "true"})
+                           {t.PREDICTIONS: "true", t.ENCOUNTER_PREDICTIONS: "true", t.REJECTS: "job = 'score'",
+                            t.MODEL_LABELS: "true"})
     _, clean = rows(spark, tmp_path / "clean", t.PREDICTIONS)
     assert sorted(r[0] for r in clean) == sorted({f"n{i:02d}" for i in range(26)} - {"n03", "n07"} | {"n30"})
 

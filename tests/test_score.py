@@ -292,3 +292,132 @@ def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
     statuses = [r.status for r in wh.table(wh.name(t.JOB_RUNS)).collect()]
     assert len(statuses) == 2 and all(s.startswith("failed") for s in statuses)  # the bad date: before the job
     assert not wh.exists(wh.name(t.PREDICTIONS))
+
+
+# ---- operating points, bands and encounters -----------------------------------------------------------------
+def test_operating_points_by_hand():
+    from bertxml.train import operating_points
+
+    # One code, ten dev notes, best first: + + + - + - - + - -  (5 positives).
+    probs = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], dtype=np.float32)[:, None]
+    labels = np.array([1, 1, 1, 0, 1, 0, 0, 1, 0, 0])[:, None]
+    rare = np.zeros((10, 1), dtype=np.int64)
+    rare[0] = 1
+    points = operating_points(np.hstack([probs, probs]), np.hstack([labels, rare]), ["A", "B"],
+                              np.array([0.7, 0.95], dtype=np.float32), auto_precision=0.9, review_recall=0.9,
+                              min_support=3)["codes"]
+    a = points["A"]
+    assert a["support"] == 5 and a["f1"] == {"threshold": pytest.approx(0.7), "precision": 0.8, "recall": 0.8}
+    # precision >= 0.9 first fails at the 4th note: the lowest such threshold is the 3rd note's score
+    assert a["auto"] == {"threshold": pytest.approx(0.85), "precision": 1.0, "recall": 0.6}
+    # recall >= 0.9 needs all 5 positives: down to the 8th note
+    assert a["review"] == {"threshold": pytest.approx(0.4), "precision": 5 / 8, "recall": 1.0}
+    # one dev positive: too rare for bands, F1 point only
+    assert points["B"]["auto"] is None and points["B"]["review"] is None and points["B"]["support"] == 1
+
+
+def test_band_targets_are_checked():
+    from bertxml.config import ConfigError, load_config
+
+    assert load_config(sets=["bands.auto_precision=0.95"]).bands.auto_precision == 0.95
+    for bad in ("bands.auto_precision=1.5", "bands.review_recall=0", "bands.min_support=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(sets=[bad])
+
+
+def test_bands_follow_the_operating_points(tmp_path):
+    from bertxml.modeldir import OPERATING_POINTS_FILE, write_json
+    from bertxml.score import predicted_bands
+
+    model = make_model_dir(tmp_path, thresholds={c: 0.5 for c in CODES})
+    info = read_model_info(model)  # no operating_points.json: F1 thresholds, every code 'review'
+    probs = np.array([[0.6, 0.95, 0.3, 0.1, 0.7]], dtype=np.float32)
+    assert predicted_bands(probs, info) == ([["E11.9", "I10", "R05.9"]], [["review", "review", "review"]])
+    point = {"support": 40, "f1": {"threshold": 0.5, "precision": 0.8, "recall": 0.8},
+             "auto": {"threshold": 0.9, "precision": 0.92, "recall": 0.5},
+             "review": {"threshold": 0.25, "precision": 0.4, "recall": 0.91}}
+    write_json(model / OPERATING_POINTS_FILE, {"targets": {}, "codes": {"I10": point, "J45.909": point}})
+    info = read_model_info(model)
+    # I10 0.95 >= its auto threshold; J45.909 0.3 is under F1 but over its review threshold: predicted, review;
+    # E11.9 and R05.9 have no points (too rare on dev): predicted at F1, always review
+    assert predicted_bands(probs, info) == ([["E11.9", "I10", "J45.909", "R05.9"]],
+                                            [["review", "auto", "review", "review"]])
+    rows = {r[2]: r for r in info.label_rows()}
+    assert rows["I10"][5:] == (40, pytest.approx(0.8), pytest.approx(0.8), pytest.approx(0.9), pytest.approx(0.92),
+                               0.5, pytest.approx(0.25), pytest.approx(0.4), pytest.approx(0.91))
+    assert rows["E11.9"][5:] == (None,) * 9
+
+
+def encounters(wh):
+    return {(r.encounter_id, r.model_version): r for r in wh.table(wh.name(t.ENCOUNTER_PREDICTIONS)).collect()}
+
+
+def test_encounter_predictions_over_nights_and_reruns(wh, cfg, tmp_path):
+    from bertxml.modeldir import OPERATING_POINTS_FILE, write_json
+
+    def enc(note_id, date, text, encounter, status="final"):
+        return (note_id, "P1" if encounter != "EC" else "P2", encounter, date, "progress_note", "physician",
+                status, text)
+
+    # EA's notes arrive over two nights; EB has one note on night 1, EC one on night 2.
+    notes = [enc("a1", D1, SENTENCES[0] + " " + SENTENCES[6], "EA"), enc("b1", D1, SENTENCES[1], "EB"),
+             enc("a2", D2, SENTENCES[2] + " " + SENTENCES[4], "EA"), enc("c1", D2, SENTENCES[3], "EC")]
+    write_notes(wh, notes)
+    cfg.score.partitions = 1
+    cfg.score.cpu_bf16 = "false"
+    points = {"I10": {"support": 40, "f1": None, "auto": {"threshold": 0.0, "precision": 0.95, "recall": 1.0},
+                      "review": {"threshold": 0.0, "precision": 0.95, "recall": 1.0}}}
+    model_dir = make_model_dir(tmp_path / "models")  # the same weights as the module's, with bands
+    write_json(model_dir / OPERATING_POINTS_FILE, {"targets": {}, "codes": points})
+    run_score(wh, cfg, date=D1, model_dir=model_dir)
+    first = encounters(wh)
+    assert sorted(k[0] for k in first) == ["EA", "EB"] and first[("EA", "bertxml-test-a")].n_notes == 1
+    run_score(wh, cfg, date=D2, model_dir=model_dir)
+
+    def check(expected_notes: dict):
+        """Each encounter row is the max over its notes' prediction rows; no row twice, none left over."""
+        preds = predictions(wh)
+        rows = encounters(wh)
+        assert wh.table(wh.name(t.ENCOUNTER_PREDICTIONS)).count() == len(rows) == len(expected_notes)
+        for encounter, ids in expected_notes.items():
+            row = rows[(encounter, "bertxml-test-a")]
+            stacked = np.array([preds[(n, "bertxml-test-a")].probabilities for n in ids])
+            np.testing.assert_array_equal(np.array(row.probabilities, dtype=np.float32),
+                                          stacked.max(axis=0).astype(np.float32))
+            dates = [preds[(n, "bertxml-test-a")].note_date for n in ids]
+            assert (row.n_notes, row.first_note_date, row.last_note_date) == (len(ids), min(dates), max(dates))
+            assert row.predicted_codes == [c for c, p in zip(CODES, row.probabilities) if p >= 0.5 or c == "I10"]
+            assert row.predicted_bands == ["auto" if c == "I10" else "review" for c in row.predicted_codes]
+            assert [c.code for c in row.top_codes][0] == CODES[int(np.argmax(row.probabilities))]
+        return rows
+
+    rows = check({"EA": ["a1", "a2"], "EB": ["b1"], "EC": ["c1"]})
+    assert rows[("EA", "bertxml-test-a")].patient_id == "P1"
+
+    # A rerun of night 1 (as a catch-up would) leaves every encounter as one computation over the notes.
+    run_score(wh, cfg, date=D1, model_dir=model_dir)
+    check({"EA": ["a1", "a2"], "EB": ["b1"], "EC": ["c1"]})
+
+    # Night 2 again after the feed changed: a2 deleted, c1 marked erroneous. EA falls back to a1 alone;
+    # EC, left with no scored note, loses its row.
+    write_notes(wh, notes[:2] + [enc("c1", D2, SENTENCES[3], "EC", status="erroneous")])
+    run_score(wh, cfg, date=D2, model_dir=model_dir)
+    check({"EA": ["a1"], "EB": ["b1"]})
+
+    # The bands travel to the predictions, the view and model_labels.
+    bands = {(r.note_id, r.code): r.band for r in wh.spark.sql(
+        "SELECT note_id, code, band, encounter_id FROM bertxml.predicted_codes").collect()}
+    assert bands[("a1", "I10")] == "auto" and {b for (n, c), b in bands.items() if c != "I10"} <= {"review"}
+    labels = {r.code: r for r in wh.table(wh.name(t.MODEL_LABELS)).collect()}
+    assert labels["I10"].auto_threshold == 0.0 and labels["I10"].dev_support == 40
+    assert labels["E11.9"].auto_threshold is None
+    assert predictions(wh)[("a1", "bertxml-test-a")].encounter_id == "EA"
+
+    # The demo's example SQL over the new tables and columns runs and finds the rows.
+    from bertxml.demo import EXAMPLE_SQL
+
+    shown = [(title, wh.spark.sql(query).collect()) for title, query in EXAMPLE_SQL
+             if any(word in title for word in ("band", "workload", "Operating points"))]
+    assert len(shown) == 3 and all(rows for _, rows in shown)
+    workload = {r.encounter_id: r for r in shown[1][1]}
+    assert set(workload) == {"EA", "EB"} and workload["EA"].n_notes == 1
