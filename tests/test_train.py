@@ -264,8 +264,8 @@ def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
     assert all(w["tokens_per_s"] > 0 for w in manifest["loss_history"])
 
     assert sorted(p.name for p in out.iterdir()) == ["drift_profile.json", "label_vocab.json", "manifest.json",
-                                                     "model.safetensors", "model_config.json", "thresholds.json",
-                                                     "tokenizer.json"]
+                                                     "model.safetensors", "model_config.json",
+                                                     "operating_points.json", "thresholds.json", "tokenizer.json"]
     profile = json.loads((out / modeldir.DRIFT_PROFILE_FILE).read_text())  # the nightly drift's reference
     assert profile["train_notes"] == 64 and sum(profile["note_length"]["counts"]) == 64
     assert profile["note_types"] is None and "unknown" in profile["note_types_reason"]  # no ETL lineage here
