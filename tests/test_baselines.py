@@ -161,8 +161,8 @@ def check_folder(out: Path, kind: str, notes) -> dict:
     assert manifest["max_len"] == BASE_LEN and manifest["parameters"] > 0 and manifest["train_seconds"] > 0
     assert set(manifest["inputs"]) == {"bertxml.labeled_notes", "bertxml.label_vocab", "bertxml.chunks"}
     assert sorted(p.name for p in out.iterdir()) == ["drift_profile.json", "label_vocab.json", "manifest.json",
-                                                     "model.safetensors", "model_config.json", "thresholds.json",
-                                                     "tokenizer.json"]
+                                                     "model.safetensors", "model_config.json",
+                                                     "operating_points.json", "thresholds.json", "tokenizer.json"]
     assert_no_pickles(out)
     assert manifest["dev_metrics"]["macro_auc"] > 0.7, manifest["dev_metrics"]   # far better than chance
     assert [r["code"] for r in modeldir.load_label_vocab(out)] == CODES
