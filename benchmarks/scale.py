@@ -48,6 +48,7 @@ from pathlib import Path
 import psutil
 import torch
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time
+from score import flops_from_sums
 
 from bertxml.config import Config, ModelConfig, model_preset
 from bertxml.etl import run_etl
@@ -178,16 +179,6 @@ def night_tokens(wh, night: dt.date) -> dict:
     return {"chunks": int(row["chunks"]), "tokens": float(row["tokens"] or 0), "tokens_sq": float(row["tokens_sq"] or 0)}
 
 
-def model_flops(tok: dict, cfg, n_labels: int) -> float:
-    """Forward FLOPs of the real tokens, as benchmarks/score.py counts them: per layer the projections and
-    the FFN (2 T (4 H^2 + 2 H I)) and the attention (4 t^2 H per chunk); the label attention 4 M T H +
-    2 M H^2 per chunk."""
-    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    encoder = layers * (2 * tok["tokens"] * (4 * h * h + 2 * h * i) + 4 * tok["tokens_sq"] * h)
-    head = 4 * n_labels * tok["tokens"] * h + 2 * n_labels * h * h * tok["chunks"]
-    return encoder + head
-
-
 # ---- the run -----------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -288,7 +279,7 @@ def main() -> None:
                 continue
             model_dir, bcfg, n_labels = build_model(wh, root / "models", size)
             tok = night_tokens(wh, night)
-            flops = model_flops(tok, bcfg, n_labels)
+            flops = flops_from_sums(tok["tokens"], tok["tokens_sq"], tok["chunks"], bcfg, n_labels)
             peak = max(matmul_peak(DTYPES[dtype_name], seconds=2.0)[0] for _ in range(2))
             res = stage(f"score {size}", lambda: run_score(wh, cfg, date=night, model_dir=model_dir,
                                                            notes_source="bench.nights"),
