@@ -117,13 +117,19 @@ class TextbookScorer:
 
 
 def model_flops(lengths: np.ndarray, cfg, n_labels: int) -> float:
-    """Forward FLOPs of the real tokens (2 per multiply-add): per layer the Q, K, V, O projections and the
-    FFN (2 T (4 H^2 + 2 H I)) and the attention (4 T^2 H); the label attention 4 M T H + 2 M H^2."""
-    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    """Forward FLOPs of chunks of these real token counts (see `flops_from_sums`)."""
     t = lengths.astype(np.float64)
-    encoder = layers * (2 * t * (4 * h * h + 2 * h * i) + 4 * t * t * h)
-    head = 4 * n_labels * t * h + 2 * n_labels * h * h
-    return float((encoder + head).sum())
+    return flops_from_sums(float(t.sum()), float((t * t).sum()), len(t), cfg, n_labels)
+
+
+def flops_from_sums(tokens: float, tokens_sq: float, chunks: int, cfg, n_labels: int) -> float:
+    """Forward FLOPs (2 per multiply-add) from the chunks' token count, the sum of their squared lengths and
+    their number: per layer the Q, K, V, O projections and the FFN (2 T (4 H^2 + 2 H I)) and the attention
+    (4 t^2 H per chunk); the label attention 4 M T H + 2 M H^2 per chunk."""
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    encoder = layers * (2 * tokens * (4 * h * h + 2 * h * i) + 4 * tokens_sq * h)
+    head = 4 * n_labels * tokens * h + 2 * n_labels * h * h * chunks
+    return encoder + head
 
 
 def segmented_best(fns: dict, texts: list[str], segment: int, reps: int, peaks: dict) -> dict:
