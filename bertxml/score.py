@@ -22,7 +22,11 @@ What a run does, each table written in ONE Delta transaction:
    the notes scored now, in one transaction (replaceWhere model_version and note_date): a note since marked
    erroneous, rejected or gone from the source loses its old row, and a rerun leaves the night's rows as one
    clean run would, whatever an earlier run left. The model's label vocabulary is merged into
-   `bertxml.model_labels` on (model_version, label_index), and the analyst views are refreshed.
+   `bertxml.model_labels` on (model_version, label_index), and the analyst views are refreshed;
+4. with `score.evidence` (the default) and a label-attention model, replaces the same nights' rows of
+   `bertxml.evidence` the same way: for each predicted code of each note its `score.evidence_top_k` most
+   attended spans, as character offsets into the note (never its text), computed by the engine in the
+   pass that gives the probabilities (`predicted_attention`, `evidence_spans`).
 
 The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
 max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all chunks of a batch of notes
@@ -31,7 +35,10 @@ its own longest chunk (no padding to max_len); SDPA attention in the encoder, an
 head as one fused SDPA call too (`label_attention_sdpa`, checked against the model's head at load);
 `torch.inference_mode`; a note's probability per code is the max over its chunks (paper §4.1). On a CPU
 with native bf16 (`score.cpu_bf16=auto`) the weights are cast to bf16 once and the label attention runs
-in blocks of codes (`label_attention_blocked`), since CPU SDPA runs bf16 no faster than fp32.
+in blocks of codes (`label_attention_blocked`), since CPU SDPA runs bf16 no faster than fp32. Evidence: the
+fused head never forms the attention matrix, so for each pass the attention of only the codes some chunk
+predicts is formed from the same token states; each predicted code's spans come from the chunk that set
+its probability, mapped back to characters through the tokenizer's offsets.
 
 Bad input, and what happens to it:
 - empty, short, dropped or duplicated notes: rejected with the ETL's reason;
