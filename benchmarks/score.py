@@ -57,13 +57,13 @@ from bertxml.tokenize import encode_chunks
 from bertxml.vocab import train_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-SOURCES = {"mtsamples": DATA / "mtsamples" / "corpus.parquet", "codiesp": DATA / "codiesp" / "notes.parquet"}
+SOURCES = {"mtsamples": Path("mtsamples") / "corpus.parquet", "codiesp": Path("codiesp") / "notes.parquet"}
 
 
-def load_texts(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """(sample of n note texts from both corpora, every text for the vocabulary)."""
+def load_texts(n: int, seed: int, data: Path = DATA) -> tuple[list[str], list[str]]:
+    """(sample of n note texts from both corpora under `data`, every text for the vocabulary)."""
     texts = []
-    for path in SOURCES.values():
+    for path in (data / p for p in SOURCES.values()):
         texts += [x for x in pq.read_table(path, columns=["text"]).column("text").to_pylist() if x]
     rng = np.random.default_rng(seed)
     return [texts[i] for i in rng.choice(len(texts), size=min(n, len(texts)), replace=False)], texts
@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--no-spark", action="store_true")
+    parser.add_argument("--data", type=Path, default=DATA, help="the folder holding mtsamples/ and codiesp/")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
                         help="engine paths to time; auto: the one the nightly job uses on this CPU")
     parser.add_argument("--evidence-top-k", type=int, default=3,
@@ -217,7 +218,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print(describe_machine())
-    texts, corpus = load_texts(args.notes, args.seed)
+    texts, corpus = load_texts(args.notes, args.seed, args.data)
     started = time.perf_counter()
     tokenizer = train_tokenizer((corpus[i:i + 500] for i in range(0, len(corpus), 500)),
                                 VocabConfig(size=args.vocab_size))

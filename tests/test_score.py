@@ -125,9 +125,10 @@ KEYWORD = "hypertension"
 
 def keyed_model_dir(root, max_len=64) -> Path:
     """A model folder whose label attention for I10 keys on the word "hypertension": I10's label vector is
-    set to the direction from the other tokens' states to that word's states (the encoder's own, in
-    context), scaled so the word's scores stand about 20 above the rest. I10 is always predicted, the
-    other codes never."""
+    set to the direction d from the other tokens' states to that word's states (the encoder's own, in
+    context), scaled so the word's scores stand about 20 above the rest, and eq. 4 reads d out of the
+    attended state (logit = relu(d/|d| . c_j)), so the chunk holding the word sets the probability. I10
+    is always predicted, the other codes never."""
     from bertxml.model import load_model
     from bertxml.vocab import load_tokenizer
 
@@ -145,6 +146,11 @@ def keyed_model_dir(root, max_len=64) -> Path:
                     (word if at >= 0 and at <= start < at + len(KEYWORD) else other).append(h)
         direction = torch.stack(word).mean(0) - torch.stack(other).mean(0)  # (H,)
         model.head.label_vectors[CODES.index("I10")] = direction * (20.0 / direction.dot(direction))
+        for layer in (model.head.w_b, model.head.w_a):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.head.w_b.weight[0] = direction / direction.norm()
+        model.head.w_a.weight[0, 0] = 1.0
     save_model(model, out)
     return out
 
