@@ -294,6 +294,10 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
         if evidence is not None and code is not None and code not in {c["code"] for c in evidence["codes"]}:
             evidence = None  # a code the scoring run wrote no evidence for (not predicted): recompute
         text = read_note_text(wh, cfg, note_id)
+        if evidence is not None and max(x["end"] for c in evidence["codes"] for x in c["spans"]) > len(text or ""):
+            log.warning("note %s is shorter than its evidence spans: changed since it was scored; recomputing",
+                        note_id)
+            evidence = None
         if evidence is not None:
             result = explain_from_evidence(info, text, evidence, code)
         else:
