@@ -87,7 +87,7 @@ def assert_same_tables(spark, got: Path, clean: Path, tables: dict) -> None:
         assert len(a) == len(b), f"{table}: {len(a)} rows after the kill and rerun, {len(b)} after a clean run"
         for x, y in zip(a, b):
             for name, u, v in zip(cols, x, y):
-                if name in ("probabilities", "weight"):
+                if name == "probabilities":
                     np.testing.assert_allclose(u, v, atol=1e-6, err_msg=f"{table}.{name}")
                 elif name == "top_codes":
                     assert [c.code for c in u] == [c.code for c in v], f"{table}.{name}"
@@ -140,11 +140,10 @@ def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
         wait_killed(job)
         work = tmp_path / fault.replace(":", "-")
         if fault.startswith("commit:"):
-            assert_killed_mid_commit(base, work, t.REJECTS, committed=[t.PREDICTIONS, t.EVIDENCE])
+            assert_killed_mid_commit(base, work, t.REJECTS, committed=[t.PREDICTIONS])
         run_score(Warehouse(spark, work, cfg), cfg, date=NIGHT, model_dir=model)
         assert_same_tables(spark, work, tmp_path / "clean",
-                           {t.PREDICTIONS: "true", t.EVIDENCE: "true", t.REJECTS: "job = 'score'",
-                            t.MODEL_LABELS: "true"})
+                           {t.PREDICTIONS: "true", t.REJECTS: "job = 'score'", t.MODEL_LABELS: "true"})
     _, clean = rows(spark, tmp_path / "clean", t.PREDICTIONS)
     assert sorted(r[0] for r in clean) == sorted({f"n{i:02d}" for i in range(26)} - {"n03", "n07"} | {"n30"})
 

@@ -309,7 +309,10 @@ def check_evidence(rows, preds, texts, top_k):
         assert [x[3] for x in found] == sorted((x[3] for x in found), reverse=True)
 
 
-def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
+def test_run_score_end_to_end(wh, cfg, tmp_path):
+    # The module's model with I10 always predicted (threshold 0), so every note has a code and its evidence.
+    thresholds = {c: (0.0 if c == "I10" else 0.5) for c in CODES}
+    model_dir = make_model_dir(tmp_path / "models", thresholds=thresholds)
     write_notes(wh, NIGHT1 + NIGHT2, bad_utf8=BAD)
     cfg.score.max_chunks_per_note = 3
     cfg.score.top_k = 3
@@ -322,7 +325,7 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     row = preds[("n1", "bertxml-test-a")]
     assert row.note_date == D1 and row.patient_id == "P1" and len(row.probabilities) == len(CODES)
     assert [c.code for c in row.top_codes] == [CODES[i] for i in np.argsort(-np.array(row.probabilities))[:3]]
-    assert row.predicted_codes == [c for c, p in zip(CODES, row.probabilities) if p >= 0.5]
+    assert row.predicted_codes == [c for c, p in zip(CODES, row.probabilities) if p >= thresholds[c]]
     np.testing.assert_allclose(row.probabilities, by_hand(model_dir, NIGHT1[0][-1])[0], atol=1e-5)
     assert preds[("n3", "bertxml-test-a")].truncated and preds[("n3", "bertxml-test-a")].n_chunks == 3
     assert first["notes_read"] == 11 and first["notes_scored"] == 5 and first["notes_truncated"] == 1
