@@ -125,27 +125,44 @@ KEYWORD = "hypertension"
 
 def keyed_model_dir(root, max_len=64) -> Path:
     """A model folder whose label attention for I10 keys on the word "hypertension": I10's label vector is
-    set to the direction d from the other tokens' states to that word's states (the encoder's own, in
-    context), scaled so the word's scores stand about 20 above the rest, and eq. 4 reads d out of the
-    attended state (logit = relu(d/|d| . c_j)), so the chunk holding the word sets the probability. I10
-    is always predicted, the other codes never."""
+    fitted (Adam on that one vector, the encoder frozen) to put eq. 2's attention on the word's tokens in
+    chunks of notes made of the test sentences in many orders, and eq. 4 reads the direction d from the
+    other tokens' states to the word's out of the attended state (logit = relu(d/|d| . c_j)), so the chunk
+    holding the word sets the probability. I10 is always predicted, the other codes never."""
     from bertxml.model import load_model
     from bertxml.vocab import load_tokenizer
 
     out = make_model_dir(root, "bertxml-keyed", max_len=max_len,
                          thresholds={c: (0.0 if c == "I10" else 1.1) for c in CODES})
     model, tokenizer = load_model(out), load_tokenizer(out)
-    word, other = [], []
+    body = max_len - 2
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    states, on_word = [], []  # per chunk: (T, H) token states, (T,) True on the keyword's tokens
     with torch.no_grad():
-        for text in SENTENCES:
-            enc = tokenizer.encode(text)
-            hidden = model.bert(torch.tensor([enc.ids])).last_hidden_state[0]  # (T, H)
-            at = text.find(KEYWORD)
-            for h, (start, end) in zip(hidden, enc.offsets):
-                if end > start:
-                    (word if at >= 0 and at <= start < at + len(KEYWORD) else other).append(h)
-        direction = torch.stack(word).mean(0) - torch.stack(other).mean(0)  # (H,)
-        model.head.label_vectors[CODES.index("I10")] = direction * (20.0 / direction.dot(direction))
+        for shift in range(len(SENTENCES)):
+            order = SENTENCES[shift:] + SENTENCES[:shift]
+            for sep in (" ", "\n"):
+                text = sep.join(order)
+                enc = tokenizer.encode(text, add_special_tokens=False)
+                at = text.find(KEYWORD)
+                for first in range(0, len(enc.ids), body):
+                    ids = [cls_id, *enc.ids[first:first + body], sep_id]  # as the engine's chunks
+                    offsets = [(-1, -1), *enc.offsets[first:first + body], (-1, -1)]
+                    states.append(model.bert(torch.tensor([ids])).last_hidden_state[0])
+                    on_word.append(torch.tensor([at <= a < at + len(KEYWORD) for a, _ in offsets]))
+    word = torch.cat([h[m] for h, m in zip(states, on_word)])
+    other = torch.cat([h[~m] for h, m in zip(states, on_word)])
+    direction = word.mean(0) - other.mean(0)  # (H,)
+    vector = (direction * (20.0 / direction.dot(direction))).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([vector], lr=0.05)
+    keyed = [(h, m) for h, m in zip(states, on_word) if m.any()]
+    for _ in range(300):  # maximise the attention mass on the word, in every chunk that holds it
+        optimizer.zero_grad()
+        loss = -sum(torch.logsumexp((h @ vector)[m], 0) - torch.logsumexp(h @ vector, 0) for h, m in keyed)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        model.head.label_vectors[CODES.index("I10")] = vector.detach()
         for layer in (model.head.w_b, model.head.w_a):
             layer.weight.zero_()
             layer.bias.zero_()
