@@ -18,6 +18,11 @@ the fly:
    against the engine called directly with the same number of threads in all. Target: >= 0.85.
 3. model FLOPs utilisation: the model FLOPs of the real (unpadded) tokens per second, against a measured
    matmul peak of this machine in the row's dtype.
+4. the cost of the evidence (`bertxml.evidence`: each predicted code's most attended spans, computed in the
+   scoring pass): the same engine with evidence_top_k spans per predicted code, interleaved with the engine
+   without, on the same notes. So that each note predicts about --codes-per-note codes (a random model puts
+   every probability near 0.5), each code's threshold is set at its (1 - codes_per_note / labels) quantile
+   over the notes. --evidence-top-k 0 leaves these rows out.
 
 The machine is shared, so timings are taken in a way that tolerates load from elsewhere: the notes are
 timed in segments of --segment notes, each scorer --reps times per segment, interleaved, and a scorer's
@@ -52,13 +57,13 @@ from bertxml.tokenize import encode_chunks
 from bertxml.vocab import train_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-SOURCES = {"mtsamples": DATA / "mtsamples" / "corpus.parquet", "codiesp": DATA / "codiesp" / "notes.parquet"}
+SOURCES = {"mtsamples": Path("mtsamples") / "corpus.parquet", "codiesp": Path("codiesp") / "notes.parquet"}
 
 
-def load_texts(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """(sample of n note texts from both corpora, every text for the vocabulary)."""
+def load_texts(n: int, seed: int, data: Path = DATA) -> tuple[list[str], list[str]]:
+    """(sample of n note texts from both corpora under `data`, every text for the vocabulary)."""
     texts = []
-    for path in SOURCES.values():
+    for path in (data / p for p in SOURCES.values()):
         texts += [x for x in pq.read_table(path, columns=["text"]).column("text").to_pylist() if x]
     rng = np.random.default_rng(seed)
     return [texts[i] for i in rng.choice(len(texts), size=min(n, len(texts)), replace=False)], texts
@@ -186,7 +191,8 @@ def spark_vs_direct(model_dir: Path, texts: list[str], threads: int, reps: int) 
 
     cold = _timed(run_spark)
     torch.set_num_threads(threads)
-    engine = make_predict_fn(model_dir, device="cpu")
+    engine = make_predict_fn(model_dir, device="cpu",  # the UDF's evidence setting, for a like-for-like ratio
+                             evidence_top_k=cfg.score.evidence_top_k if cfg.score.evidence else 0)
     engine(texts[:4])
     times = best_of({"spark": run_spark, "direct": lambda: engine(texts)}, reps)
     spark.stop()
@@ -206,14 +212,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--no-spark", action="store_true")
+    parser.add_argument("--data", type=Path, default=DATA, help="the folder holding mtsamples/ and codiesp/")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
                         help="engine paths to time; auto: the one the nightly job uses on this CPU")
+    parser.add_argument("--evidence-top-k", type=int, default=3,
+                        help="spans per predicted code for the evidence rows (score.evidence_top_k); 0: none")
+    parser.add_argument("--codes-per-note", type=float, default=8.0,
+                        help="predicted codes per note in the evidence rows (per-code threshold quantiles)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     torch.set_num_threads(args.threads)
 
     print(describe_machine())
-    texts, corpus = load_texts(args.notes, args.seed)
+    texts, corpus = load_texts(args.notes, args.seed, args.data)
     started = time.perf_counter()
     tokenizer = train_tokenizer((corpus[i:i + 500] for i in range(0, len(corpus), 500)),
                                 VocabConfig(size=args.vocab_size))
@@ -237,6 +248,22 @@ def main() -> None:
         fn(warm)
     p_base = baseline(texts)
     diffs = {p: float(np.abs(engine(texts) - p_base).max()) for p, engine in engines.items()}
+    evidence_note = ""
+    if args.evidence_top_k > 0:
+        import json
+
+        cut = np.quantile(p_base, 1 - args.codes_per_note / args.labels, axis=0)  # (M,) per-code thresholds
+        (model_dir / "thresholds.json").write_text(json.dumps({f"C{i:04d}": float(x) for i, x in enumerate(cut)}))
+        for p in precisions:
+            engine = make_predict_fn(model_dir, device="cpu", cpu_bf16=p == "bf16",
+                                     evidence_top_k=args.evidence_top_k)
+            scored = engine.score(texts)
+            diffs[p + "+evidence"] = float(np.abs(scored.probs - p_base).max())
+            engines[p + "+evidence"] = engine
+        predicted = (scored.probs >= engine.info.thresholds[None, :]).sum(axis=1)
+        spans = np.array([len(x) for x in scored.evidence])
+        evidence_note = (f"; evidence rows: {predicted.mean():.1f} predicted codes a note (median "
+                         f"{np.median(predicted):.0f}, max {predicted.max()}), {spans.mean():.1f} spans a note")
     peaks = {torch.float32: matmul_peak(torch.float32)[0]}
     peaks.update({DTYPES[p]: matmul_peak(DTYPES[p])[0] for p in precisions})
     load_before = os.getloadavg()[0]
@@ -247,6 +274,8 @@ def main() -> None:
     labels = {"fp32": "engine, fp32 (bucketed, SDPA, fused head)", "bf16": "engine, bf16 weights, label blocks"}
     rows = [("textbook baseline (pad to max_len, eager, fp32)", times["baseline"], peaks[torch.float32], 0.0)]
     rows += [(labels[p] + (" *" if p == default else ""), times[p], peaks[DTYPES[p]], diffs[p]) for p in precisions]
+    rows += [(f"  the same + evidence (top {args.evidence_top_k} spans a code)", times[p + "+evidence"],
+              peaks[DTYPES[p]], diffs[p + "+evidence"]) for p in precisions if p + "+evidence" in times]
     print(f"\nload average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; best matmul "
           "peak: " + ", ".join(f"{p} {peaks[DTYPES[p]] / 1e9:.0f} GFLOP/s" for p in sorted(set(precisions) | {"fp32"}))
           + f"; model FLOPs of the real tokens {flops / 1e9:.0f} GFLOP")
@@ -255,6 +284,10 @@ def main() -> None:
         print(f"{name:50s} {sec:8.2f} {n / sec:8.1f} {times['baseline'] / sec:7.2f}x {flops / sec / peak:6.1%} "
               f"{diff:9.2e}")
     print("* the default on this CPU (score.cpu_bf16=auto: bf16 where the CPU multiplies it natively)")
+    for p in precisions:
+        if p + "+evidence" in times:
+            print(f"evidence overhead ({p}): {times[p + '+evidence'] / times[p] - 1:+.1%} scoring time"
+                  + evidence_note)
 
     if not args.no_spark:
         res = spark_vs_direct(model_dir, texts, args.threads, max(args.reps, 4))

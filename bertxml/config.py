@@ -208,6 +208,11 @@ class ScoreConfig:
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
     model_dir: str = ""                 # model folder for score/evaluate/explain when --model is not given;
                                         # "": the newest under WORKDIR/models (pin one in production)
+    evidence: bool = True               # write bertxml.evidence: each predicted code's most attended spans,
+                                        # from the scoring pass itself (label-attention models only)
+    evidence_top_k: int = 3             # spans kept per predicted code (rank 1 = most attention)
+    evidence_span_tokens: int = 32      # a span is a sentence-ish piece of the note, cut every this many
+                                        # tokens so an unpunctuated paragraph is not one span
 
 
 def share_setting(value) -> float:

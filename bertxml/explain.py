@@ -2,11 +2,14 @@
 
     bertxml explain NOTE_ID [--code C] [--model DIR] [--html FILE]
 
-For each predicted code of the note (or the one asked with --code) this prints the most attended tokens
-and the spans (whole words, neighbours merged) they form, from the attention a_ij of eq. 2 in the chunk
-that decided the note's probability (the note's probability is the max over its chunks, so that chunk is
-the evidence). With --html it writes the note with the attended text shaded, darker for higher weight,
-like the paper's Figure 3.
+When the nightly job wrote `bertxml.evidence` rows for the note and model version (score.evidence), it
+renders those: each predicted code's most attended sentence-ish spans, found in the scoring pass itself
+(`bertxml.score.evidence_spans`), with the probability from `bertxml.predictions`; no model is loaded.
+Otherwise (no rows, or --code names a code without rows) it recomputes: for each predicted code of the
+note (or the one asked with --code) the most attended tokens and the spans (whole words, neighbours
+merged) they form, from the attention a_ij of eq. 2 in the chunk that decided the note's probability (the
+note's probability is the max over its chunks, so that chunk is the evidence). With --html it writes the
+note with the attended text shaded, darker for higher weight, like the paper's Figure 3.
 
 Note text is PHI. Explanations are opt-in: this command is the opt-in, it prints a one-line warning to
 stderr, and nothing of the text is written to any table (its job_runs row holds the note id, the codes
@@ -98,9 +101,68 @@ def explain_text(scorer, text: str, code: str | None = None, top_k: int = 10) ->
             "top_tokens": top_tokens,
             "spans": _spans(text, content, tokens, set(top.tolist()), offsets, word_ids)[:top_k],
             "_weights": {int(tok): float(w) for tok, w in zip(tokens, content)},
+            "_shades": [(int(offsets[tok][0]), int(offsets[tok][1]), float(w)) for tok, w in zip(tokens, content)],
         })
     return {"model_version": info.model_version, "n_chunks": len(chunks), "truncated": bool(truncated[0]),
-            "codes": explained, "_offsets": offsets}
+            "codes": explained, "source": "model", "_offsets": offsets}
+
+
+def read_evidence(wh, note_id: str, model_version: str) -> dict | None:
+    """The scoring job's evidence for one note and model version, without its text: {"run_id", "n_chunks",
+    "truncated", "codes": [{code, probability, spans: [{rank, start, end, weight}]}]} (codes by falling
+    probability, spans by rank), or None when `bertxml.evidence` has no row for them."""
+    from pyspark.sql import functions as F
+
+    name = wh.name(t.EVIDENCE)
+    if not wh.exists(name):
+        return None
+    rows = (wh.table(name).filter((F.col("note_id") == note_id) & (F.col("model_version") == model_version))
+            .select("code", "rank", "char_start", "char_end", "weight", "run_id").collect())
+    if not rows:
+        return None
+    run_id = max(r.run_id for r in rows)  # one run wrote them (replaceWhere); max() is only a safe pick
+    pred = (wh.table(wh.name(t.PREDICTIONS)).filter((F.col("note_id") == note_id)
+                                                    & (F.col("model_version") == model_version)
+                                                    & (F.col("run_id") == run_id))
+            .select("probabilities", "n_chunks", "truncated").first())
+    labels = {r.code: r.label_index for r in wh.table(wh.name(t.MODEL_LABELS))
+              .filter(F.col("model_version") == model_version).select("code", "label_index").collect()}
+    codes = {}
+    for r in rows:
+        codes.setdefault(r.code, []).append({"rank": r.rank, "start": r.char_start, "end": r.char_end,
+                                             "weight": float(r.weight)})
+    out = []
+    for code, spans in codes.items():
+        probability = None
+        if pred is not None and code in labels:
+            probability = float(pred.probabilities[labels[code]])
+        out.append({"code": code, "probability": probability, "spans": sorted(spans, key=lambda x: x["rank"])})
+    out.sort(key=lambda c: (-(c["probability"] or 0.0), c["code"]))
+    return {"run_id": run_id, "n_chunks": pred.n_chunks if pred else None,
+            "truncated": bool(pred.truncated) if pred else False, "codes": out}
+
+
+def explain_from_evidence(info, text: str, evidence: dict, code: str | None = None) -> dict:
+    """`read_evidence`'s rows of a note rendered with its text: the shape `explain_text` returns (spans with
+    their text; no per-token weights, so `top_tokens` is empty), source "evidence"."""
+    text = text or ""
+    codes = list(info.codes)
+    explained = []
+    for c in evidence["codes"]:
+        if code is not None and c["code"] != code:
+            continue
+        j = codes.index(c["code"]) if c["code"] in codes else None
+        threshold = float(info.thresholds[j]) if j is not None else None
+        explained.append({
+            "code": c["code"], "description": info.labels[j].get("description") if j is not None else None,
+            "probability": c["probability"], "threshold": threshold, "predicted": True, "chunk_index": None,
+            "special_share": None, "top_tokens": [],
+            "spans": [{"text": text[x["start"]:x["end"]], **x} for x in c["spans"]],
+            "_shades": [(x["start"], x["end"], x["weight"]) for x in c["spans"]],
+        })
+    return {"model_version": info.model_version, "n_chunks": evidence["n_chunks"],
+            "truncated": evidence["truncated"], "codes": explained, "source": "evidence",
+            "run_id": evidence["run_id"]}
 
 
 def _spans(text, content, tokens, top: set, offsets, word_ids) -> list[dict]:
@@ -126,39 +188,49 @@ def format_explanation(result: dict, top_k: int = 10) -> str:
     """Plain-text rendering of run_explain's result for the terminal (contains note text: PHI)."""
     lines = [f"note {result['note_id']}  model {result['model_version']}  chunks {result['n_chunks']}"
              + ("  (truncated)" if result["truncated"] else "")]
+    if result.get("source") == "evidence":
+        lines.append(f"evidence written by scoring run {result['run_id']} (bertxml.evidence)")
     for c in result["codes"]:
         flag = "predicted" if c["predicted"] else "not predicted"
-        lines.append(f"{c['code']}  {c['description'] or ''}  p={c['probability']:.3f} "
-                     f"(threshold {c['threshold']:.3f}, {flag}), chunk {c['chunk_index']}")
-        lines.append("  tokens: " + ", ".join(f"{x['text']!r} {x['weight']:.3f}" for x in c["top_tokens"][:top_k]))
+        where = f", chunk {c['chunk_index']}" if c["chunk_index"] is not None else ""
+        lines.append(f"{c['code']}  {c['description'] or ''}  p={_fmt(c['probability'])} "
+                     f"(threshold {_fmt(c['threshold'])}, {flag}){where}")
+        if c["top_tokens"]:
+            lines.append("  tokens: " + ", ".join(f"{x['text']!r} {x['weight']:.3f}" for x in c["top_tokens"][:top_k]))
         lines.append("  spans:  " + ", ".join(f"{x['text']!r} {x['weight']:.3f}" for x in c["spans"][:top_k]))
     return "\n".join(lines)
 
 
+def _fmt(value) -> str:
+    return "?" if value is None else f"{value:.3f}"
+
+
 def render_html(text: str, result: dict, note_id: str) -> str:
-    """The note once per explained code, each token of the deciding chunk shaded by its attention weight
-    (alpha = weight / the chunk's largest), like the paper's Figure 3. Everything is HTML-escaped."""
-    offsets = result["_offsets"]
+    """The note once per explained code, each token of the deciding chunk (or each evidence span) shaded by
+    its attention weight (alpha = weight / the largest), like the paper's Figure 3. Everything is
+    HTML-escaped."""
     sections = []
     for c in result["codes"]:
-        weights = c["_weights"]
-        top = max(weights.values()) if weights else 1.0
+        shades = sorted(c["_shades"])
+        top = max((w for _, _, w in shades), default=1.0)
         parts, pos = [], 0
-        for tok in sorted(weights):
-            start, end = offsets[tok]
+        for start, end, weight in shades:
             if start < pos or end <= start:
                 continue
             parts.append(html.escape(text[pos:start]))
-            alpha = weights[tok] / top if top > 0 else 0.0
+            alpha = weight / top if top > 0 else 0.0
             parts.append(f'<span style="background: rgba(200, 30, 30, {alpha:.3f})" '
-                         f'title="{weights[tok]:.4f}">{html.escape(text[start:end])}</span>')
+                         f'title="{weight:.4f}">{html.escape(text[start:end])}</span>')
             pos = end
         parts.append(html.escape(text[pos:]))
         flag = "predicted" if c["predicted"] else "not predicted"
+        origin = (f"attention of chunk {c['chunk_index']} (the chunk that set the probability)"
+                  if c["chunk_index"] is not None else
+                  f"its {len(shades)} most attended spans, from scoring run {result.get('run_id')}")
         sections.append(
             f"<h2>{html.escape(c['code'])} {html.escape(c['description'] or '')}</h2>"
-            f"<p class=meta>p = {c['probability']:.3f}, threshold {c['threshold']:.3f} ({flag}); "
-            f"attention of chunk {c['chunk_index']} (the chunk that set the probability)</p>"
+            f"<p class=meta>p = {_fmt(c['probability'])}, threshold {_fmt(c['threshold'])} ({flag}); "
+            f"{html.escape(origin)}</p>"
             f"<div class=note>{''.join(parts)}</div>")
     return ("<!doctype html><html><head><meta charset=utf-8><meta name=robots content=noindex>"
             f"<title>bertxml explain {html.escape(note_id)}</title><style>"
@@ -207,19 +279,30 @@ def read_note_text(wh, cfg: Config, note_id: str, notes_source: str | None = Non
 def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_dir: str | Path | None = None,
                 html_path: str | Path | None = None, top_k: int = 10) -> dict:
     """Explain one note's predictions (see the module docstring). Prints the PHI warning to stderr; returns
-    {"note_id", "model_version", "n_chunks", "truncated", "codes": [...], "html_path"} (with note text: PHI;
-    render it with `format_explanation`). Writes the HTML only when html_path is given; no table ever
-    receives the text."""
+    {"note_id", "model_version", "n_chunks", "truncated", "codes": [...], "source": "evidence" | "model",
+    "html_path"} (with note text: PHI; render it with `format_explanation`). Writes the HTML only when
+    html_path is given; no table ever receives the text."""
     from bertxml.runs import job_run
-    from bertxml.score import find_model_dir, make_predict_fn, score_options
+    from bertxml.score import find_model_dir, make_predict_fn, read_model_info, score_options
 
     print(PHI_WARNING, file=sys.stderr)
     with job_run(wh, "explain") as run:
         model_dir = Path(model_dir) if model_dir else find_model_dir(wh.workdir)
         run.inputs["model"] = str(model_dir)
+        info = read_model_info(model_dir, cfg.score.threshold_default)
+        evidence = read_evidence(wh, note_id, info.model_version)
+        if evidence is not None and code is not None and code not in {c["code"] for c in evidence["codes"]}:
+            evidence = None  # a code the scoring run wrote no evidence for (not predicted): recompute
         text = read_note_text(wh, cfg, note_id)
-        scorer = make_predict_fn(model_dir, cfg.score.device, **score_options(cfg.score))
-        result = explain_text(scorer, text, code, top_k)
+        if evidence is not None and max(x["end"] for c in evidence["codes"] for x in c["spans"]) > len(text or ""):
+            log.warning("note %s is shorter than its evidence spans: changed since it was scored; recomputing",
+                        note_id)
+            evidence = None
+        if evidence is not None:
+            result = explain_from_evidence(info, text, evidence, code)
+        else:
+            scorer = make_predict_fn(model_dir, cfg.score.device, **score_options(cfg.score))
+            result = explain_text(scorer, text, code, top_k)
         result["note_id"] = note_id
         if html_path:
             result["html_path"] = str(write_private(html_path, render_html(text, result, note_id)))
@@ -229,7 +312,9 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
         run.count("model_version", result["model_version"])
         run.count("codes_explained", [c["code"] for c in result["codes"]])
         run.count("n_chunks", result["n_chunks"])
+        run.count("source", result["source"])
     for c in result["codes"]:
         c.pop("_weights", None)
+        c.pop("_shades", None)
     result.pop("_offsets", None)
     return result

@@ -25,7 +25,11 @@ What a run does, each table written in ONE Delta transaction:
    'auto' at or above the code's auto-accept threshold, else 'review'). The model's label
    vocabulary and operating points are merged into `bertxml.model_labels` on (model_version, label_index);
 4. recomputes the encounters of the nights' notes from all their notes' predictions and MERGEs them into
-   `bertxml.encounter_predictions` (`bertxml.encounters`), and the analyst views are refreshed.
+   `bertxml.encounter_predictions` (`bertxml.encounters`), and the analyst views are refreshed;
+5. with `score.evidence` (the default) and a label-attention model, replaces the same nights' rows of
+   `bertxml.evidence` the same way: for each predicted code of each note its `score.evidence_top_k` most
+   attended spans, as character offsets into the note (never its text), computed by the engine in the
+   pass that gives the probabilities (`predicted_attention`, `evidence_spans`).
 
 The engine (`BertScorer`, what `make_predict_fn` returns for BERT models): notes -> chunks of at most
 max_len tokens (`bertxml.tokenize.encode_chunks`, the training chunking); all chunks of a batch of notes
@@ -34,7 +38,10 @@ its own longest chunk (no padding to max_len); SDPA attention in the encoder, an
 head as one fused SDPA call too (`label_attention_sdpa`, checked against the model's head at load);
 `torch.inference_mode`; a note's probability per code is the max over its chunks (paper §4.1). On a CPU
 with native bf16 (`score.cpu_bf16=auto`) the weights are cast to bf16 once and the label attention runs
-in blocks of codes (`label_attention_blocked`), since CPU SDPA runs bf16 no faster than fp32.
+in blocks of codes (`label_attention_blocked`), since CPU SDPA runs bf16 no faster than fp32. Evidence: the
+fused head never forms the attention matrix, so for each pass the attention of only the codes some chunk
+predicts is formed from the same token states; each predicted code's spans come from the chunk that set
+its probability, mapped back to characters through the tokenizer's offsets.
 
 Bad input, and what happens to it:
 - empty, short, dropped or duplicated notes: rejected with the ETL's reason;
@@ -63,6 +70,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -80,7 +88,7 @@ log = logging.getLogger("bertxml.score")
 
 CHARS_PER_TOKEN_CAP = 64   # text cut at max_chunks * max_len * this many characters before tokenising
 SCORE_COLUMNS = ("n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes",
-                 "predicted_bands")
+                 "predicted_bands", "evidence")
 BANDS = ("auto", "review")
 
 
@@ -279,12 +287,15 @@ def _check_bert_dir(info: ModelInfo) -> None:
 @dataclass
 class ScoredNotes:
     """The engine's output for n notes: probs (n, M) float32 (max over chunks), n_chunks (n,) chunks scored,
-    n_tokens (n,) word pieces in the note (before any cut), truncated (n,) True when chunks were dropped."""
+    n_tokens (n,) word pieces in the note (before any cut), truncated (n,) True when chunks were dropped;
+    evidence: None when not asked for, else per note a list of {code, rank, char_start, char_end, weight}
+    (see `BertScorer.score`)."""
 
     probs: np.ndarray
     n_chunks: np.ndarray
     n_tokens: np.ndarray
     truncated: np.ndarray
+    evidence: list | None = None
 
 
 def _task_gpu() -> str | None:
@@ -322,19 +333,21 @@ def resolve_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int):
+def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int, return_encodings: bool = False):
     """Note texts -> (each note's first `max_chunks` chunks, word pieces per note (of the text read),
     truncated (n,): the note had more chunks, or more than max_chunks * max_len * CHARS_PER_TOKEN_CAP
     characters, which are all that is tokenised). The training chunking: [CLS] piece [SEP], in order, no
-    overlap (`bertxml.tokenize.encode_chunks`). Shared by the BERT scorer and the baselines'."""
+    overlap (`bertxml.tokenize.encode_chunks`). Shared by the BERT scorer and the baselines'.
+    return_encodings adds a 4th item: each note's `tokenizers.Encoding` (token -> character offsets)."""
     from bertxml.tokenize import encode_chunks
 
     char_cap = max_chunks * max_len * CHARS_PER_TOKEN_CAP
     cleaned = [_clean_text(x) for x in texts]
-    notes = encode_chunks(tokenizer, [x[:char_cap] for x in cleaned], max_len)
+    notes, encodings = encode_chunks(tokenizer, [x[:char_cap] for x in cleaned], max_len, return_encodings=True)
     n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
     truncated = np.array([len(c) > max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)], dtype=bool)
-    return [c[:max_chunks] for c in notes], n_tokens, truncated
+    chunks = [c[:max_chunks] for c in notes]
+    return (chunks, n_tokens, truncated, encodings) if return_encodings else (chunks, n_tokens, truncated)
 
 
 def _clean_text(text) -> str:
@@ -356,12 +369,14 @@ class BertScorer:
     pass at full length; a pass holds at most batch_size * max_len tokens, so short chunks go more to a
     pass. max_chunks_per_note: longer notes are scored on their first chunks (flagged `truncated`).
     num_threads: torch intra-op threads (None: leave torch's setting). cpu_bf16: run in bf16 on the CPU too
-    (weights cast once; on GPU bf16 autocast is always on).
+    (weights cast once; on GPU bf16 autocast is always on). evidence_top_k > 0: `score` also returns, for
+    each predicted code, its evidence_top_k most attended spans (label-attention models only; see
+    `evidence_spans`), spans cut at evidence_span_tokens tokens.
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
                  max_chunks_per_note: int = 32, num_threads: int | None = None, cpu_bf16="auto",
-                 threshold_default: float = 0.5):
+                 threshold_default: float = 0.5, evidence_top_k: int = 0, evidence_span_tokens: int = 32):
         import torch
 
         from bertxml.model import load_model
@@ -396,6 +411,14 @@ class BertScorer:
                            and fused_head_matches(self.model, self.device, attend) else None)
         if self.bf16 and not self.autocast:
             self.model.to(torch.bfloat16)
+        self.evidence_top_k = max(0, int(evidence_top_k or 0))
+        self.evidence_span_tokens = max(1, int(evidence_span_tokens))
+        if self.evidence_top_k and self.model.head_type != "bertxml":
+            log.info("scorer %s: a %r model has no label attention, so no evidence", self.info.model_version,
+                     self.model.head_type)
+            self.evidence_top_k = 0
+        # A code is predicted when sigmoid(logit) >= its threshold (float32, as `predicted_codes` decides).
+        self.thresholds = torch.from_numpy(self.info.thresholds.astype(np.float32)).to(self.device)  # (M,)
         log.info("scorer %s (%s, %d labels, max_len %d), precision %s", self.info.model_version,
                  self.info.model_kind, self.info.n_labels, self.max_len, self.precision)
 
@@ -405,18 +428,23 @@ class BertScorer:
         return encode_notes(self.tokenizer, texts, self.max_len, self.max_chunks)
 
     # chunks -> logits ----------------------------------------------------------------------------------
-    def chunk_logits(self, chunks: list[list[int]]):
+    def chunk_logits(self, chunks: list[list[int]], evidence: bool = False):
         """Chunks (token id lists) -> logits (n_chunks, M) float32 on the CPU, in the chunks' order.
 
         Length bucketing: the chunks are sorted by length (longest first, so the first pass shows the peak
         memory) and cut into passes of at most token_budget tokens, each padded to its own longest chunk.
+
+        evidence (a "bertxml" model): returns (logits, attended), attended[i] = [(label j, logit, weights
+        (len(chunks[i]),) float32)] for every code j whose chunk probability reaches its threshold: eq. 2's
+        attention of those codes only, from the same pass's token states (`predicted_attention`).
         """
         import torch
 
         n = len(chunks)
         out = torch.empty((n, self.info.n_labels), dtype=torch.float32)
+        attended: list[list] = [[] for _ in range(n)]
         if n == 0:
-            return out
+            return (out, attended) if evidence else out
         lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -439,30 +467,146 @@ class BertScorer:
                     keep = (mask_t != 0)[:, None, None, :] if padded else None
                     hidden = self.model.bert(input_ids=ids_t, attention_mask=keep).last_hidden_state  # (B, T, H)
                     logits = self.fused_head(self.model.head, hidden, mask_t if padded else None)  # (B, M)
+                elif evidence:  # the model's own head, with its token states kept for the evidence
+                    hidden = self.model.bert(input_ids=ids_t, attention_mask=mask_t).last_hidden_state  # (B, T, H)
+                    logits = self.model.head(hidden, mask_t)  # (B, M)
                 else:
                     logits = self.model(ids_t, mask_t)["logits"]  # (B, M)
-                out[torch.from_numpy(take)] = logits.float().cpu()
+                logits = logits.float()
+                out[torch.from_numpy(take)] = logits.cpu()
+                if evidence:
+                    for row, j, logit, weights in predicted_attention(self.model.head, hidden, mask_t, logits,
+                                                                      self.thresholds):
+                        i = take[row]
+                        attended[i].append((j, logit, weights[:lengths[i]]))
                 start += len(take)
-        return out
+        return (out, attended) if evidence else out
 
     # texts -> note probabilities ----------------------------------------------------------------------------
     def score(self, texts) -> ScoredNotes:
-        """Note-level probabilities (max over chunks, paper §4.1) with chunk/token counts and truncation."""
+        """Note-level probabilities (max over chunks, paper §4.1) with chunk/token counts and truncation, and
+        with evidence_top_k > 0 the evidence of each predicted code, from the same forward pass: the
+        evidence_top_k spans (`evidence_spans`) of the chunk that set the code's probability (its largest
+        logit) that the code's label attention weighs most, as character offsets into the note's text."""
         import torch
 
         from bertxml.model import chunk_max
 
         texts = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
-        notes, n_tokens, truncated = self.encode(texts)
+        evidence = self.evidence_top_k > 0
+        notes, n_tokens, truncated, encodings = encode_notes(self.tokenizer, texts, self.max_len, self.max_chunks,
+                                                             return_encodings=True)
         flat = [c for chunks in notes for c in chunks]
         note_index = torch.from_numpy(np.repeat(np.arange(len(notes)), [len(c) for c in notes]))
-        logits = chunk_max(self.chunk_logits(flat), note_index, len(notes))  # (n, M); max commutes with sigmoid
+        if evidence:
+            chunk_out, attended = self.chunk_logits(flat, evidence=True)
+        else:
+            chunk_out, attended = self.chunk_logits(flat), None
+        logits = chunk_max(chunk_out, note_index, len(notes))  # (n, M); max commutes with sigmoid
         probs = torch.sigmoid(logits).numpy().astype(np.float32, copy=False)
+        found = None
+        if evidence:
+            codes = self.info.codes
+            hits = probs >= self.info.thresholds[None, :].astype(np.float32)  # (n, M), as predicted_codes
+            found, first = [], 0
+            for i, chunks in enumerate(notes):
+                rows = []
+                if hits[i].any() and n_tokens[i] > 0:
+                    best = {}  # code -> (logit, chunk of the note, weights): the chunk that set its probability
+                    for c in range(len(chunks)):
+                        for j, logit, weights in attended[first + c]:
+                            if hits[i, j] and (j not in best or logit > best[j][0]):
+                                best[j] = (logit, c, weights)
+                    starts, ends = _token_offsets(encodings[i])
+                    breaks = span_breaks(_clean_text(texts[i]))
+                    for j in sorted(best, key=lambda j: (-probs[i, j], j)):
+                        _, c, weights = best[j]
+                        for rank, (lo, hi, w) in enumerate(evidence_spans(
+                                weights, c, self.max_len, starts, ends, breaks, self.evidence_top_k,
+                                self.evidence_span_tokens), start=1):
+                            rows.append({"code": codes[j], "rank": rank, "char_start": lo, "char_end": hi,
+                                         "weight": w})
+                found.append(rows)
+                first += len(chunks)
         return ScoredNotes(probs=probs, n_chunks=np.array([len(c) for c in notes], dtype=np.int64),
-                           n_tokens=n_tokens, truncated=truncated)
+                           n_tokens=n_tokens, truncated=truncated, evidence=found)
 
     def __call__(self, texts) -> np.ndarray:
         return self.score(texts).probs
+
+
+# ---- evidence: the label attention of the predicted codes -----------------------------------------------
+def predicted_attention(head, hidden, attention_mask, logits, thresholds):
+    """Eq. 2's attention weights of the codes each chunk predicts, from a pass's token states.
+
+    The fused head never forms the (B, M, T) attention; this forms it only for the U codes that some chunk
+    of the pass predicts (sigmoid(logit) >= threshold): (B, U, T) scores, about U/M of the head's cost,
+    with U a few dozen against M in the thousands. Softmax in float32 over the real tokens, as
+    `LabelAttention` does. hidden (B, T, H), attention_mask (B, T), logits (B, M) float32, thresholds (M,).
+    Yields (row b, code j, logit, weights (T,) float32 numpy incl. [CLS]/[SEP], 0 on padding).
+    """
+    import torch
+
+    hits = torch.sigmoid(logits) >= thresholds[None, :]  # (B, M)
+    pairs = hits.nonzero()  # (P, 2): (row, code)
+    if pairs.shape[0] == 0:
+        return
+    codes, slot = torch.unique(pairs[:, 1], return_inverse=True)  # (U,), (P,)
+    labels = head.label_vectors[codes].to(hidden.dtype)  # (U, H)
+    scores = torch.matmul(labels, hidden.transpose(1, 2)).float()  # (B, U, T); eq. 2 has no 1/sqrt(H)
+    scores = scores.masked_fill(attention_mask[:, None, :] == 0, torch.finfo(torch.float32).min)
+    weights = scores.softmax(dim=-1)[pairs[:, 0], slot].cpu().numpy()  # (P, T)
+    chosen = logits[pairs[:, 0], pairs[:, 1]].cpu().tolist()
+    for (row, j), logit, w in zip(pairs.cpu().tolist(), chosen, weights):
+        yield row, j, logit, w
+
+
+SPAN_BREAK = re.compile(r"\n|[.;!?](?=\s)")  # a line break, or sentence punctuation before a space
+
+
+def span_breaks(text: str) -> np.ndarray:
+    """Character offsets where a new sentence-ish span starts: after each line break, and after '.', ';',
+    '!' or '?' followed by white space (so "2.5 mg" stays whole; "Dr. Smith" is cut: sentence-ish)."""
+    return np.fromiter((m.end() for m in SPAN_BREAK.finditer(text)), dtype=np.int64)
+
+
+def _token_offsets(encoding) -> tuple[np.ndarray, np.ndarray]:
+    """A note's token (start, end) character offsets, as two (n_tokens,) arrays."""
+    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    return offsets[:, 0], offsets[:, 1]
+
+
+def evidence_spans(weights: np.ndarray, chunk_index: int, max_len: int, starts: np.ndarray, ends: np.ndarray,
+                   breaks: np.ndarray, top_k: int, span_tokens: int) -> list[tuple[int, int, float]]:
+    """One code's evidence in one chunk: its top_k spans as (char_start, char_end, weight), heaviest first.
+
+    weights (len(chunk),): the code's eq. 2 attention over the chunk, [CLS] and [SEP] included (they are
+    left out: not text). The chunk's tokens are grouped into spans: the tokens of one sentence-ish piece
+    of the note (`span_breaks`), cut into runs of at most span_tokens tokens so a long unpunctuated
+    paragraph is not one span; a span's weight is the attention mass on its tokens (its share of the
+    code's attention, the chunk's summing to 1 with [CLS]/[SEP]). Offsets run from the span's first
+    token's start to its last token's end: [char_start, char_end) in the note's characters (Python str
+    indices, i.e. code points: Spark SQL's `substring(text, char_start + 1, char_end - char_start)`).
+    """
+    content = np.asarray(weights[1:-1], dtype=np.float64)  # (t,) without [CLS] and [SEP]
+    t = content.shape[0]
+    if t == 0 or top_k <= 0:
+        return []
+    from bertxml.tokenize import chunk_token
+
+    tokens = chunk_token(chunk_index, np.arange(1, t + 1), max_len)  # note token index of each weight
+    sentence = np.searchsorted(breaks, starts[tokens], side="right")  # (t,) sentence-ish piece of each token
+    opens = np.empty(t, dtype=bool)
+    opens[0], opens[1:] = True, sentence[1:] != sentence[:-1]
+    opened = np.flatnonzero(opens)
+    in_piece = np.arange(t) - opened[np.cumsum(opens) - 1]  # position of each token within its piece
+    opens |= in_piece % span_tokens == 0
+    span = np.cumsum(opens) - 1  # (t,) span of each token
+    first = np.flatnonzero(opens)
+    last = np.append(first[1:] - 1, t - 1)
+    mass = np.bincount(span, weights=content)
+    best = np.argsort(-mass, kind="stable")[:top_k]
+    return [(int(starts[tokens[first[s]]]), int(ends[tokens[last[s]]]), float(mass[s])) for s in best]
 
 
 def label_attention_sdpa(head, hidden, attention_mask):
@@ -590,7 +734,9 @@ def score_options(cfg: ScoreConfig) -> dict:
     """The engine options of a ScoreConfig (what a Spark worker needs to build its predictor)."""
     return {"batch_size": cfg.batch_size, "max_chunks_per_note": cfg.max_chunks_per_note,
             "num_threads": cfg.num_threads or None, "cpu_bf16": cfg.cpu_bf16,
-            "threshold_default": cfg.threshold_default}
+            "threshold_default": cfg.threshold_default,
+            "evidence_top_k": cfg.evidence_top_k if cfg.evidence else 0,
+            "evidence_span_tokens": cfg.evidence_span_tokens}
 
 
 # ---- the worker side of the UDF ------------------------------------------------------------------------------
@@ -653,7 +799,8 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
                  out_columns: list[str]) -> Iterator:
     """mapInPandas body: frames of notes (with `text`) -> frames of the other columns + SCORE_COLUMNS.
 
-    A note with no token after normalisation gets reason 'no_tokens' and no probabilities.
+    A note with no token after normalisation gets reason 'no_tokens' and no probabilities. `evidence` is
+    the engine's (`BertScorer.score` with evidence_top_k > 0), null for a model or options without it.
     """
     import pandas as pd
 
@@ -687,6 +834,8 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
         out["top_codes"] = [None if e else x for e, x in zip(empty, tops)]
         out["predicted_codes"] = [None if e else x for e, x in zip(empty, hits)]
         out["predicted_bands"] = [None if e else x for e, x in zip(empty, bands)]
+        spans = scored.evidence if scored.evidence is not None else [None] * len(texts)
+        out["evidence"] = [None if e else x for e, x in zip(empty, spans)]
         yield pd.DataFrame(out, columns=out_columns)
 
 
@@ -703,12 +852,14 @@ def scored_schema(df_schema):
         T.StructField("top_codes", T.ArrayType(t.TOP_CODE)),
         T.StructField("predicted_codes", T.ArrayType(T.StringType())),
         T.StructField("predicted_bands", T.ArrayType(T.StringType())),
+        T.StructField("evidence", T.ArrayType(t.EVIDENCE_SPAN)),
     ])
 
 
 def score_notes(notes, model_dir: str | Path, cfg: ScoreConfig, partitions: int | None = None):
     """DataFrame of notes (`text` + any columns to carry along) -> DataFrame of those columns plus
-    n_chunks, truncated, reason ('no_tokens' or null), probabilities, top_codes, predicted_codes.
+    n_chunks, truncated, reason ('no_tokens' or null), probabilities, top_codes, predicted_codes, evidence
+    (ARRAY<tables.EVIDENCE_SPAN>; null unless cfg.evidence and a label-attention model).
 
     The notes are spread over `partitions` (default cfg.partitions or the cluster's parallelism) so
     every task slot scores. Set spark.sql.execution.arrow.maxRecordsPerBatch (see `arrow_batch_conf`)
@@ -915,7 +1066,9 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
             with arrow_batch_conf(spark, cfg.score.arrow_batch_notes):  # the one action that runs the model
                 stats = {r["reason"]: r for r in scored.groupBy("reason").agg(
                     F.count("*").alias("n"), F.sum("n_chunks").alias("chunks"),
-                    F.sum(F.col("truncated").cast("int")).alias("truncated")).collect()}
+                    F.sum(F.col("truncated").cast("int")).alias("truncated"),
+                    F.sum(F.when(F.col("evidence").isNotNull(), F.size("evidence")).otherwise(0))
+                    .alias("evidence")).collect()}
             seconds = time.perf_counter() - started
             rejected = rejected.unionByName(scored.filter(F.col("reason").isNotNull()).select(*note_cols, "reason"))
         ok = stats.get(None)
@@ -948,6 +1101,7 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
 
                 write_encounter_predictions(wh, run, info, all_notes, dated, before, run.outputs[name], scored_at,
                                             cfg.score.top_k)
+        _write_evidence(wh, cfg, run, info, scored if n_scored else None, dated)
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
         n_rejected = sum(n for r, n in by_reason.items() if r) + sum(int(r["n"]) for k, r in stats.items() if k)
@@ -968,6 +1122,7 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
         run.count("notes_scored", n_scored)
         run.count("chunks", int(ok["chunks"] or 0) if ok else 0)
         run.count("notes_truncated", int(ok["truncated"] or 0) if ok else 0)
+        run.count("evidence_spans", int(ok["evidence"] or 0) if ok else 0)
         run.count("scoring_seconds", round(seconds, 2))
         run.count("notes_per_s", round(n_run / seconds, 2) if seconds and n_run else None)
         if n_scored == 0:
@@ -975,6 +1130,33 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
     finally:
         if scored is not None:
             scored.unpersist()
+
+
+def _write_evidence(wh, cfg: Config, run, info: ModelInfo, scored, dated: list[str]) -> None:
+    """The nights' evidence rows of this model version become those of the notes scored now (`scored`, the
+    UDF's persisted output; None when no note was scored), in one transaction: replaceWhere model_version and
+    the nights, as predictions. With score.evidence off (or a model without label attention) an existing
+    table loses the nights' rows of this model version, so it never disagrees with the predictions; a
+    missing one is not created."""
+    from pyspark.sql import functions as F
+
+    from bertxml.warehouse import sql_string
+
+    name = wh.name(t.EVIDENCE)
+    on = cfg.score.evidence and cfg.score.evidence_top_k > 0 and info.model_kind == "bertxml"
+    if not dated or (not (on and scored is not None) and not wh.exists(name)):
+        return
+    if on and scored is not None:
+        spans = (scored.filter(F.col("reason").isNull())
+                 .select("note_id", "note_date", F.explode("evidence").alias("e"))
+                 .select("note_id", "note_date", F.lit(info.model_version).alias("model_version"), "e.*",
+                         F.lit(run.run_id).alias("run_id")))
+        spans = spans.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in t.EVIDENCE_SCHEMA.fields])
+    else:
+        spans = wh.spark.createDataFrame([], t.EVIDENCE_SCHEMA)
+    scope = (f"model_version = {sql_string(info.model_version)} AND note_date IN ("
+             + ", ".join(f"DATE'{d}'" for d in dated) + ")")
+    run.outputs[name] = wh.write(spans, name, replace_where=scope, partition_by=t.EVIDENCE_PARTITIONS)
 
 
 def _write_model_labels(wh, run, info: ModelInfo) -> None:

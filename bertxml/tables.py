@@ -125,6 +125,29 @@ PREDICTIONS_SCHEMA = StructType([
 # statistics instead.
 PREDICTIONS_PARTITIONS = ("note_date",)
 
+# `bertxml score` with score.evidence: for each predicted code of a note, the spans of the note its label attention
+# weighs most (paper §4.5), as character offsets into the note's text, never the text. Written with the night's
+# predictions, the same way (replaceWhere model_version and the nights), so it always matches them.
+EVIDENCE = "evidence"
+
+EVIDENCE_SCHEMA = StructType([
+    StructField("note_id", StringType(), False),
+    StructField("note_date", DateType()),             # the night: the partition a rerun replaces
+    StructField("model_version", StringType(), False),
+    StructField("code", StringType(), False),
+    StructField("rank", IntegerType(), False),        # 1 = the span with the most of the code's attention
+    StructField("char_start", IntegerType(), False),  # [char_start, char_end) in the note's text, 0-based
+    StructField("char_end", IntegerType(), False),    # characters: substring(text, char_start + 1, char_end - char_start)
+    StructField("weight", FloatType(), False),        # the code's attention mass on the span (eq. 2, in its chunk)
+    StructField("run_id", StringType(), False),
+])
+EVIDENCE_PARTITIONS = ("note_date",)
+
+# One evidence span as the scoring UDF returns it, per note (an array of these).
+EVIDENCE_SPAN = StructType([StructField("code", StringType()), StructField("rank", IntegerType()),
+                            StructField("char_start", IntegerType()), StructField("char_end", IntegerType()),
+                            StructField("weight", FloatType())])
+
 MODEL_LABELS = "model_labels"  # each scored model version's label vocabulary, for the views
 
 MODEL_LABELS_SCHEMA = StructType([

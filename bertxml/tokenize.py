@@ -62,21 +62,30 @@ def _cuts(n_tokens: int, max_len: int) -> range:
     return range(0, max(n_tokens, 1), max_len - 2)
 
 
-def encode_chunks(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[list[list[int]]]:
+def encode_chunks(tokenizer: Tokenizer, texts: list[str], max_len: int, return_encodings: bool = False):
     """Per text, its chunks of token ids: `[CLS] piece [SEP]`, each at most max_len ids.
 
     The pieces, concatenated, are the text's full encoding without special tokens; an empty text gives one
-    chunk `[CLS] [SEP]`.
+    chunk `[CLS] [SEP]`. With return_encodings, returns (chunks, encodings): each text's
+    `tokenizers.Encoding`, whose `offsets[i]` are the (start, end) characters of the note's token i; the
+    token at position p (1 .. len - 2) of chunk c is note token `chunk_token(c, p, max_len)`.
     """
     max_len = _check_max_len(max_len)
     cls_id, sep_id = _special_ids(tokenizer)
     tokenizer = _untruncated(tokenizer)
     body = max_len - 2
     out = []
-    for enc in tokenizer.encode_batch([text or "" for text in texts], add_special_tokens=False):
+    encodings = tokenizer.encode_batch([text or "" for text in texts], add_special_tokens=False)
+    for enc in encodings:
         ids = enc.ids
         out.append([[cls_id, *ids[start:start + body], sep_id] for start in _cuts(len(ids), max_len)])
-    return out
+    return (out, encodings) if return_encodings else out
+
+
+def chunk_token(chunk_index: int, position, max_len: int):
+    """The note token index of `position` (1 .. len - 2; an int or a numpy array) in chunk `chunk_index`:
+    chunks cut the note's encoding in order, max_len - 2 tokens each, after a [CLS]."""
+    return chunk_index * (max_len - 2) + position - 1
 
 
 def line_starts(text: str) -> list[int]:

@@ -76,3 +76,36 @@ def test_run_explain_writes_html_and_no_text_to_tables(wh, cfg, model_dir, tmp_p
             assert fragment not in values.lower(), (table, fragment)
     with pytest.raises(LookupError, match="nope"):
         run_explain(wh, cfg, "nope", model_dir=model_dir)
+
+
+def test_run_explain_renders_the_scoring_evidence(wh, cfg, model_dir, tmp_path, capsys):
+    """With bertxml.evidence rows for the note and model version (the engine's own, written as the nightly
+    job writes them) explain renders those, loads no model, and still reads the text only as the opt-in."""
+    from bertxml.score import read_model_info
+
+    info = read_model_info(model_dir)
+    scored = make_predict_fn(model_dir, device="cpu", cpu_bf16=False, evidence_top_k=2).score([TEXT])
+    spans = scored.evidence[0]
+    assert [s["code"] for s in spans] == ["I10", "I10"]
+    night = dt.date(2025, 3, 1)
+    wh.write(wh.spark.createDataFrame(
+        [("n1", "P1", "E1", night, "progress_note", "physician", "final", TEXT)], t.NOTES_SCHEMA), "ehr.notes")
+    wh.write(wh.spark.createDataFrame(info.label_rows(), t.MODEL_LABELS_SCHEMA), wh.name(t.MODEL_LABELS))
+    wh.write(wh.spark.createDataFrame(
+        [("n1", "P1", night, info.model_version, "run-1", dt.datetime(2025, 3, 2), scored.probs[0].tolist(), None,
+          ["I10"], int(scored.n_chunks[0]), False)], t.PREDICTIONS_SCHEMA), wh.name(t.PREDICTIONS))
+    wh.write(wh.spark.createDataFrame(
+        [("n1", night, info.model_version, s["code"], s["rank"], s["char_start"], s["char_end"], s["weight"], "run-1")
+         for s in spans], t.EVIDENCE_SCHEMA), wh.name(t.EVIDENCE))
+
+    html_path = tmp_path / "n1.html"
+    result = run_explain(wh, cfg, "n1", model_dir=model_dir, html_path=html_path)
+    assert PHI_WARNING in capsys.readouterr().err
+    assert result["source"] == "evidence" and [c["code"] for c in result["codes"]] == ["I10"]
+    c = result["codes"][0]
+    assert c["probability"] == pytest.approx(float(scored.probs[0][CODES.index("I10")]))
+    assert [(x["start"], x["end"], x["text"]) for x in c["spans"]] == [
+        (s["char_start"], s["char_end"], TEXT[s["char_start"]:s["char_end"]]) for s in spans]
+    assert "scoring run run-1" in html_path.read_text() and "spans:" in format_explanation(result)
+    # A code the scoring run has no evidence for is recomputed with the model.
+    assert run_explain(wh, cfg, "n1", code="E11.9", model_dir=model_dir)["source"] == "model"

@@ -9,6 +9,7 @@ test_explain.py import it.
 """
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,117 @@ def test_long_note_is_scored_on_its_first_chunks(model_dir):
     np.testing.assert_allclose(scored.probs[0], expected, atol=1e-5)
 
 
+# ---- evidence: the predicted codes' most attended spans --------------------------------------------------
+KEYWORD = "hypertension"
+
+
+def keyed_model_dir(root, max_len=64) -> Path:
+    """A model folder whose label attention for I10 keys on the word "hypertension": I10's label vector is
+    fitted (Adam on that one vector, the encoder frozen) to put eq. 2's attention on the word's tokens in
+    chunks of notes made of the test sentences in many orders, and eq. 4 reads the direction d from the
+    other tokens' states to the word's out of the attended state (logit = relu(d/|d| . c_j)), so the chunk
+    holding the word sets the probability. I10 is always predicted, the other codes never."""
+    from bertxml.model import load_model
+    from bertxml.vocab import load_tokenizer
+
+    out = make_model_dir(root, "bertxml-keyed", max_len=max_len,
+                         thresholds={c: (0.0 if c == "I10" else 1.1) for c in CODES})
+    model, tokenizer = load_model(out), load_tokenizer(out)
+    body = max_len - 2
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    states, on_word = [], []  # per chunk: (T, H) token states, (T,) True on the keyword's tokens
+    with torch.no_grad():
+        for shift in range(len(SENTENCES)):
+            order = SENTENCES[shift:] + SENTENCES[:shift]
+            for sep in (" ", "\n"):
+                text = sep.join(order)
+                enc = tokenizer.encode(text, add_special_tokens=False)
+                at = text.find(KEYWORD)
+                for first in range(0, len(enc.ids), body):
+                    ids = [cls_id, *enc.ids[first:first + body], sep_id]  # as the engine's chunks
+                    offsets = [(-1, -1), *enc.offsets[first:first + body], (-1, -1)]
+                    states.append(model.bert(torch.tensor([ids])).last_hidden_state[0])
+                    on_word.append(torch.tensor([at <= a < at + len(KEYWORD) for a, _ in offsets]))
+    word = torch.cat([h[m] for h, m in zip(states, on_word)])
+    other = torch.cat([h[~m] for h, m in zip(states, on_word)])
+    direction = word.mean(0) - other.mean(0)  # (H,)
+    vector = (direction * (20.0 / direction.dot(direction))).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([vector], lr=0.05)
+    keyed = [(h, m) for h, m in zip(states, on_word) if m.any()]
+    for _ in range(300):  # maximise the attention mass on the word, in every chunk that holds it
+        optimizer.zero_grad()
+        loss = -sum(torch.logsumexp((h @ vector)[m], 0) - torch.logsumexp(h @ vector, 0) for h, m in keyed)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        model.head.label_vectors[CODES.index("I10")] = vector.detach()
+        for layer in (model.head.w_b, model.head.w_a):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.head.w_b.weight[0] = direction / direction.norm()
+        model.head.w_a.weight[0, 0] = 1.0
+    save_model(model, out)
+    return out
+
+
+def test_evidence_puts_the_sentence_stating_the_code_first(tmp_path):
+    """I10 (hypertension) is stated in one sentence of the note: its rank-1 span is exactly that sentence,
+    also when the sentence sits in a later chunk; the spans carry eq. 2's attention (the model's own head)."""
+    from bertxml.explain import explain_text
+
+    model_dir = keyed_model_dir(tmp_path)
+    predict = make_predict_fn(model_dir, device="cpu", cpu_bf16=False, evidence_top_k=3)
+    stated = SENTENCES[0]
+    short = SENTENCES[3] + " " + stated + "\n" + SENTENCES[4]
+    before = []  # sentences enough to push the stated one into the long note's second chunk (62 tokens each)
+    for i in (2, 3, 4, 5, 6, 7, 1):
+        before.append(SENTENCES[i])
+        if len(predict.tokenizer.encode(" ".join(before), add_special_tokens=False).ids) >= 62:
+            break
+    long_ = " ".join(before) + "\n" + stated + " " + SENTENCES[4]
+    scored = predict.score([short, long_, SENTENCES[5]])
+    assert scored.n_chunks[0] == 1 and scored.n_chunks[1] >= 2
+    for text, spans in zip([short, long_], scored.evidence):
+        assert {s["code"] for s in spans} == {"I10"}  # the predicted codes only (the others never are)
+        assert [s["rank"] for s in spans] == [1, 2, 3]
+        first = spans[0]
+        assert (first["char_start"], first["char_end"]) == (text.index(stated), text.index(stated) + len(stated))
+        assert first["weight"] > 0.5 and [s["weight"] for s in spans] == sorted((s["weight"] for s in spans),
+                                                                                reverse=True)
+        for s in spans[1:]:  # the other spans are other sentences, not overlapping the first
+            assert s["char_end"] <= first["char_start"] or s["char_start"] >= first["char_end"]
+    # The weights are the module's attention (return_attention) summed over the span's tokens.
+    explained = explain_text(predict, short, code="I10")["codes"][0]
+    offsets = predict.tokenizer.encode(short, add_special_tokens=False).offsets
+    for s in scored.evidence[0]:
+        inside = sum(w for tok, w in explained["_weights"].items()
+                     if s["char_start"] <= offsets[tok][0] < s["char_end"])
+        assert s["weight"] == pytest.approx(inside, abs=1e-5)
+    np.testing.assert_allclose(scored.probs, make_predict_fn(model_dir, device="cpu", cpu_bf16=False)(
+        [short, long_, SENTENCES[5]]), atol=1e-6)  # evidence leaves the probabilities as they were
+    # Off by default in the engine; a cls model has no label attention, so no evidence either.
+    assert make_predict_fn(model_dir, device="cpu").score([short]).evidence is None
+    cls = make_predict_fn(make_model_dir(tmp_path, "cls-y", head="cls"), device="cpu", evidence_top_k=3)
+    assert cls.score([short]).evidence is None
+
+
+def test_evidence_spans_are_sentences_cut_at_span_tokens():
+    from bertxml.score import evidence_spans, span_breaks
+
+    text = "Aa bb. Cc dd ee ff gg\nHh ii; jj 2.5 kk"
+    breaks = span_breaks(text)
+    assert breaks.tolist() == [6, 22, 28]  # after '. ', the line break and '; ', not inside "2.5"
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    starts, ends = np.array([w[0] for w in words]), np.array([w[1] for w in words])
+    weights = np.array([0.0, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0])  # [CLS] .. [SEP]
+    spans = evidence_spans(weights, 0, 64, starts, ends, breaks, top_k=5, span_tokens=3)
+    got = [(text[a:b], round(w, 3)) for a, b, w in spans]
+    assert got == [("Cc dd ee", 0.3), ("ff gg", 0.3), ("Hh ii;", 0.2), ("Aa bb.", 0.1), ("jj 2.5 kk", 0.1)]
+    # Chunk 1 of max_len 4 holds note tokens 2 and 3 (two tokens a chunk after [CLS]).
+    assert evidence_spans(np.array([0, 0.3, 0.7, 0]), 1, 4, starts, ends, breaks, 2, 32) == [
+        (7, 12, pytest.approx(1.0))]
+
+
 def test_top_and_predicted_codes():
     probs = np.array([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.1, 0.05]], dtype=np.float32)
     codes = np.array(["A", "B", "C", "D"], dtype=object)
@@ -195,7 +307,29 @@ def predictions(wh):
     return {(r.note_id, r.model_version): r for r in wh.table(wh.name(t.PREDICTIONS)).collect()}
 
 
-def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
+def evidence(wh):
+    """bertxml.evidence as sorted tuples without the run id: every row, so a duplicate counts."""
+    return sorted(tuple(r)[:-1] for r in wh.table(wh.name(t.EVIDENCE)).collect())
+
+
+def check_evidence(rows, preds, texts, top_k):
+    """Every predicted code of every note has 1..top_k spans ranked 1, 2, ... inside the note's text, by
+    falling weight; no row for a code that is not predicted."""
+    spans = {}
+    for note_id, _, version, code, rank, start, end, weight in rows:
+        spans.setdefault((note_id, version, code), []).append((rank, start, end, weight))
+    assert set(spans) == {(k[0], k[1], c) for k, r in preds.items() for c in (r.predicted_codes or [])}
+    for (note_id, _, _), found in spans.items():
+        found.sort()
+        assert [x[0] for x in found] == list(range(1, len(found) + 1)) and len(found) <= top_k
+        assert all(0 <= a < b <= len(texts[note_id]) and w > 0 for _, a, b, w in found)
+        assert [x[3] for x in found] == sorted((x[3] for x in found), reverse=True)
+
+
+def test_run_score_end_to_end(wh, cfg, tmp_path):
+    # The module's model with I10 always predicted (threshold 0), so every note has a code and its evidence.
+    thresholds = {c: (0.0 if c == "I10" else 0.5) for c in CODES}
+    model_dir = make_model_dir(tmp_path / "models", thresholds=thresholds)
     write_notes(wh, NIGHT1 + NIGHT2, bad_utf8=BAD)
     cfg.score.max_chunks_per_note = 3
     cfg.score.top_k = 3
@@ -208,7 +342,7 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     row = preds[("n1", "bertxml-test-a")]
     assert row.note_date == D1 and row.patient_id == "P1" and len(row.probabilities) == len(CODES)
     assert [c.code for c in row.top_codes] == [CODES[i] for i in np.argsort(-np.array(row.probabilities))[:3]]
-    assert row.predicted_codes == [c for c, p in zip(CODES, row.probabilities) if p >= 0.5]
+    assert row.predicted_codes == [c for c, p in zip(CODES, row.probabilities) if p >= thresholds[c]]
     np.testing.assert_allclose(row.probabilities, by_hand(model_dir, NIGHT1[0][-1])[0], atol=1e-5)
     assert preds[("n3", "bertxml-test-a")].truncated and preds[("n3", "bertxml-test-a")].n_chunks == 3
     assert first["notes_read"] == 11 and first["notes_scored"] == 5 and first["notes_truncated"] == 1
@@ -224,6 +358,10 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
     assert all("Patient" not in (r.record or "") for r in rejects)       # never the text
     assert wh.table(wh.name(t.MODEL_LABELS)).count() == len(CODES)
     assert {r.code for r in wh.spark.sql("SELECT code FROM bertxml.predicted_codes").collect()} <= set(CODES)
+    ev = evidence(wh)
+    texts = {r[0]: r[-1] for r in NIGHT1 + NIGHT2}
+    assert first["evidence_spans"] == len(ev) > 0 and {r[1] for r in ev} == {D1}
+    check_evidence(ev, preds, texts, top_k=3)
 
     # A rerun of the night leaves the tables as one run would: same keys, no row twice.
     run_score(wh, cfg, date=dt.date(2025, 3, 1), model_dir=model_dir)
@@ -234,6 +372,9 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
         assert again[key].predicted_codes == r.predicted_codes and again[key].n_chunks == r.n_chunks
     assert wh.table(wh.name(t.REJECTS)).filter("job = 'score'").count() == 6
     assert wh.table(wh.name(t.MODEL_LABELS)).count() == len(CODES)
+    assert wh.table(wh.name(t.EVIDENCE)).count() == len(ev)            # counted: no span twice
+    assert [r[:7] for r in evidence(wh)] == [r[:7] for r in ev]
+    np.testing.assert_allclose([r[7] for r in evidence(wh)], [r[7] for r in ev], atol=1e-6)
 
     # Catch-up: the nights holding a note neither scored nor rejected (night 2), processed as nights.
     caught_up = run_score(wh, cfg, since_last=True, model_dir=model_dir)
@@ -267,11 +408,21 @@ def test_run_score_end_to_end(wh, cfg, model_dir, tmp_path):
         assert after[key].run_id == before[key].run_id          # another night: not rewritten
     assert sorted(r.note_id for r in wh.table(wh.name(t.REJECTS)).filter(
         "job = 'score' AND reason = 'dropped_status'").collect()) == ["err", "n4"]
+    check_evidence(evidence(wh), {k: r for k, r in after.items() if k[1] == "bertxml-test-a"}, texts, top_k=3)
+    assert len(evidence(wh)) == len([r for r in ev if r[0] not in ("n2", "n4")]) + len(
+        [r for r in evidence(wh) if r[1] == D2])
 
     # Every note of the night now rejected: the rerun only deletes the night's rows.
     write_notes(wh, [note(n, D1, "bp ok") for n in ("n1", "n3", "dup")] + NIGHT2)
     assert run_score(wh, cfg, date=D1, model_dir=model_dir)["notes_scored"] == 0
     assert {k[0] for k in predictions(wh)} == {"m1", "m2"} and wh.table(wh.name(t.PREDICTIONS)).count() == 4
+    assert {r[0] for r in evidence(wh)} <= {"m1", "m2"}
+
+    # score.evidence off: the night's spans of the model version go (the table never disagrees with the
+    # predictions), and no evidence is computed.
+    cfg.score.evidence = False
+    assert run_score(wh, cfg, date=D2, model_dir=model_dir)["evidence_spans"] == 0
+    assert evidence(wh) == []
 
 
 def _partition_columns(wh):
