@@ -5,9 +5,14 @@
 a `text` column, a Series or a list of strings) and returns (n, M) float32 code probabilities, columns in
 the folder's label_vocab.json order, through `bertxml.score.make_predict_fn`: the engine of `bertxml score`.
 """
+import warnings
+
 import mlflow
 import numpy as np
 import pandas as pd
+
+# predict takes a DataFrame, a Series or a list, checked by hand below; the signature states the schema.
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
 
 class IcdCodingModel(mlflow.pyfunc.PythonModel):
