@@ -545,6 +545,7 @@ def run_train_baseline(wh, cfg: Config, model_kind: str, out_dir: str | Path | N
                        vocab_dir: str | Path | None = None) -> Path:
     """`bertxml train --model logreg|bilstm`: one baseline from the warehouse's tables as they stand (pinned),
     recorded in job_runs. Returns the model folder (default WORKDIR/models/<model_version>)."""
+    from bertxml.registry import log_job_model
     from bertxml.runs import job_run
 
     with job_run(wh, "train") as run:
@@ -556,6 +557,7 @@ def run_train_baseline(wh, cfg: Config, model_kind: str, out_dir: str | Path | N
         run.count("model_kind", model_kind)
         run.count("dev_macro_auc", manifest["dev_metrics"].get("macro_auc"))
         run.count("train_seconds", manifest["train_seconds"])
+        log_job_model(run, wh, cfg, model_dir, "train")  # MLflow run + registered version (bertxml.registry)
     return Path(model_dir)
 
 

@@ -6,6 +6,8 @@
     bertxml sql-server --port 10000          # JDBC/ODBC (beeline, BI tools) over the warehouse, no note text
     bertxml demo                             # the main job end to end on the embedded default
     bertxml compare                          # the paper's Tables 2-3 on this warehouse (bertxml.model_comparison)
+    bertxml promote 3 --alias champion       # point a registry alias at a registered model version
+    bertxml score --model models:/bertxml@challenger   # score with a registered model (beside the champion)
 
 Every command takes --workdir DIR (default ./warehouse), --conf FILE|NAME (YAML over the defaults,
 repeatable; a bare NAME such as `prod` is a config shipped in bertxml/conf/) and --set section.key=value
@@ -153,7 +155,9 @@ def cmd_retrain(args) -> int:
 
 
 def _model_dir(args, wh) -> str | None:
-    """--model, else score.model_dir from the config, else None (the newest under WORKDIR/models)."""
+    """--model (a folder or models:/NAME@ALIAS), else score.model_dir from the config, else None: the
+    registry's score.default_alias where there is a registry, else the newest under WORKDIR/models
+    (`bertxml.registry.resolve_model`)."""
     return args.model or wh.cfg.score.model_dir or None
 
 
@@ -168,13 +172,32 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from bertxml.evaluate import run_evaluate
+    from bertxml.evaluate import run_evaluate, run_evaluate_aliases
 
     wh = open_warehouse(args, "evaluate")
+    if args.compare:
+        if args.model:
+            print("error: give --model or --compare, not both", file=sys.stderr)
+            return 2
+        result = run_evaluate_aliases(wh, wh.cfg, args.compare, split=args.split, date=args.date,
+                                      date_from=args.date_from, date_to=args.date_to, notes_source=args.notes,
+                                      diagnoses_source=args.diagnoses)
+        print(result["markdown"])
+        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, default=str))
+        return 0
     result = run_evaluate(wh, wh.cfg, split=args.split, date=args.date, date_from=args.date_from,
                           date_to=args.date_to, model_dir=_model_dir(args, wh), notes_source=args.notes,
                           diagnoses_source=args.diagnoses, level=args.level)
     print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from bertxml.registry import run_promote
+
+    wh = open_warehouse(args, "promote")
+    print(json.dumps(run_promote(wh, wh.cfg, args.version, alias=args.alias, model_name=args.model_name),
+                     default=str))
     return 0
 
 
@@ -237,6 +260,11 @@ class RemovedOption(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} was removed ({self.reason}): use {self.replacement}")
+
+
+MODEL_HELP = ("model folder or registered model (models:/bertxml@champion, models:/bertxml/3); default: "
+              "score.model_dir, else models:/<mlflow.model_name>@<score.default_alias> where a registry is "
+              "configured, else the newest under WORKDIR/models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", help="note_date to score (default: yesterday, UTC)")
     p.add_argument("--since-last", action="store_true",
                    help="rescore every night holding a note this model has neither scored nor rejected")
-    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--notes", metavar="SOURCE", help="notes: a table name or parquet:/csv:/delta:PATH")
     p.set_defaults(func=cmd_score)
 
@@ -320,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date")
     p.add_argument("--from", dest="date_from")
     p.add_argument("--to", dest="date_to")
-    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--compare", metavar="ALIAS,ALIAS",
+                   help="evaluate each registry alias (e.g. champion,challenger) on the same notes, side by side")
     p.add_argument("--notes", metavar="SOURCE")
     p.add_argument("--diagnoses", metavar="SOURCE")
     p.add_argument("--level", choices=["note", "encounter", "both"], default="note",
@@ -337,10 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", help="vocabulary folder for missing chunk lengths (default WORKDIR/vocab)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("promote", parents=[common],
+                       help="point a registry alias (champion, challenger) at a registered model version")
+    p.add_argument("version", help="the registered version number (see the train/retrain output)")
+    p.add_argument("--alias", default="champion", help="the alias to move (default champion)")
+    p.add_argument("--model-name", help="registered model (default mlflow.model_name)")
+    p.set_defaults(func=cmd_promote)
+
     p = sub.add_parser("explain", parents=[common], help="label attention for one note (shows PHI: opt-in)")
     p.add_argument("note_id")
     p.add_argument("--code")
-    p.add_argument("--model", help="model folder (default: score.model_dir, else the newest under WORKDIR/models)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--html", help="write an attention-shaded HTML rendering here")
     p.set_defaults(func=cmd_explain)
 

@@ -22,6 +22,8 @@ same notes with the same metric function, and writes the result:
   and 3 in markdown, printed too) and comparison.json. Model folders go to WORKDIR/compare/<run_id>/
   <model>-<max_len>, NOT to WORKDIR/models: a comparison never changes which model `bertxml score` picks
   by default; each folder works with `bertxml score --model DIR` and `bertxml evaluate --model DIR`.
+  With `mlflow.log_runs`, each row is also an MLflow run (its measured AUCs as metrics, tagged with the
+  comparison's run id) and a registered version of `mlflow.model_name`: promote one to score it by alias.
 
 A model that fails to train is logged and left out; the other rows are still written, then the job fails.
 """
@@ -241,6 +243,7 @@ def run_compare(wh, cfg: Config, models=None, max_lens=None, split: str | None =
     WORKDIR/models). Returns {"run_id", "rows", "markdown", "report_dir", "failed", ...counts}; raises
     after writing the successful rows when a model failed.
     """
+    from bertxml.registry import log_job_model
     from bertxml.runs import job_run
 
     split = split or cfg.compare.split
@@ -298,6 +301,16 @@ def run_compare(wh, cfg: Config, models=None, max_lens=None, split: str | None =
                    "model_dir": str(model_dir), "initialised_from": str(source) if source else None,
                    "inputs": manifest["inputs"], "dev_metrics_at_training": {
                        k: manifest["dev_metrics"].get(k) for k in ("micro_auc", "macro_auc", "best_step")}}
+            if cfg.mlflow.log_runs:
+                try:  # a registry failure keeps the measured row, and fails the job at the end
+                    logged = log_job_model(run, wh, cfg, model_dir, "compare", extra_tags={
+                        "bertxml.compare_run_id": run.run_id, "bertxml.compare_row": f"{entry.model}@{entry.max_len}"},
+                        extra_metrics={f"{split}_{k}": float(row[k]) for k in ("micro_auc", "macro_auc",
+                                       "macro_auc_low_freq", "micro_f1") if row[k] is not None})
+                    row["registered_version"] = logged.version
+                except Exception as exc:  # noqa: BLE001
+                    log.error("compare: logging %s to MLflow failed: %s: %s", entry.label, type(exc).__name__, exc)
+                    failed[f"{entry.model}@{entry.max_len}"] = f"mlflow: {type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             log.info("compare: %s: micro AUC %s, macro AUC %s, low-frequency macro AUC %s (%d codes)",
                      entry.label, fmt_metric(row["micro_auc"], 3), fmt_metric(row["macro_auc"], 3),

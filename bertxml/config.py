@@ -206,8 +206,12 @@ class ScoreConfig:
                                         # force it. GPUs autocast to bf16 where they support it
     partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
-    model_dir: str = ""                 # model folder for score/evaluate/explain when --model is not given;
-                                        # "": the newest under WORKDIR/models (pin one in production)
+    model_dir: str = ""                 # model for score/evaluate/explain when --model is not given: a
+                                        # folder or models:/NAME@ALIAS; "": the registry's default_alias
+                                        # (below), else the newest folder under WORKDIR/models
+    default_alias: str = "champion"     # with a registry (mlflow.tracking_uri set, or the embedded one
+                                        # under WORKDIR/mlflow), score models:/<mlflow.model_name>@this;
+                                        # "": always the newest folder
     evidence: bool = True               # write bertxml.evidence: each predicted code's most attended spans,
                                         # from the scoring pass itself (label-attention models only)
     evidence_top_k: int = 3             # spans kept per predicted code (rank 1 = most attention)
@@ -336,6 +340,17 @@ class SqlServerConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """The MLflow tracking store and model registry (`bertxml.registry`)."""
+    log_runs: bool = True               # train/retrain/compare log a run and register its model
+    tracking_uri: str = ""              # "": SQLite under WORKDIR/mlflow (no server); "databricks" on
+                                        # Databricks, or http(s)://host of a tracking server
+    registry_uri: str = ""              # "": the tracking URI; "databricks-uc" for Unity Catalog
+    experiment: str = "bertxml"         # experiment name (a workspace path, e.g. /Shared/bertxml, on Databricks)
+    model_name: str = "bertxml"         # registered model; catalog.schema.bertxml with Unity Catalog
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     warehouse: WarehouseConfig = field(default_factory=WarehouseConfig)
@@ -352,6 +367,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sqlserver: SqlServerConfig = field(default_factory=SqlServerConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

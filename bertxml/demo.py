@@ -7,8 +7,10 @@ CATCH_UP_NIGHTS nights. The demo
 2. retrains (ETL, vocabulary, chunks, pretraining, fine-tuning, dev AUC) on the warehouse as it stood
    when the history had landed (`--as-of-timestamp`), so the model has seen none of the nights it then
    scores;
-3. catches up as a restarted scheduler would: one `bertxml score --date D` run per missed night, each
-   also writing the night's drift against the training set (`bertxml.night_drift`);
+   The run is logged to the embedded MLflow store (WORKDIR/mlflow) and the model registered as a version of
+   `bertxml`, which the demo then promotes to the `champion` alias (`bertxml promote VERSION`);
+3. catches up as a restarted scheduler would: one `bertxml score --date D --model models:/bertxml@champion`
+   run per missed night, each also writing the night's drift against the training set (`bertxml.night_drift`);
 4. evaluates those nights (`bertxml evaluate --from --to --level both`): one AUC report per night and one
    over the span, for the notes and for their encounters;
 then prints example SQL an analyst would type, with its output. Sizes come from the config (a tiny model
@@ -69,6 +71,16 @@ EXAMPLE_SQL = [
 ]
 
 
+REGISTRY_SQL = [
+    ("Who promoted which registered version, and when",
+     """SELECT get_json_object(counts, '$.alias') AS alias, get_json_object(counts, '$.version') AS version,
+               get_json_object(counts, '$.model_version') AS model_version,
+               get_json_object(counts, '$.promoted_by') AS promoted_by,
+               get_json_object(counts, '$.promoted_at') AS promoted_at
+        FROM bertxml.job_runs WHERE job = 'promote' AND status = 'succeeded' ORDER BY started_at"""),
+]
+
+
 def print_examples(wh, examples) -> None:
     for title, query in examples:
         df = wh.spark.sql(query)
@@ -103,12 +115,22 @@ def run_demo(wh) -> int:
     log.info("demo 2/4: retrain on the warehouse as of %s UTC, before the late nights landed (ETL -> "
              "vocabulary -> chunks -> pretraining -> fine-tuning -> dev AUC)", landed_at)
     model_dir = run_retrain(wh, cfg, as_of_timestamp=landed_at)
+    model, registered = model_dir, None
+    if cfg.mlflow.log_runs:
+        from bertxml.registry import MODELS_SCHEME, registered_version_of, run_promote
+
+        registered = registered_version_of(cfg, wh.workdir, model_dir)
+        log.info("demo 2/4: promoting %s version %s to champion", cfg.mlflow.model_name, registered)
+        run_promote(wh, cfg, registered, alias="champion")
+        model = f"{MODELS_SCHEME}{cfg.mlflow.model_name}@champion"
     for k, night in enumerate(nights, 1):
         log.info("demo 3/4: the scheduler catches up, night %d of %d: scoring %s with %s",
-                 k, len(nights), night, model_dir.name)
-        run_score(wh, cfg, date=night, model_dir=model_dir)
+                 k, len(nights), night, model)
+        run_score(wh, cfg, date=night, model_dir=model)
     log.info("demo 4/4: AUC report per night and over %s..%s", nights[0], nights[-1])
-    run_evaluate(wh, cfg, date_from=nights[0], date_to=nights[-1], model_dir=model_dir, level="both")
-    print_examples(wh, EXAMPLE_SQL)
-    print(f"\nmodel: {model_dir}\nwarehouse: {wh.workdir}")
+    run_evaluate(wh, cfg, date_from=nights[0], date_to=nights[-1], model_dir=model, level="both")
+    print_examples(wh, EXAMPLE_SQL + (REGISTRY_SQL if registered else []))
+    print(f"\nmodel: {model_dir}" + (f"\nregistered: {model} = version {registered} (MLflow store "
+                                      f"{wh.workdir / 'mlflow'})" if registered else "")
+          + f"\nwarehouse: {wh.workdir}")
     return 0

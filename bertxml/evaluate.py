@@ -1,7 +1,8 @@
 """Evaluation (paper §4.4): micro and macro AUC, the low-frequency macro AUC of Table 3, F1 and P@k, and the
 per-code AUC histogram of Figure 2, for a model on a split or on nightly batches since coded.
 
-    bertxml evaluate [--split dev|test | --date D | --from D --to D] [--model DIR] [--level note|encounter|both]
+    bertxml evaluate [--split dev|test | --date D | --from D --to D] [--model DIR | --compare champion,challenger]
+                     [--level note|encounter|both]
 
 - `--split dev|test`: the notes of `bertxml.labeled_notes` in that split, with their ETL labels.
 - `--date D`, `--from D --to D`: the notes of those nights from the notes SOURCE, labelled exactly as the
@@ -34,6 +35,9 @@ for those datasets (replaceWhere): a rerun leaves them as one clean run would.
 Also WORKDIR/reports/<run_id>/: code_auc_hist.png (Figure 2) and report.json (metrics, model, inputs and the
 resolved config); earlier runs' folders stay. The view bertxml.latest_auc shows the report per model
 version and dataset.
+
+`--compare champion,challenger` evaluates each alias of the registered model on the same notes (one run,
+one set of rows per model_version) and prints them side by side (`run_evaluate_aliases`).
 
 `auc_report_from_arrays` is the same report from in-memory arrays with scikit-learn (for `bertxml compare`).
 """
@@ -307,7 +311,8 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
     from pyspark.sql import functions as F
 
     from bertxml.runs import job_run
-    from bertxml.score import arrow_batch_conf, find_model_dir, parse_date, read_model_info
+    from bertxml.registry import resolve_model
+    from bertxml.score import arrow_batch_conf, parse_date, read_model_info
     from bertxml.views import create_views
     from bertxml.warehouse import sql_string
 
@@ -334,9 +339,9 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
     spark = wh.spark
 
     with job_run(wh, "evaluate") as run:
-        info = read_model_info(Path(model_dir) if model_dir else find_model_dir(wh.workdir),
-                               cfg.score.threshold_default)
-        run.inputs["model"] = {"dir": str(info.model_dir), "model_version": info.model_version}
+        resolved = resolve_model(cfg, wh.workdir, model_dir)  # a folder, a models:/ URI, or the default
+        info = read_model_info(resolved.model_dir, cfg.score.threshold_default)
+        run.inputs["model"] = {**resolved.to_dict(), "dir": str(info.model_dir), "model_version": info.model_version}
         run.count("model_version", info.model_version)
         run.count("dataset", mains[0])
         code_map = spark.createDataFrame(
@@ -423,6 +428,57 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
         run.outputs["report_dir"] = str(report_dir)
         return {"run_id": run.run_id, "model_version": info.model_version, "dataset": main, "metrics": summary,
                 "report_dir": str(report_dir), **run.counts}
+
+
+def run_evaluate_aliases(wh, cfg: Config, aliases, split: str | None = None, date=None, date_from=None,
+                         date_to=None, notes_source: str | None = None, diagnoses_source: str | None = None) -> dict:
+    """`bertxml evaluate --compare champion,challenger`: `run_evaluate` for each alias of the registered
+    model (`models:/<mlflow.model_name>@ALIAS`) on the same split or nights. Each run writes its rows to
+    bertxml.auc_report and code_auc under its own model_version (its job_runs row names the alias), so the
+    two sit side by side. Returns {"aliases": {alias: {model_version, registered_version, run_id,
+    metrics}}, "markdown": the two side by side}. Two aliases on one version are refused (nothing to compare).
+    """
+    from bertxml.registry import MODELS_SCHEME, resolve_model
+
+    names = [a.strip() for a in (aliases.split(",") if isinstance(aliases, str) else aliases) if a.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"--compare needs two or more different aliases, e.g. champion,challenger; got {names}")
+    uris = {a: f"{MODELS_SCHEME}{cfg.mlflow.model_name}@{a}" for a in names}
+    resolved = {a: resolve_model(cfg, wh.workdir, uri) for a, uri in uris.items()}  # all exist, before any work
+    versions = {}
+    for alias, r in resolved.items():
+        if r.version in versions:
+            raise ValueError(f"aliases {versions[r.version]} and {alias} both point at version {r.version}: "
+                             f"nothing to compare")
+        versions[r.version] = alias
+    out = {}
+    for alias in names:
+        result = run_evaluate(wh, cfg, split=split, date=date, date_from=date_from, date_to=date_to,
+                              model_dir=uris[alias], notes_source=notes_source, diagnoses_source=diagnoses_source)
+        out[alias] = {"model_version": result["model_version"], "registered_version": resolved[alias].version,
+                      "run_id": result["run_id"], "dataset": result["dataset"], "metrics": result["metrics"]}
+    return {"aliases": out, "markdown": aliases_markdown(out)}
+
+
+def aliases_markdown(results: dict) -> str:
+    """A markdown table: one row per dataset, micro and macro AUC of each alias side by side."""
+    aliases = list(results)
+    datasets = sorted({d for r in results.values() for d in r["metrics"]},
+                      key=lambda d: (d != next(iter(results.values()))["dataset"], d))
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    head = ["dataset"] + [f"{a} {m}" for a in aliases for m in ("micro AUC", "macro AUC")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in datasets:
+        cells = [d]
+        for a in aliases:
+            m = results[a]["metrics"].get(d, {})
+            cells += [fmt(m.get("micro_auc")), fmt(m.get("macro_auc"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    versions = ", ".join(f"{a} = version {r['registered_version']} ({r['model_version']})" for a, r in results.items())
+    return "\n".join(lines) + f"\n\n{versions}\n"
 
 
 def _typed(row: tuple) -> tuple:

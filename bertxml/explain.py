@@ -282,12 +282,13 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
     {"note_id", "model_version", "n_chunks", "truncated", "codes": [...], "source": "evidence" | "model",
     "html_path"} (with note text: PHI; render it with `format_explanation`). Writes the HTML only when
     html_path is given; no table ever receives the text."""
+    from bertxml.registry import resolve_model
     from bertxml.runs import job_run
-    from bertxml.score import find_model_dir, make_predict_fn, read_model_info, score_options
+    from bertxml.score import make_predict_fn, read_model_info, score_options
 
     print(PHI_WARNING, file=sys.stderr)
     with job_run(wh, "explain") as run:
-        model_dir = Path(model_dir) if model_dir else find_model_dir(wh.workdir)
+        model_dir = resolve_model(cfg, wh.workdir, model_dir).model_dir  # a folder, models:/ URI or default
         run.inputs["model"] = str(model_dir)
         info = read_model_info(model_dir, cfg.score.threshold_default)
         evidence = read_evidence(wh, note_id, info.model_version)

@@ -7,6 +7,8 @@ snapshot: ETL -> vocabulary -> tokens/chunks -> pretraining -> fine-tuning -> de
 version that run read, with its ETL settings: `bertxml.etl.run_etl`); `--as-of-timestamp` reads every
 input as of that time. The config decides sizes and steps; the new model folder's manifest records the
 versions of the tables it was trained on and the ETL run, with its inputs' versions, they came from.
+With `mlflow.log_runs` (the default) the model is logged to MLflow and registered as a new version of
+`mlflow.model_name`, its run tagged bertxml.job=retrain (`bertxml.registry`).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def run_retrain(wh, cfg, as_of_run: str | None = None, as_of_timestamp: str | No
     encoder_dir = run_pretrain(wh, cfg, vocab_dir, None, cfg.vocab.corpus)
     log.info("retrain 5/%d: fine-tuning %s from %s on the training set of etl run %s", steps, model_kind,
              encoder_dir, etl["run_id"])
-    model_dir = run_train(wh, cfg, model_kind=model_kind, encoder_dir=encoder_dir, out_dir=out_dir)
+    model_dir = run_train(wh, cfg, model_kind=model_kind, encoder_dir=encoder_dir, out_dir=out_dir, job="retrain")
     log.info("retrain 6/%d: dev evaluation of %s", steps, model_dir)
     run_evaluate(wh, cfg, split="dev", model_dir=model_dir)
     log.info("retrain done: %s", model_dir)

@@ -1,12 +1,14 @@
 """Nightly scoring: the notes of one day through a trained model into `bertxml.predictions`.
 
-    bertxml score [--date YYYY-MM-DD | --since-last] [--model DIR] [--notes SOURCE]
+    bertxml score [--date YYYY-MM-DD | --since-last] [--model DIR | --model models:/bertxml@champion] [--notes SOURCE]
 
 With neither --date nor --since-last the job scores YESTERDAY (UTC). `--since-last` rescores, night by night,
 every night holding a note this model version has neither scored nor rejected: the catch-up after missed
-nights. `--model DIR`
-defaults to the newest trained model under WORKDIR/models; the model version, label vocabulary, thresholds
-and tokenizer travel with the folder, so two model versions can be scored side by side.
+nights. `--model` takes a folder or a registered model (`models:/bertxml@champion`, `models:/bertxml/3`:
+`bertxml.registry`); it defaults to score.model_dir, else the registry's `champion` alias where there is a
+registry, else the newest trained model under WORKDIR/models. The model version, label vocabulary,
+thresholds and tokenizer travel with the folder, so two model versions (a champion and a challenger) are
+scored side by side: `bertxml.predictions` is keyed by model_version.
 
 What a run does, each table written in ONE Delta transaction:
 1. reads the notes SOURCE (default `cfg.warehouse.notes`, schema-checked) for the night, and applies the
@@ -967,6 +969,7 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
     from pyspark.sql import functions as F
 
     from bertxml.drift import run_night_drift
+    from bertxml.registry import resolve_model
     from bertxml.runs import job_run
     from bertxml.views import create_views
 
@@ -974,9 +977,9 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
         raise ValueError("give --date or --since-last, not both")
     night = None if since_last else (parse_date(date) if date is not None else yesterday_utc())
     with job_run(wh, "score") as run:
-        model_dir = Path(model_dir) if model_dir else find_model_dir(wh.workdir)
-        info = read_model_info(model_dir, cfg.score.threshold_default)  # fails here, before Spark work
-        run.inputs["model"] = {"dir": str(info.model_dir), "model_version": info.model_version}
+        resolved = resolve_model(cfg, wh.workdir, model_dir)  # a folder, a models:/ URI, or the default
+        info = read_model_info(resolved.model_dir, cfg.score.threshold_default)  # fails here, before Spark work
+        run.inputs["model"] = {**resolved.to_dict(), "dir": str(info.model_dir), "model_version": info.model_version}
         run.count("model_version", info.model_version)
         notes, read = _read_notes(wh, notes_source or cfg.warehouse.notes)
         run.inputs["notes"] = read

@@ -853,12 +853,14 @@ def fmt_metric(value, digits: int = 4) -> str:
 
 def run_train(wh, cfg: Config, model_kind: str = "bertxml", init: str | Path | None = None,
               out_dir: str | Path | None = None, encoder_dir: str | Path | None = None,
-              vocab_dir: str | Path | None = None, resume: bool = False) -> Path:
+              vocab_dir: str | Path | None = None, resume: bool = False, job: str = "train") -> Path:
     """Train a model_kind ("bertxml" | "cls") ICD coding model in this process (or as one rank under
-    torchrun); returns the model folder (default WORKDIR/models/<model_version>). Recorded in job_runs."""
+    torchrun); returns the model folder (default WORKDIR/models/<model_version>). Recorded in job_runs
+    and, with cfg.mlflow.log_runs, logged to MLflow and registered (`bertxml.registry`; `job` tags the run)."""
+    from bertxml.registry import log_job_model
     from bertxml.runs import job_run
 
-    with job_run(wh, "train") as run:
+    with job_run(wh, job) as run:
         inputs = resolve_train_inputs(wh, cfg, model_kind, init, encoder_dir, vocab_dir, out_dir, resume)
         run.inputs.update(inputs.versions)
         model_dir = train_model(inputs, cfg, resume=resume)
@@ -867,6 +869,7 @@ def run_train(wh, cfg: Config, model_kind: str = "bertxml", init: str | Path | N
             run.outputs["model_dir"] = str(model_dir)
             run.count("dev_macro_auc", manifest["dev_metrics"].get("macro_auc"))
             run.count("train_seconds", manifest["train_seconds"])
+            log_job_model(run, wh, cfg, model_dir, job)
     return model_dir
 
 

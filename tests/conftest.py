@@ -33,6 +33,7 @@ def cfg():
 
     c = Config()
     c.spark.shuffle_partitions = 2
+    c.mlflow.log_runs = False  # the MLflow store's first use costs seconds; tests/test_registry.py covers it
     return c
 
 

@@ -181,7 +181,7 @@ def test_planted_markers_never_leave_the_text_tables(wh, cfg, tmp_path):
     # ... and in no file of the other tables, the vocabulary, the models or the reports.
     tables = wh.workdir / "tables"
     assert file_leaks(tables, cores, skip=("notes", t.LABELED_NOTES)) == {}
-    for folder in ("vocab", "models", "reports"):
+    for folder in ("vocab", "models", "reports", "mlflow"):  # mlflow: the tracking store and its artifacts
         assert (wh.workdir / folder).exists(), folder
         assert file_leaks(wh.workdir / folder, cores) == {}, folder
     model_files = {p.name for p in (wh.workdir / "models").rglob("*") if p.is_file()}

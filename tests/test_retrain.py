@@ -18,6 +18,7 @@ model: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermedi
 pretrain: {max_steps: 1, batch_size: 4, max_len: 32, threads: 1, bf16: false, dev_batches: 1, log_every: 1}
 train: {max_steps: 2, batch_size: 4, threads: 1, bf16: false, checkpoint_every: 0, eval_batch_size: 16}
 spark: {shuffle_partitions: 2}
+mlflow: {log_runs: false}  # covered by tests/test_registry.py and tests/test_phi.py
 """
 
 

@@ -87,6 +87,7 @@ def write_tables(wh, vocab_dir: Path, notes: list[dict], max_len: int = MAX_LEN)
 def tiny_config(**train) -> Config:
     cfg = Config()
     cfg.spark.shuffle_partitions = 2
+    cfg.mlflow.log_runs = False  # covered by tests/test_registry.py
     # no dropout: the toy problem is learnt in a few seconds (tested with dropout on, it takes minutes)
     cfg.model = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                             max_position_embeddings=64, max_len=MAX_LEN, hidden_dropout_prob=0.0,
