@@ -98,7 +98,6 @@ def run_pretrain(wh, cfg: Config, vocab_dir: str | Path | None = None, out_dir: 
     pc = cfg.pretrain
     vocab_dir = Path(vocab_dir) if vocab_dir else wh.workdir / "vocab"
     tokenizer = load_tokenizer(vocab_dir)
-    special, vocab_size = special_ids(tokenizer), tokenizer.get_vocab_size()
     if pc.max_len > cfg.model.max_position_embeddings:
         raise ValueError(f"pretrain.max_len {pc.max_len} exceeds model.max_position_embeddings "
                          f"{cfg.model.max_position_embeddings}")
