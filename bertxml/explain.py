@@ -45,7 +45,7 @@ def explain_text(scorer, text: str, code: str | None = None, top_k: int = 10) ->
     """
     import torch
 
-    from bertxml.score import CHARS_PER_TOKEN_CAP, _clean_text
+    from bertxml.tokenize import CHARS_PER_TOKEN_CAP, clean_text
 
     model, info = scorer.model, scorer.info
     if getattr(model, "head_type", None) != "bertxml":
@@ -54,7 +54,7 @@ def explain_text(scorer, text: str, code: str | None = None, top_k: int = 10) ->
     if code is not None and code not in info.codes:
         raise ValueError(f"code {code!r} is not in {info.model_version}'s label vocabulary "
                          f"({info.n_labels} codes, e.g. {list(info.codes[:5])})")
-    text = _clean_text(text)
+    text = clean_text(text)
     capped = text[:scorer.max_chunks * scorer.max_len * CHARS_PER_TOKEN_CAP]
     chunks, _, truncated = scorer.encode([text])
     chunks = chunks[0]

@@ -24,7 +24,11 @@ import datetime as dt
 import json
 import logging
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import bertxml
 
@@ -191,3 +195,126 @@ def find_latest_model(workdir: str | Path, kinds: tuple[str, ...] | None = None)
         what = "/".join(kinds) if kinds else "trained model"
         raise FileNotFoundError(f"no {what} under {models_root(workdir)}: run `bertxml train` first")
     return models[-1][1]
+
+
+# ---- a folder read and checked for scoring, without torch (safe on the driver) ------------------------------
+class ModelDirError(ValueError):
+    """A model folder that cannot be scored with: a missing file, or parts that disagree."""
+
+
+def read_manifest(model_dir: Path) -> dict:
+    """`load_manifest`, its errors as ModelDirError."""
+    try:
+        return load_manifest(model_dir)
+    except FileNotFoundError as exc:
+        raise ModelDirError(str(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{model_dir}/manifest.json is not valid JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver needs to know about a model folder: its identity and its label space.
+
+    codes (M,) in label_index order, i.e. the order of `predictions.probabilities`; thresholds (M,) float32,
+    per code, from thresholds.json (codes it lacks get `threshold_default`).
+    """
+
+    model_dir: Path
+    model_version: str
+    model_kind: str
+    max_len: int
+    labels: tuple          # label_vocab.json rows (dicts), label_index order
+    codes: tuple
+    thresholds: np.ndarray
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.codes)
+
+    def label_rows(self) -> list[tuple]:
+        """bertxml.model_labels rows: (model_version, label_index, code, description, threshold)."""
+        return [(self.model_version, i, code, row.get("description"), float(self.thresholds[i]))
+                for i, (code, row) in enumerate(zip(self.codes, self.labels))]
+
+
+def read_model_info(model_dir: str | Path, threshold_default: float = 0.5, kinds=None, validators=None) -> ModelInfo:
+    """Read and cross-check a model folder without loading its weights (no torch, no CUDA).
+
+    kinds: the model kinds there is a predictor for (None: any); validators: {kind: check(info)}, the
+    kind-specific checks (bertxml.score's registry passes both).
+
+    Raises ModelDirError when the manifest, label_vocab.json or a kind-specific file is missing or the
+    parts disagree (label indices not 0..M-1, repeated codes, weights with another number of labels).
+    """
+    model_dir = Path(model_dir).resolve()
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model folder {model_dir} does not exist")
+    manifest = read_manifest(model_dir)
+    kind = manifest.get("model_kind")
+    if kinds is not None and kind not in kinds:
+        raise ModelDirError(f"{model_dir}: model_kind {kind!r} has no predictor; known kinds: {sorted(kinds)}")
+    vocab_path = model_dir / LABEL_VOCAB_FILE
+    if not vocab_path.exists():
+        raise ModelDirError(f"{model_dir} has no {LABEL_VOCAB_FILE}: cannot tell which code each output is")
+    labels = sorted(json.loads(vocab_path.read_text()), key=lambda r: int(r["label_index"]))
+    if [int(r["label_index"]) for r in labels] != list(range(len(labels))):
+        raise ModelDirError(f"{vocab_path}: label_index values are not 0..{len(labels) - 1}")
+    codes = tuple(str(r["code"]) for r in labels)
+    if len(set(codes)) != len(codes) or not codes:
+        raise ModelDirError(f"{vocab_path}: {len(codes)} codes, {len(set(codes))} distinct (need >= 1, no repeats)")
+    thresholds = np.full(len(codes), threshold_default, dtype=np.float32)
+    thr_path = model_dir / THRESHOLDS_FILE
+    if thr_path.exists():
+        tuned = json.loads(thr_path.read_text())
+        unknown = sorted(set(tuned) - set(codes))
+        if unknown:
+            log.warning("%s: %d thresholds for codes outside the label vocabulary (ignored), e.g. %s",
+                        thr_path, len(unknown), unknown[:3])
+        for i, code in enumerate(codes):
+            if code in tuned and tuned[code] is not None:
+                thresholds[i] = float(tuned[code])
+    else:
+        log.warning("%s has no %s: every code uses threshold %.2f", model_dir, THRESHOLDS_FILE, threshold_default)
+    max_len = int(manifest.get("max_len") or manifest.get("config", {}).get("model", {}).get("max_len") or 512)
+    info = ModelInfo(model_dir=model_dir, model_version=str(manifest.get("model_version") or model_dir.name),
+                     model_kind=kind, max_len=max_len, labels=tuple(labels), codes=codes, thresholds=thresholds)
+    check = (validators or {}).get(kind)
+    if check is not None:
+        check(info)
+    return info
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's JSON header (8-byte length, then JSON), nothing loaded."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ModelDirError(f"{path}: not a safetensors file")
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def check_weights_folder(info: ModelInfo, config_file: str, weights_file: str) -> tuple[dict, dict]:
+    """Any model folder: tokenizer, config and weights present, and the config's n_labels equal to
+    label_vocab.json's number of codes. Returns (config, {weight name: shape}) without loading weights."""
+    d = info.model_dir
+    for name in (TOKENIZER_FILE, config_file, weights_file):
+        if not (d / name).exists():
+            raise ModelDirError(f"{d} has no {name}")
+    meta = json.loads((d / config_file).read_text())
+    if int(meta.get("n_labels", -1)) != info.n_labels:
+        raise ModelDirError(f"{d}: {LABEL_VOCAB_FILE} lists {info.n_labels} codes but {config_file} says the "
+                            f"weights have {meta.get('n_labels')} labels: the folder mixes two label vocabularies")
+    return meta, safetensors_shapes(d / weights_file)
+
+
+@dataclass
+class ScoredNotes:
+    """The engine's output for n notes: probs (n, M) float32 (max over chunks), n_chunks (n,) chunks scored,
+    n_tokens (n,) word pieces in the note (before any cut), truncated (n,) True when chunks were dropped."""
+
+    probs: np.ndarray
+    n_chunks: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray

@@ -57,47 +57,29 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
-import json
 import logging
 import os
-import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from bertxml import faults
+from bertxml import faults, modeldir
 from bertxml import tables as t
 from bertxml.config import Config, ScoreConfig
-from bertxml.modeldir import LABEL_VOCAB_FILE, THRESHOLDS_FILE, TOKENIZER_FILE
+from bertxml.devices import resolve_device, task_cpus
+from bertxml.modeldir import (LABEL_VOCAB_FILE, ModelDirError, ModelInfo, ScoredNotes, check_weights_folder,
+                              read_manifest)
+from bertxml.tokenize import encode_notes
 
 log = logging.getLogger("bertxml.score")
 
-CHARS_PER_TOKEN_CAP = 64   # text cut at max_chunks * max_len * this many characters before tokenising
 SCORE_COLUMNS = ("n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes")
-
-
-class ModelDirError(ValueError):
-    """A model folder that cannot be scored with: a missing file, or parts that disagree."""
 
 
 class NoNotesError(RuntimeError):
     """A night with no notes at all in the source: most likely the feed has not landed yet."""
-
-
-# ---- the model folder, read without torch (safe on the driver) --------------------------------------------
-def _load_manifest(model_dir: Path) -> dict:
-    """`bertxml.modeldir.load_manifest`, its errors as ModelDirError."""
-    from bertxml.modeldir import load_manifest
-
-    try:
-        return load_manifest(model_dir)
-    except FileNotFoundError as exc:
-        raise ModelDirError(str(exc)) from None
-    except json.JSONDecodeError as exc:
-        raise ModelDirError(f"{model_dir}/manifest.json is not valid JSON: {exc}") from None
 
 
 def find_model_dir(workdir: str | Path) -> Path:
@@ -107,98 +89,10 @@ def find_model_dir(workdir: str | Path) -> Path:
     return find_latest_model(workdir)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver needs to know about a model folder: its identity and its label space.
-
-    codes (M,) in label_index order, i.e. the order of `predictions.probabilities`; thresholds (M,) float32,
-    per code, from thresholds.json (codes it lacks get `threshold_default`).
-    """
-
-    model_dir: Path
-    model_version: str
-    model_kind: str
-    max_len: int
-    labels: tuple          # label_vocab.json rows (dicts), label_index order
-    codes: tuple
-    thresholds: np.ndarray
-
-    @property
-    def n_labels(self) -> int:
-        return len(self.codes)
-
-    def label_rows(self) -> list[tuple]:
-        """bertxml.model_labels rows: (model_version, label_index, code, description, threshold)."""
-        return [(self.model_version, i, code, row.get("description"), float(self.thresholds[i]))
-                for i, (code, row) in enumerate(zip(self.codes, self.labels))]
-
-
 def read_model_info(model_dir: str | Path, threshold_default: float = 0.5) -> ModelInfo:
-    """Read and cross-check a model folder without loading its weights (no torch, no CUDA).
-
-    Raises ModelDirError when the manifest, label_vocab.json or a kind-specific file is missing or the
-    parts disagree (label indices not 0..M-1, repeated codes, weights with another number of labels).
-    """
-    model_dir = Path(model_dir).resolve()
-    if not model_dir.is_dir():
-        raise ModelDirError(f"model folder {model_dir} does not exist")
-    manifest = _load_manifest(model_dir)
-    kind = manifest.get("model_kind")
-    if kind not in PREDICTORS:
-        raise ModelDirError(f"{model_dir}: model_kind {kind!r} has no predictor; known kinds: {sorted(PREDICTORS)}")
-    vocab_path = model_dir / LABEL_VOCAB_FILE
-    if not vocab_path.exists():
-        raise ModelDirError(f"{model_dir} has no {LABEL_VOCAB_FILE}: cannot tell which code each output is")
-    labels = sorted(json.loads(vocab_path.read_text()), key=lambda r: int(r["label_index"]))
-    if [int(r["label_index"]) for r in labels] != list(range(len(labels))):
-        raise ModelDirError(f"{vocab_path}: label_index values are not 0..{len(labels) - 1}")
-    codes = tuple(str(r["code"]) for r in labels)
-    if len(set(codes)) != len(codes) or not codes:
-        raise ModelDirError(f"{vocab_path}: {len(codes)} codes, {len(set(codes))} distinct (need >= 1, no repeats)")
-    thresholds = np.full(len(codes), threshold_default, dtype=np.float32)
-    thr_path = model_dir / THRESHOLDS_FILE
-    if thr_path.exists():
-        tuned = json.loads(thr_path.read_text())
-        unknown = sorted(set(tuned) - set(codes))
-        if unknown:
-            log.warning("%s: %d thresholds for codes outside the label vocabulary (ignored), e.g. %s",
-                        thr_path, len(unknown), unknown[:3])
-        for i, code in enumerate(codes):
-            if code in tuned and tuned[code] is not None:
-                thresholds[i] = float(tuned[code])
-    else:
-        log.warning("%s has no %s: every code uses threshold %.2f", model_dir, THRESHOLDS_FILE, threshold_default)
-    max_len = int(manifest.get("max_len") or manifest.get("config", {}).get("model", {}).get("max_len") or 512)
-    info = ModelInfo(model_dir=model_dir, model_version=str(manifest.get("model_version") or model_dir.name),
-                     model_kind=kind, max_len=max_len, labels=tuple(labels), codes=codes, thresholds=thresholds)
-    check = VALIDATORS.get(kind)
-    if check is not None:
-        check(info)
-    return info
-
-
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's JSON header (8-byte length, then JSON), nothing loaded."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:
-            raise ModelDirError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-
-
-def check_weights_folder(info: ModelInfo, config_file: str, weights_file: str) -> tuple[dict, dict]:
-    """Any model folder: tokenizer, config and weights present, and the config's n_labels equal to
-    label_vocab.json's number of codes. Returns (config, {weight name: shape}) without loading weights."""
-    d = info.model_dir
-    for name in (TOKENIZER_FILE, config_file, weights_file):
-        if not (d / name).exists():
-            raise ModelDirError(f"{d} has no {name}")
-    meta = json.loads((d / config_file).read_text())
-    if int(meta.get("n_labels", -1)) != info.n_labels:
-        raise ModelDirError(f"{d}: {LABEL_VOCAB_FILE} lists {info.n_labels} codes but {config_file} says the "
-                            f"weights have {meta.get('n_labels')} labels: the folder mixes two label vocabularies")
-    return meta, _safetensors_shapes(d / weights_file)
+    """`bertxml.modeldir.read_model_info` with this registry's kinds and kind-specific checks: raises
+    ModelDirError for a folder no registered predictor can score."""
+    return modeldir.read_model_info(model_dir, threshold_default, kinds=PREDICTORS, validators=VALIDATORS)
 
 
 def _check_bert_dir(info: ModelInfo) -> None:
@@ -217,79 +111,6 @@ def _check_bert_dir(info: ModelInfo) -> None:
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------
-@dataclass
-class ScoredNotes:
-    """The engine's output for n notes: probs (n, M) float32 (max over chunks), n_chunks (n,) chunks scored,
-    n_tokens (n,) word pieces in the note (before any cut), truncated (n,) True when chunks were dropped."""
-
-    probs: np.ndarray
-    n_chunks: np.ndarray
-    n_tokens: np.ndarray
-    truncated: np.ndarray
-
-
-def _task_gpu() -> str | None:
-    """The GPU address Spark gave this task, when the cluster schedules GPUs (None elsewhere)."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return None
-    ctx = TaskContext.get()
-    if ctx is None:
-        return None
-    gpus = ctx.resources().get("gpu")
-    return gpus.addresses[0] if gpus is not None and gpus.addresses else None
-
-
-def _task_cpus() -> int | None:
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return None
-    ctx = TaskContext.get()
-    return int(ctx.cpus()) if ctx is not None else None
-
-
-def resolve_device(device: str | None = None) -> str:
-    """'auto'/None: this Spark task's GPU, else CUDA when present, else CPU; anything else is used as is.
-    Call it where the model runs (a worker), never on the driver before workers start."""
-    if device not in (None, "", "auto"):
-        return device
-    gpu = _task_gpu()
-    if gpu is not None:
-        return f"cuda:{gpu}"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int):
-    """Note texts -> (each note's first `max_chunks` chunks, word pieces per note (of the text read),
-    truncated (n,): the note had more chunks, or more than max_chunks * max_len * CHARS_PER_TOKEN_CAP
-    characters, which are all that is tokenised). The training chunking: [CLS] piece [SEP], in order, no
-    overlap (`bertxml.tokenize.encode_chunks`). Shared by the BERT scorer and the baselines'."""
-    from bertxml.tokenize import encode_chunks
-
-    char_cap = max_chunks * max_len * CHARS_PER_TOKEN_CAP
-    cleaned = [_clean_text(x) for x in texts]
-    notes = encode_chunks(tokenizer, [x[:char_cap] for x in cleaned], max_len)
-    n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
-    truncated = np.array([len(c) > max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)], dtype=bool)
-    return [c[:max_chunks] for c in notes], n_tokens, truncated
-
-
-def _clean_text(text) -> str:
-    """None -> ''; lone surrogates (not encodable as UTF-8, which the Rust tokenizer refuses) -> U+FFFD."""
-    if text is None:
-        return ""
-    text = str(text)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
 class BertScorer:
     """Scores notes with a BERT model folder ("bertxml" or "cls" head). Call it: `scorer(texts) -> (n, M)`.
 
@@ -517,7 +338,7 @@ def make_predict_fn(model_dir: str | Path, device: str | None = None, **options)
     options (batch_size, max_chunks_per_note, num_threads, cpu_bf16, threshold_default) go to the
     factory when its signature takes them.
     """
-    kind = _load_manifest(Path(model_dir)).get("model_kind")
+    kind = read_manifest(Path(model_dir)).get("model_kind")
     factory = PREDICTORS.get(kind)
     if factory is None:
         raise ModelDirError(f"{model_dir}: model_kind {kind!r} has no predictor; known kinds: {sorted(PREDICTORS)}")
@@ -544,7 +365,7 @@ def worker_predictor(model_dir: str, device: str, options: dict) -> Callable:
     in the worker (the task's GPU; threads = the task's CPUs unless set)."""
     options = dict(options)
     if not options.get("num_threads"):
-        options["num_threads"] = _task_cpus()
+        options["num_threads"] = task_cpus()
         if options["num_threads"] == 1:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = resolve_device(device)
