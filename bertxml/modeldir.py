@@ -24,11 +24,11 @@ import datetime as dt
 import json
 import logging
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 import bertxml
 
@@ -286,13 +286,12 @@ def read_model_info(model_dir: str | Path, threshold_default: float = 0.5, kinds
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's JSON header (8-byte length, then JSON), nothing loaded."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:
-            raise ModelDirError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    """Tensor name -> shape from a safetensors file's header, no tensor loaded."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except SafetensorError as exc:
+        raise ModelDirError(f"{path}: not a safetensors file ({exc})") from None
 
 
 def check_weights_folder(info: ModelInfo, config_file: str, weights_file: str) -> tuple[dict, dict]:
