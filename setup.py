@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 # One compatible set, pinned: delta-spark 4.4.0 ships its jars for Spark 4.1 (delta-spark_4.1_2.13).
 CORE = [
     "delta-spark==4.4.0",
+    "deltalake==1.6.6",                 # delta-rs: training reads Delta tables at a pinned version without a JVM
     "torch==2.14.1",
     "transformers==5.23.0",
     "tokenizers==0.23.3",

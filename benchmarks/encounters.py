@@ -63,7 +63,7 @@ def build_model(root: Path, wh, n_labels: int) -> Path:
 def band_cost(n_labels: int, notes: int = 256, reps: int = 20) -> None:
     """The bands inside the UDF: `predicted_bands` against the plain `predicted_codes` it replaced, on one
     Arrow batch of notes (score.arrow_batch_notes = 256) at n_labels codes, best of reps."""
-    from bertxml.score import ModelInfo, predicted_bands, predicted_codes
+    from bertxml.modeldir import ModelInfo, predicted_bands, predicted_codes
 
     rng = np.random.default_rng(0)
     probs = rng.random((notes, n_labels), dtype=np.float32) ** 8  # a few codes per note over 0.5

@@ -166,7 +166,8 @@ def stage_spark(args) -> int:
     from score import build_model_dir
 
     from bertxml.config import ScoreConfig, VocabConfig
-    from bertxml.score import arrow_batch_conf, make_predict_fn, score_notes, score_options
+    from bertxml.config import score_options
+    from bertxml.score import arrow_batch_conf, make_predict_fn, score_notes
     from bertxml.vocab import train_tokenizer
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -44,6 +44,7 @@ from torch import nn
 
 from bertxml import modeldir
 from bertxml.config import Config, config_from_dict
+from bertxml.metrics import auc_metrics, micro_f1
 from bertxml.train import fmt_metric
 
 log = logging.getLogger("bertxml.baselines")
@@ -75,14 +76,13 @@ def load_first_chunks(inputs, split: str, max_notes: int = 0, seed: int = 0):
     path, version = _chunk_table(inputs)
     wanted = {"max_len": int(inputs.max_len), "split": split, "chunk_index": 0}
     ids = read_delta(path, version, columns=["note_id"], filter=wanted)["note_id"]
+    ids = pc.take(ids, pc.sort_indices(ids))  # the engine's row order varies; the seeded sample must not
     total = len(ids)
     columns = ["note_id", "chunk_index", "input_ids", "label_ids"]
     if max_notes and total > max_notes:
         keep = np.sort(np.random.default_rng(seed).choice(total, size=max_notes, replace=False))
-        sample = pc.take(ids, keep).combine_chunks()
-        expr = ((pc.field("max_len") == wanted["max_len"]) & (pc.field("split") == split)
-                & (pc.field("chunk_index") == 0) & pc.field("note_id").isin(sample))
-        table = read_delta(path, version, columns=columns, filter=expr)
+        sample = pc.take(ids, keep).to_pylist()
+        table = read_delta(path, version, columns=columns, filter={**wanted, "note_id": sample})
         log.info("%s: a sample of %d of %d notes (baseline.logreg_max_train_notes, seed %d)",
                  split, max_notes, total, seed)
     else:
@@ -96,8 +96,8 @@ def load_first_chunks(inputs, split: str, max_notes: int = 0, seed: int = 0):
 def first_chunks(tokenizer, texts: list, max_len: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Texts -> (the first chunk `[CLS] piece [SEP]` of each, as int64 arrays; word pieces per note (of the
     text read); truncated: the note is longer than its first chunk). The scorer's chunking
-    (`bertxml.score.encode_notes`, as bertxml.chunks), so training and scoring see the same tokens."""
-    from bertxml.score import encode_notes
+    (`bertxml.tokenize.encode_notes`, as bertxml.chunks), so training and scoring see the same tokens."""
+    from bertxml.tokenize import encode_notes
 
     notes, n_tokens, truncated = encode_notes(tokenizer, texts, max_len, max_chunks=1)
     return [np.asarray(chunks[0], dtype=np.int64) for chunks in notes], n_tokens, truncated
@@ -247,7 +247,7 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
     """Dev thresholds, operating points and metrics, then modeldir.write_model_dir (tokenizer, labels,
     thresholds, operating points, drift profile, manifest)."""
     from bertxml.drift import add_dev_reference
-    from bertxml.train import auc_metrics, micro_f1, operating_points, tune_thresholds
+    from bertxml.train import operating_points, tune_thresholds
 
     codes = [row["code"] for row in inputs.labels]
     thresholds = np.full(len(codes), cfg.score.threshold_default, dtype=np.float32)
@@ -444,7 +444,7 @@ def train_bilstm(inputs, cfg: Config) -> Path:
 
     from bertxml.data import bucketed_batches, coding_batch
     from bertxml.precision import autocast, decide_precision
-    from bertxml.train import auc_metrics, make_optimizer, pick_device, planned_steps, selection_score, set_threads
+    from bertxml.train import make_optimizer, pick_device, planned_steps, selection_score, set_threads
 
     bc = cfg.baseline
     out_dir = Path(inputs.out_dir)
@@ -571,10 +571,9 @@ class BaselinePredictor:
 
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
                  num_threads: int | None = None, threshold_default: float = 0.5):
-        from bertxml.score import read_model_info
         from bertxml.vocab import load_tokenizer
 
-        self.info = read_model_info(model_dir, threshold_default)
+        self.info = modeldir.read_model_info(model_dir, threshold_default)  # load_predictor checked the kind
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.tokenizer = load_tokenizer(self.info.model_dir)
@@ -586,12 +585,10 @@ class BaselinePredictor:
         raise NotImplementedError
 
     def score(self, texts):
-        from bertxml.score import ScoredNotes
-
         texts = list(texts.tolist() if isinstance(texts, np.ndarray) else texts)
         chunks, n_tokens, truncated = first_chunks(self.tokenizer, texts, self.max_len)
         probs = self.probabilities(chunks) if chunks else np.zeros((0, self.info.n_labels), dtype=np.float32)
-        return ScoredNotes(probs=probs, n_chunks=np.ones(len(texts), dtype=np.int64), n_tokens=n_tokens,
+        return modeldir.ScoredNotes(probs=probs, n_chunks=np.ones(len(texts), dtype=np.int64), n_tokens=n_tokens,
                            truncated=truncated)
 
     def __call__(self, texts) -> np.ndarray:
@@ -615,7 +612,7 @@ class LogRegPredictor(BaselinePredictor):
 
 class BiGruPredictor(BaselinePredictor):
     def __init__(self, model_dir, device=None, batch_size: int = 16, num_threads=None, threshold_default=0.5):
-        from bertxml.score import resolve_device
+        from bertxml.devices import resolve_device
 
         super().__init__(model_dir, device, batch_size, num_threads, threshold_default)
         self.device = torch.device(resolve_device(device))
@@ -627,9 +624,7 @@ class BiGruPredictor(BaselinePredictor):
 
 def load_predictor(model_dir, device=None, **options) -> BaselinePredictor:
     """The `bertxml.score` factory for "logreg" and "bilstm" folders (options it does not use are ignored)."""
-    from bertxml.modeldir import load_manifest
-
-    kind = load_manifest(model_dir).get("model_kind")
+    kind = modeldir.load_manifest(model_dir).get("model_kind")
     cls = {"logreg": LogRegPredictor, "bilstm": BiGruPredictor}.get(kind)
     if cls is None:
         raise ValueError(f"{model_dir}: not a baseline folder (model_kind {kind!r})")
@@ -639,11 +634,9 @@ def load_predictor(model_dir, device=None, **options) -> BaselinePredictor:
 
 def check_model_dir(info) -> None:
     """Driver-side check of a baseline folder (no weights loaded): files present, and the weights' output
-    size equal to label_vocab.json's number of codes. Raises bertxml.score.ModelDirError."""
-    from bertxml.score import ModelDirError, check_weights_folder
-
+    size equal to label_vocab.json's number of codes. Raises bertxml.modeldir.ModelDirError."""
     d = info.model_dir
-    _, shapes = check_weights_folder(info, CONFIG_FILE, WEIGHTS_FILE)
+    _, shapes = modeldir.check_weights_folder(info, CONFIG_FILE, WEIGHTS_FILE)
     out = shapes.get("intercept") if info.model_kind == "logreg" else shapes.get("out.bias")
     if out is None or out[0] != info.n_labels:
-        raise ModelDirError(f"{d}: the weights' output layer has shape {out}, not {info.n_labels} labels")
+        raise modeldir.ModelDirError(f"{d}: the weights' output layer has shape {out}, not {info.n_labels} labels")

@@ -15,7 +15,7 @@ same notes with the same metric function, and writes the result:
   Delta versions; the job checks the models' manifests agree.
 - measurement: each finished folder is loaded through `bertxml.score.make_predict_fn` (the nightly
   scorer's own path: chunking, max over chunks) on the notes of `compare.split` (default dev) of
-  labeled_notes at the pinned version, and scored with `bertxml.evaluate.auc_report_from_arrays`: micro AUC,
+  labeled_notes at the pinned version, and scored with `bertxml.metrics.auc_report_from_arrays`: micro AUC,
   macro AUC, and Table 3's macro AUC over codes with fewer than `compare.low_freq_threshold` train notes.
 - outputs: `bertxml.model_comparison` (one row per model and max_len, keyed by run_id; the run's rows in
   ONE Delta MERGE, so a retried write never duplicates), WORKDIR/reports/<run_id>/comparison.md (Tables 2
@@ -217,9 +217,10 @@ def label_matrix(codes: list[list[str]], model_codes) -> np.ndarray:
 
 def measure(model_dir: Path, texts: list[str], codes: list[list[str]], cfg: Config, low_freq: int) -> dict:
     """Score the notes through the model folder's predictor (bertxml.score.make_predict_fn) and compute the
-    auc_report metrics (bertxml.evaluate.auc_report_from_arrays) at its own thresholds."""
-    from bertxml.evaluate import auc_report_from_arrays
-    from bertxml.score import make_predict_fn, read_model_info, score_options
+    auc_report metrics (bertxml.metrics.auc_report_from_arrays) at its own thresholds."""
+    from bertxml.metrics import auc_report_from_arrays
+    from bertxml.config import score_options
+    from bertxml.score import make_predict_fn, read_model_info
 
     info = read_model_info(model_dir, cfg.score.threshold_default)
     predict = make_predict_fn(model_dir, cfg.score.device, **score_options(cfg.score))

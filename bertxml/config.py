@@ -234,6 +234,15 @@ def share_setting(value) -> float:
     return value
 
 
+def score_options(cfg: ScoreConfig) -> dict:
+    """The engine options of a ScoreConfig (what a Spark worker needs to build its predictor)."""
+    return {"batch_size": cfg.batch_size, "max_chunks_per_note": cfg.max_chunks_per_note,
+            "num_threads": cfg.num_threads or None, "cpu_bf16": cfg.cpu_bf16,
+            "threshold_default": cfg.threshold_default,
+            "evidence_top_k": cfg.evidence_top_k if cfg.evidence else 0,
+            "evidence_span_tokens": cfg.evidence_span_tokens}
+
+
 @dataclass
 class BandConfig:
     """Per-code operating points measured on dev when a model folder is written (operating_points.json),

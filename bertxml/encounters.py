@@ -45,7 +45,7 @@ def encounter_frames(frames, info, top_k: int, model_version: str, updated_at: d
     null probabilities: the MERGE deletes its row."""
     import pandas as pd
 
-    from bertxml.score import predicted_bands, top_codes
+    from bertxml.modeldir import predicted_bands, top_codes
 
     codes = np.array(info.codes, dtype=object)
     columns = t.ENCOUNTER_PREDICTIONS_SCHEMA.fieldNames()

@@ -39,7 +39,8 @@ version and dataset.
 `--compare champion,challenger` evaluates each alias of the registered model on the same notes (one run,
 one set of rows per model_version) and prints them side by side (`run_evaluate_aliases`).
 
-`auc_report_from_arrays` is the same report from in-memory arrays with scikit-learn (for `bertxml compare`).
+The same report from in-memory arrays is `bertxml.metrics.auc_report_from_arrays` (`bertxml compare`); the
+per-code summary both share is `bertxml.metrics.summarize_codes`.
 """
 from __future__ import annotations
 
@@ -52,74 +53,13 @@ import numpy as np
 
 from bertxml import tables as t
 from bertxml.config import Config
+from bertxml.metrics import METRICS, P_AT, summarize_codes
 
 log = logging.getLogger("bertxml.evaluate")
 
 N_BUCKETS = 4096          # value buckets for the micro AUC's ranks: logit in [-32, 32] at 1/64 resolution
-P_AT = (5, 8)
 LEVELS = ("note", "encounter", "both")
 ENCOUNTER_PREFIX = "encounter:"
-METRICS = ("micro_auc", "macro_auc", "macro_auc_low_freq", "n_codes_scored", "n_codes_skipped",
-           "n_codes_low_freq", "n_notes", "micro_f1", "macro_f1", "p_at_5", "p_at_8")
-
-
-# ---- the per-code summary -> the report (shared by the Spark and the array paths) -------------------------
-def summarize_codes(n_pos, n_neg, auc, tp, fp, train_counts, low_freq_threshold: int) -> dict:
-    """Macro AUCs and F1s from per-code arrays (M,): positives, negatives, AUC (NaN when skipped), true and
-    false positives at the code's threshold, train counts. Macro F1 averages the codes with a positive."""
-    n_pos, n_neg = np.asarray(n_pos, dtype=np.float64), np.asarray(n_neg, dtype=np.float64)
-    auc, tp, fp = (np.asarray(a, dtype=np.float64) for a in (auc, tp, fp))
-    scored = (n_pos > 0) & (n_neg > 0)
-    low = scored & (np.asarray(train_counts, dtype=np.float64) < low_freq_threshold)
-    fn = n_pos - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(n_pos > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
-    denom = 2 * tp.sum() + fp.sum() + fn.sum()
-    return {
-        "macro_auc": float(auc[scored].mean()) if scored.any() else None,
-        "macro_auc_low_freq": float(auc[low].mean()) if low.any() else None,
-        "n_codes_scored": int(scored.sum()),
-        "n_codes_skipped": int((~scored).sum()),
-        "n_codes_low_freq": int(low.sum()),
-        "micro_f1": float(2 * tp.sum() / denom) if denom else None,
-        "macro_f1": float(np.nanmean(f1)) if (n_pos > 0).any() else None,
-    }
-
-
-def top_k_indices(probs: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) column indices of each row's k highest probabilities; ties go to the higher index (as Spark's
-    sort_array over (probability, index) structs, descending)."""
-    m = probs.shape[1]
-    order = np.argsort(-probs[:, ::-1], axis=1, kind="stable")[:, :min(k, m)]
-    return m - 1 - order
-
-
-def auc_report_from_arrays(y_true, probs, train_counts, low_freq_threshold: int = 2000,
-                           thresholds=None) -> dict:
-    """The auc_report metrics from arrays, with scikit-learn: y_true (n, M) 0/1, probs (n, M), train_counts
-    (M,), thresholds (M,) per code (default 0.5). Adds "code_auc": (M,) per-code AUCs, NaN when skipped."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y_true).astype(np.int64)
-    p = np.asarray(probs, dtype=np.float32)
-    n, m = y.shape
-    thr = np.full(m, 0.5, dtype=np.float32) if thresholds is None else np.asarray(thresholds, dtype=np.float32)
-    n_pos = y.sum(axis=0)
-    n_neg = n - n_pos
-    code_auc = np.full(m, np.nan)
-    for j in np.flatnonzero((n_pos > 0) & (n_neg > 0)):
-        code_auc[j] = roc_auc_score(y[:, j], p[:, j])
-    hit = p >= thr[None, :]
-    out = summarize_codes(n_pos, n_neg, code_auc, (hit & (y == 1)).sum(axis=0), (hit & (y == 0)).sum(axis=0),
-                          train_counts, low_freq_threshold)
-    flat = y.ravel()
-    out["micro_auc"] = float(roc_auc_score(flat, p.ravel())) if 0 < flat.sum() < flat.size else None
-    out["n_notes"] = int(n)
-    for k in P_AT:
-        top = top_k_indices(p, k)
-        out[f"p_at_{k}"] = float(np.take_along_axis(y, top, axis=1).sum(axis=1).mean() / top.shape[1]) if n else None
-    out["code_auc"] = code_auc
-    return {key: out[key] for key in (*METRICS, "code_auc")}
 
 
 # ---- Spark: AUCs by rank sums ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def explain_text(scorer, text: str, code: str | None = None, top_k: int = 10) ->
     """
     import torch
 
-    from bertxml.score import CHARS_PER_TOKEN_CAP, _clean_text
+    from bertxml.tokenize import CHARS_PER_TOKEN_CAP, clean_text
 
     model, info = scorer.model, scorer.info
     if getattr(model, "head_type", None) != "bertxml":
@@ -57,7 +57,7 @@ def explain_text(scorer, text: str, code: str | None = None, top_k: int = 10) ->
     if code is not None and code not in info.codes:
         raise ValueError(f"code {code!r} is not in {info.model_version}'s label vocabulary "
                          f"({info.n_labels} codes, e.g. {list(info.codes[:5])})")
-    text = _clean_text(text)
+    text = clean_text(text)
     capped = text[:scorer.max_chunks * scorer.max_len * CHARS_PER_TOKEN_CAP]
     chunks, _, truncated = scorer.encode([text])
     chunks = chunks[0]
@@ -284,7 +284,8 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
     html_path is given; no table ever receives the text."""
     from bertxml.registry import resolve_model
     from bertxml.runs import job_run
-    from bertxml.score import make_predict_fn, read_model_info, score_options
+    from bertxml.config import score_options
+    from bertxml.score import make_predict_fn, read_model_info
 
     print(PHI_WARNING, file=sys.stderr)
     with job_run(wh, "explain") as run:

@@ -34,7 +34,7 @@ from bertxml.config import Config
 from bertxml.data import ChunkSet, bucketed_batches, load_chunks, pretraining_batch
 from bertxml.model import BertForPretraining, bert_config, count_parameters
 from bertxml.precision import autocast, decide_precision
-from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, _source_tables, _unfinished_model_dir,
+from bertxml.train import (ARCH_FIELDS, CHECKPOINT_DIR, source_tables, unfinished_model_dir,
                            check_resume, chunks_metadata, file_sha256, load_checkpoint, lr_at, make_optimizer, set_lr,
                            pick_device, planned_steps, save_checkpoint, set_threads, size_label, special_ids,
                            step_seed)
@@ -103,7 +103,7 @@ def run_pretrain(wh, cfg: Config, vocab_dir: str | Path | None = None, out_dir: 
                          f"{cfg.model.max_position_embeddings}")
     arch = {k: getattr(cfg.model, k) for k in ARCH_FIELDS}
     if resume and out_dir is None:
-        out_dir = _unfinished_model_dir(wh.workdir, "encoder")
+        out_dir = unfinished_model_dir(wh.workdir, "encoder")
     if out_dir is None:
         version, out_dir = modeldir.new_model_dir(wh.workdir, "encoder", size_label(arch))
     else:
@@ -111,7 +111,7 @@ def run_pretrain(wh, cfg: Config, vocab_dir: str | Path | None = None, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with job_run(wh, "pretrain") as run:
-        chunks_name, path, chunks_version = _source_tables(wh, cfg)[t.CHUNKS]
+        chunks_name, path, chunks_version = source_tables(wh, cfg)[t.CHUNKS]
         if chunks_version is None:
             raise FileNotFoundError(f"table {chunks_name} does not exist: run `bertxml tokenize` first")
         meta = chunks_metadata(path, chunks_version, pc.max_len)

@@ -179,7 +179,7 @@ def log_model_run(cfg, workdir, model_dir, job: str, job_run_id: str | None = No
     `parent_run_id` nests the run (a comparison's rows under the comparison). Returns a LoggedModel."""
     from bertxml import __version__
     from bertxml.modeldir import load_label_vocab, load_manifest
-    from bertxml.score import score_options
+    from bertxml.config import score_options
 
     model_dir = Path(model_dir).resolve()
     manifest = load_manifest(model_dir)

@@ -69,50 +69,31 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
-import json
 import logging
 import os
 import re
-import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from bertxml import faults
+from bertxml import faults, modeldir
 from bertxml import tables as t
-from bertxml.config import Config, ScoreConfig
-from bertxml.modeldir import LABEL_VOCAB_FILE, OPERATING_POINTS_FILE, THRESHOLDS_FILE, TOKENIZER_FILE
+from bertxml.config import Config, ScoreConfig, score_options
+from bertxml.devices import resolve_device, task_cpus
+from bertxml.modeldir import (LABEL_VOCAB_FILE, ModelDirError, ModelInfo, ScoredNotes, check_weights_folder,
+                              predicted_bands, read_manifest, top_codes)
+from bertxml.tokenize import clean_text, encode_notes
 
 log = logging.getLogger("bertxml.score")
 
-CHARS_PER_TOKEN_CAP = 64   # text cut at max_chunks * max_len * this many characters before tokenising
 SCORE_COLUMNS = ("n_chunks", "truncated", "reason", "probabilities", "top_codes", "predicted_codes",
                  "predicted_bands", "evidence")
-BANDS = ("auto", "review")
-
-
-class ModelDirError(ValueError):
-    """A model folder that cannot be scored with: a missing file, or parts that disagree."""
 
 
 class NoNotesError(RuntimeError):
     """A night with no notes at all in the source: most likely the feed has not landed yet."""
-
-
-# ---- the model folder, read without torch (safe on the driver) --------------------------------------------
-def _load_manifest(model_dir: Path) -> dict:
-    """`bertxml.modeldir.load_manifest`, its errors as ModelDirError."""
-    from bertxml.modeldir import load_manifest
-
-    try:
-        return load_manifest(model_dir)
-    except FileNotFoundError as exc:
-        raise ModelDirError(str(exc)) from None
-    except json.JSONDecodeError as exc:
-        raise ModelDirError(f"{model_dir}/manifest.json is not valid JSON: {exc}") from None
 
 
 def find_model_dir(workdir: str | Path) -> Path:
@@ -122,152 +103,10 @@ def find_model_dir(workdir: str | Path) -> Path:
     return find_latest_model(workdir)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver needs to know about a model folder: its identity and its label space.
-
-    codes (M,) in label_index order, i.e. the order of `predictions.probabilities`; thresholds (M,) float32,
-    per code, from thresholds.json (codes it lacks get `threshold_default`). From operating_points.json:
-    auto_thresholds and review_thresholds (M,) float32, +inf where the code has none (too rare on dev, or
-    a folder without the file), and points, the file's per-code dicts (None where absent).
-    """
-
-    model_dir: Path
-    model_version: str
-    model_kind: str
-    max_len: int
-    labels: tuple          # label_vocab.json rows (dicts), label_index order
-    codes: tuple
-    thresholds: np.ndarray
-    auto_thresholds: np.ndarray = None
-    review_thresholds: np.ndarray = None
-    points: tuple = ()
-
-    def __post_init__(self):
-        none = np.full(len(self.codes), np.inf, dtype=np.float32)
-        for name in ("auto_thresholds", "review_thresholds"):
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, none)
-        if not self.points:
-            object.__setattr__(self, "points", (None,) * len(self.codes))
-
-    @property
-    def n_labels(self) -> int:
-        return len(self.codes)
-
-    @property
-    def predict_thresholds(self) -> np.ndarray:
-        """(M,) float32: a code is predicted when its probability reaches any of its thresholds (F1, review,
-        auto), i.e. the lowest; it is 'auto' from auto_thresholds up, 'review' below."""
-        return np.minimum(np.minimum(self.thresholds, self.review_thresholds), self.auto_thresholds)
-
-    def label_rows(self) -> list[tuple]:
-        """bertxml.model_labels rows (MODEL_LABELS_SCHEMA): the code, its F1 threshold and its operating
-        points on dev (nulls where the folder has none)."""
-        def at(point, key, field):
-            value = (point or {}).get(key)
-            return None if value is None or value.get(field) is None else float(value[field])
-
-        rows = []
-        for i, (code, row, point) in enumerate(zip(self.codes, self.labels, self.points)):
-            support = None if point is None or point.get("support") is None else int(point["support"])
-            rows.append((self.model_version, i, code, row.get("description"), float(self.thresholds[i]), support,
-                         at(point, "f1", "precision"), at(point, "f1", "recall"),
-                         *[at(point, key, field) for key in ("auto", "review")
-                           for field in ("threshold", "precision", "recall")]))
-        return rows
-
-
 def read_model_info(model_dir: str | Path, threshold_default: float = 0.5) -> ModelInfo:
-    """Read and cross-check a model folder without loading its weights (no torch, no CUDA).
-
-    Raises ModelDirError when the manifest, label_vocab.json or a kind-specific file is missing or the
-    parts disagree (label indices not 0..M-1, repeated codes, weights with another number of labels).
-    """
-    model_dir = Path(model_dir).resolve()
-    if not model_dir.is_dir():
-        raise ModelDirError(f"model folder {model_dir} does not exist")
-    manifest = _load_manifest(model_dir)
-    kind = manifest.get("model_kind")
-    if kind not in PREDICTORS:
-        raise ModelDirError(f"{model_dir}: model_kind {kind!r} has no predictor; known kinds: {sorted(PREDICTORS)}")
-    vocab_path = model_dir / LABEL_VOCAB_FILE
-    if not vocab_path.exists():
-        raise ModelDirError(f"{model_dir} has no {LABEL_VOCAB_FILE}: cannot tell which code each output is")
-    labels = sorted(json.loads(vocab_path.read_text()), key=lambda r: int(r["label_index"]))
-    if [int(r["label_index"]) for r in labels] != list(range(len(labels))):
-        raise ModelDirError(f"{vocab_path}: label_index values are not 0..{len(labels) - 1}")
-    codes = tuple(str(r["code"]) for r in labels)
-    if len(set(codes)) != len(codes) or not codes:
-        raise ModelDirError(f"{vocab_path}: {len(codes)} codes, {len(set(codes))} distinct (need >= 1, no repeats)")
-    thresholds = np.full(len(codes), threshold_default, dtype=np.float32)
-    thr_path = model_dir / THRESHOLDS_FILE
-    if thr_path.exists():
-        tuned = json.loads(thr_path.read_text())
-        unknown = sorted(set(tuned) - set(codes))
-        if unknown:
-            log.warning("%s: %d thresholds for codes outside the label vocabulary (ignored), e.g. %s",
-                        thr_path, len(unknown), unknown[:3])
-        for i, code in enumerate(codes):
-            if code in tuned and tuned[code] is not None:
-                thresholds[i] = float(tuned[code])
-    else:
-        log.warning("%s has no %s: every code uses threshold %.2f", model_dir, THRESHOLDS_FILE, threshold_default)
-    max_len = int(manifest.get("max_len") or manifest.get("config", {}).get("model", {}).get("max_len") or 512)
-    auto, review, points = _read_operating_points(model_dir, codes)
-    info = ModelInfo(model_dir=model_dir, model_version=str(manifest.get("model_version") or model_dir.name),
-                     model_kind=kind, max_len=max_len, labels=tuple(labels), codes=codes, thresholds=thresholds,
-                     auto_thresholds=auto, review_thresholds=review, points=points)
-    check = VALIDATORS.get(kind)
-    if check is not None:
-        check(info)
-    return info
-
-
-def _read_operating_points(model_dir: Path, codes: tuple) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """operating_points.json -> (auto thresholds (M,), review thresholds (M,), per-code dicts); +inf and None
-    for codes without them. A folder without the file (trained before bands existed) gives every predicted
-    code 'review' at its F1 threshold."""
-    auto = np.full(len(codes), np.inf, dtype=np.float32)
-    review = np.full(len(codes), np.inf, dtype=np.float32)
-    path = model_dir / OPERATING_POINTS_FILE
-    if not path.exists():
-        log.warning("%s has no %s: every predicted code is banded 'review'", model_dir, OPERATING_POINTS_FILE)
-        return auto, review, (None,) * len(codes)
-    try:
-        per_code = json.loads(path.read_text())["codes"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelDirError(f"{path} is not an operating points file ({exc})") from None
-    points = tuple(per_code.get(code) for code in codes)
-    for i, point in enumerate(points):
-        for key, out in (("auto", auto), ("review", review)):
-            if point and point.get(key) and point[key].get("threshold") is not None:
-                out[i] = float(point[key]["threshold"])
-    return auto, review, points
-
-
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's JSON header (8-byte length, then JSON), nothing loaded."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:
-            raise ModelDirError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-
-
-def check_weights_folder(info: ModelInfo, config_file: str, weights_file: str) -> tuple[dict, dict]:
-    """Any model folder: tokenizer, config and weights present, and the config's n_labels equal to
-    label_vocab.json's number of codes. Returns (config, {weight name: shape}) without loading weights."""
-    d = info.model_dir
-    for name in (TOKENIZER_FILE, config_file, weights_file):
-        if not (d / name).exists():
-            raise ModelDirError(f"{d} has no {name}")
-    meta = json.loads((d / config_file).read_text())
-    if int(meta.get("n_labels", -1)) != info.n_labels:
-        raise ModelDirError(f"{d}: {LABEL_VOCAB_FILE} lists {info.n_labels} codes but {config_file} says the "
-                            f"weights have {meta.get('n_labels')} labels: the folder mixes two label vocabularies")
-    return meta, _safetensors_shapes(d / weights_file)
+    """`bertxml.modeldir.read_model_info` with this registry's kinds and kind-specific checks: raises
+    ModelDirError for a folder no registered predictor can score."""
+    return modeldir.read_model_info(model_dir, threshold_default, kinds=PREDICTORS, validators=VALIDATORS)
 
 
 def _check_bert_dir(info: ModelInfo) -> None:
@@ -286,84 +125,6 @@ def _check_bert_dir(info: ModelInfo) -> None:
 
 
 # ---- the engine ---------------------------------------------------------------------------------------------
-@dataclass
-class ScoredNotes:
-    """The engine's output for n notes: probs (n, M) float32 (max over chunks), n_chunks (n,) chunks scored,
-    n_tokens (n,) word pieces in the note (before any cut), truncated (n,) True when chunks were dropped;
-    evidence: None when not asked for, else per note a list of {code, rank, char_start, char_end, weight}
-    (see `BertScorer.score`)."""
-
-    probs: np.ndarray
-    n_chunks: np.ndarray
-    n_tokens: np.ndarray
-    truncated: np.ndarray
-    evidence: list | None = None
-
-
-def _task_gpu() -> str | None:
-    """The GPU address Spark gave this task, when the cluster schedules GPUs (None elsewhere)."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return None
-    ctx = TaskContext.get()
-    if ctx is None:
-        return None
-    gpus = ctx.resources().get("gpu")
-    return gpus.addresses[0] if gpus is not None and gpus.addresses else None
-
-
-def _task_cpus() -> int | None:
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return None
-    ctx = TaskContext.get()
-    return int(ctx.cpus()) if ctx is not None else None
-
-
-def resolve_device(device: str | None = None) -> str:
-    """'auto'/None: this Spark task's GPU, else CUDA when present, else CPU; anything else is used as is.
-    Call it where the model runs (a worker), never on the driver before workers start."""
-    if device not in (None, "", "auto"):
-        return device
-    gpu = _task_gpu()
-    if gpu is not None:
-        return f"cuda:{gpu}"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int, return_encodings: bool = False):
-    """Note texts -> (each note's first `max_chunks` chunks, word pieces per note (of the text read),
-    truncated (n,): the note had more chunks, or more than max_chunks * max_len * CHARS_PER_TOKEN_CAP
-    characters, which are all that is tokenised). The training chunking: [CLS] piece [SEP], in order, no
-    overlap (`bertxml.tokenize.encode_chunks`). Shared by the BERT scorer and the baselines'.
-    return_encodings adds a 4th item: each note's `tokenizers.Encoding` (token -> character offsets)."""
-    from bertxml.tokenize import encode_chunks
-
-    char_cap = max_chunks * max_len * CHARS_PER_TOKEN_CAP
-    cleaned = [_clean_text(x) for x in texts]
-    notes, encodings = encode_chunks(tokenizer, [x[:char_cap] for x in cleaned], max_len, return_encodings=True)
-    n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
-    truncated = np.array([len(c) > max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)], dtype=bool)
-    chunks = [c[:max_chunks] for c in notes]
-    return (chunks, n_tokens, truncated, encodings) if return_encodings else (chunks, n_tokens, truncated)
-
-
-def _clean_text(text) -> str:
-    """None -> ''; lone surrogates (not encodable as UTF-8, which the Rust tokenizer refuses) -> U+FFFD."""
-    if text is None:
-        return ""
-    text = str(text)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
 class BertScorer:
     """Scores notes with a BERT model folder ("bertxml" or "cls" head). Call it: `scorer(texts) -> (n, M)`.
 
@@ -509,7 +270,7 @@ class BertScorer:
         found = None
         if evidence:
             codes = self.info.codes
-            hits = probs >= self.info.thresholds[None, :].astype(np.float32)  # (n, M), as predicted_codes
+            hits = probs >= self.info.predict_thresholds[None, :]  # (n, M), as predicted_codes (any band)
             found, first = [], 0
             for i, chunks in enumerate(notes):
                 rows = []
@@ -520,7 +281,7 @@ class BertScorer:
                             if hits[i, j] and (j not in best or logit > best[j][0]):
                                 best[j] = (logit, c, weights)
                     starts, ends = _token_offsets(encodings[i])
-                    breaks = span_breaks(_clean_text(texts[i]))
+                    breaks = span_breaks(clean_text(texts[i]))
                     for j in sorted(best, key=lambda j: (-probs[i, j], j)):
                         _, c, weights = best[j]
                         for rank, (lo, hi, w) in enumerate(evidence_spans(
@@ -722,7 +483,7 @@ def make_predict_fn(model_dir: str | Path, device: str | None = None, **options)
     options (batch_size, max_chunks_per_note, num_threads, cpu_bf16, threshold_default) go to the
     factory when its signature takes them.
     """
-    kind = _load_manifest(Path(model_dir)).get("model_kind")
+    kind = read_manifest(Path(model_dir)).get("model_kind")
     factory = PREDICTORS.get(kind)
     if factory is None:
         raise ModelDirError(f"{model_dir}: model_kind {kind!r} has no predictor; known kinds: {sorted(PREDICTORS)}")
@@ -730,15 +491,6 @@ def make_predict_fn(model_dir: str | Path, device: str | None = None, **options)
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in options.items() if takes_all or k in params}
     return factory(model_dir, device, **kwargs)
-
-
-def score_options(cfg: ScoreConfig) -> dict:
-    """The engine options of a ScoreConfig (what a Spark worker needs to build its predictor)."""
-    return {"batch_size": cfg.batch_size, "max_chunks_per_note": cfg.max_chunks_per_note,
-            "num_threads": cfg.num_threads or None, "cpu_bf16": cfg.cpu_bf16,
-            "threshold_default": cfg.threshold_default,
-            "evidence_top_k": cfg.evidence_top_k if cfg.evidence else 0,
-            "evidence_span_tokens": cfg.evidence_span_tokens}
 
 
 # ---- the worker side of the UDF ------------------------------------------------------------------------------
@@ -751,7 +503,7 @@ def worker_predictor(model_dir: str, device: str, options: dict) -> Callable:
     in the worker (the task's GPU; threads = the task's CPUs unless set)."""
     options = dict(options)
     if not options.get("num_threads"):
-        options["num_threads"] = _task_cpus()
+        options["num_threads"] = task_cpus()
         if options["num_threads"] == 1:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = resolve_device(device)
@@ -764,37 +516,6 @@ def worker_predictor(model_dir: str, device: str, options: dict) -> Callable:
         log.info("worker pid %d loaded %s on %s in %.1fs", os.getpid(), model_dir, device,
                  time.perf_counter() - started)
     return _WORKER_PREDICTORS[key]
-
-
-def top_codes(probs: np.ndarray, codes: np.ndarray, k: int) -> list[list[dict]]:
-    """Each row's k most probable codes, best first, as [{code, probability}]."""
-    k = min(k, probs.shape[1])
-    if k <= 0 or probs.shape[0] == 0:
-        return [[] for _ in range(probs.shape[0])]
-    part = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(probs, part, axis=1), axis=1, kind="stable")
-    best = np.take_along_axis(part, order, axis=1)  # (n, k)
-    return [[{"code": codes[j], "probability": float(p[j])} for j in row] for p, row in zip(probs, best)]
-
-
-def predicted_codes(probs: np.ndarray, codes: np.ndarray, thresholds: np.ndarray) -> list[list[str]]:
-    """Each row's codes whose probability reaches the code's threshold (float32 comparison)."""
-    hits = probs >= thresholds[None, :].astype(np.float32)
-    return [codes[np.flatnonzero(row)].tolist() for row in hits]
-
-
-def predicted_bands(probs: np.ndarray, info: ModelInfo) -> tuple[list[list[str]], list[list[str]]]:
-    """Each row's predicted codes (reaching `info.predict_thresholds`) and, aligned with them, their bands:
-    'auto' where the probability reaches the code's auto-accept threshold, else 'review'."""
-    codes = np.array(info.codes, dtype=object)
-    hits = probs >= info.predict_thresholds[None, :]
-    auto = probs >= info.auto_thresholds[None, :]
-    out_codes, out_bands = [], []
-    for hit, sure in zip(hits, auto):
-        idx = np.flatnonzero(hit)
-        out_codes.append(codes[idx].tolist())
-        out_bands.append(np.where(sure[idx], BANDS[0], BANDS[1]).tolist())
-    return out_codes, out_bands
 
 
 def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, top_k: int,

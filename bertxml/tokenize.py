@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from bertxml import tables as t
@@ -229,3 +230,34 @@ def run_tokenize(wh, cfg, vocab_dir: str | Path | None = None, max_len: int | No
             run.count(key, value)
         run.count("label_codes", len(code_index))
     return {**stats, "max_len": max_len, "version": version, "tokenizer_sha256": sha}
+
+
+# ---- notes to chunks for scoring (the training chunking, capped) ------------------------------------------
+CHARS_PER_TOKEN_CAP = 64   # text cut at max_chunks * max_len * this many characters before tokenising
+
+
+def encode_notes(tokenizer, texts: list, max_len: int, max_chunks: int, return_encodings: bool = False):
+    """Note texts -> (each note's first `max_chunks` chunks, word pieces per note (of the text read),
+    truncated (n,): the note had more chunks, or more than max_chunks * max_len * CHARS_PER_TOKEN_CAP
+    characters, which are all that is tokenised). The training chunking: [CLS] piece [SEP], in order, no
+    overlap (`encode_chunks`). Shared by the BERT scorer and the baselines'.
+    return_encodings adds a 4th item: each note's `tokenizers.Encoding` (token -> character offsets)."""
+    char_cap = max_chunks * max_len * CHARS_PER_TOKEN_CAP
+    cleaned = [clean_text(x) for x in texts]
+    notes, encodings = encode_chunks(tokenizer, [x[:char_cap] for x in cleaned], max_len, return_encodings=True)
+    n_tokens = np.array([sum(len(c) - 2 for c in chunks) for chunks in notes], dtype=np.int64)
+    truncated = np.array([len(c) > max_chunks or len(x) > char_cap for c, x in zip(notes, cleaned)], dtype=bool)
+    chunks = [c[:max_chunks] for c in notes]
+    return (chunks, n_tokens, truncated, encodings) if return_encodings else (chunks, n_tokens, truncated)
+
+
+def clean_text(text) -> str:
+    """None -> ''; lone surrogates (not encodable as UTF-8, which the Rust tokenizer refuses) -> U+FFFD."""
+    if text is None:
+        return ""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text

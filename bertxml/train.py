@@ -54,6 +54,7 @@ from bertxml import tables as t
 from bertxml.config import CONF_DIR, Config, config_from_dict, load_config, load_yaml
 from bertxml.data import (ChunkSet, bucketed_batches, coding_batch, eval_batches, load_chunks, pad_ids,
                           shard_batches, table_path)
+from bertxml.metrics import auc_metrics, micro_f1
 from bertxml.model import (HEADS, BertForIcdCoding, bert_config, chunk_max, count_parameters,
                            from_pretrained_encoder, save_model)
 from bertxml.precision import Precision, autocast, decide_precision
@@ -273,7 +274,6 @@ def predict_notes(model: BertForIcdCoding, chunks: ChunkSet, batch_size: int, de
     return torch.sigmoid(notes).numpy()
 
 
-
 @torch.no_grad()
 def encode_chunks(model: BertForIcdCoding, chunks: ChunkSet, batch_size: int, device: torch.device,
                   precision: Precision | None, pad_id: int) -> list[torch.Tensor]:
@@ -318,19 +318,6 @@ def predict_notes_cached(model: BertForIcdCoding, chunks: ChunkSet, states: list
     model.train(was_training)
     notes = chunk_max(scores, torch.from_numpy(chunks.note_index), chunks.n_notes)  # (n_notes, M)
     return torch.sigmoid(notes).numpy()
-
-
-def auc_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Micro AUC (all note-code pairs pooled) and macro AUC (mean over codes with both a positive and a
-    negative note; the others have no AUC). None where undefined."""
-    from sklearn.metrics import roc_auc_score
-
-    positives = labels.sum(axis=0)
-    scored = np.flatnonzero((positives > 0) & (positives < labels.shape[0]))
-    macro = float(np.mean([roc_auc_score(labels[:, j], probs[:, j]) for j in scored])) if len(scored) else None
-    flat = labels.ravel()
-    micro = float(roc_auc_score(flat, probs.ravel())) if 0 < flat.sum() < flat.size else None
-    return {"micro_auc": micro, "macro_auc": macro, "codes_with_auc": int(len(scored)), "notes": int(labels.shape[0])}
 
 
 def tune_thresholds(probs: np.ndarray, labels: np.ndarray, default: float = 0.5) -> np.ndarray:
@@ -393,13 +380,6 @@ def operating_points(probs: np.ndarray, labels: np.ndarray, codes: list[str], f1
     return {"targets": {"auto_precision": auto_precision, "review_recall": review_recall,
                         "min_support": min_support, "measured_on": "dev", "notes": int(labels.shape[0])},
             "codes": out}
-
-
-def micro_f1(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> float:
-    predicted = probs >= thresholds[None, :]
-    tp = float((predicted & (labels > 0)).sum())
-    denominator = float(predicted.sum() + labels.sum())
-    return 2 * tp / denominator if denominator else 0.0
 
 
 def selection_score(metrics: dict | None) -> float:
@@ -523,11 +503,11 @@ def etl_lineage(source, name: str, path: str | None, version: int | None) -> dic
     return {"run_id": meta["run_id"], "inputs": meta.get("inputs") or {}}
 
 
-def _source_tables(source, cfg: Config) -> dict:
+def source_tables(source, cfg: Config) -> dict:
     """{short: (qualified name, Delta folder, version)} for the tables training reads, from a Warehouse or a
     path-mode workdir. Path mode reads the latest versions from the Delta logs (no Spark job needed);
     a metastore warehouse asks Spark for versions and locations."""
-    from bertxml.deltaread import delta_files
+    from bertxml.deltaread import latest_version
 
     out = {}
     for short in (t.LABELED_NOTES, t.LABEL_VOCAB, t.CHUNKS):
@@ -537,7 +517,7 @@ def _source_tables(source, cfg: Config) -> dict:
             path = source.spark.sql(f"DESCRIBE DETAIL {name}").first()["location"] if version is not None else None
         else:
             path = source.path(name) if hasattr(source, "spark") else table_path(source, cfg.warehouse.schema, short)
-            version = delta_files(str(path))[0] if (Path(path) / "_delta_log").exists() else None
+            version = latest_version(path) if (Path(path) / "_delta_log").exists() else None
         out[short] = (name, str(path) if version is not None else None, version)
     return out
 
@@ -557,7 +537,7 @@ def _read_label_vocab(source, name: str, path: str, version: int) -> list[dict]:
     return labels
 
 
-def _unfinished_model_dir(workdir, model_kind: str) -> Path:
+def unfinished_model_dir(workdir, model_kind: str) -> Path:
     """The newest folder under WORKDIR/models with a checkpoint and no manifest (a run that stopped)."""
     root = modeldir.models_root(workdir)
     candidates = [p.parent.parent for p in root.glob(f"{model_kind}-*/{CHECKPOINT_DIR}*/state.json")
@@ -583,7 +563,7 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
     if init and encoder_dir:
         raise ValueError("give either init (an off-the-shelf BERT) or encoder_dir (our pretraining), not both")
     workdir = Path(source.workdir if hasattr(source, "spark") else source).resolve()
-    tables = _source_tables(source, cfg)
+    tables = source_tables(source, cfg)
     for short, (name, path, version) in tables.items():
         if version is None and not (short == t.CHUNKS and init):
             job = "tokenize" if short == t.CHUNKS else "etl"
@@ -599,7 +579,7 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
             raise FileNotFoundError(f"{source_dir} has no config.json: not a BERT checkpoint folder")
         arch = json.loads((source_dir / "config.json").read_text())
     if resume and out_dir is None:
-        out_dir = _unfinished_model_dir(workdir, model_kind)
+        out_dir = unfinished_model_dir(workdir, model_kind)
     if out_dir is None:
         version, out_dir = modeldir.new_model_dir(workdir, model_kind, size_label(arch))
     else:

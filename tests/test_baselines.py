@@ -19,7 +19,7 @@ from bertxml.baselines import (BiGruAttention, MultiHeadAttentionPool, bag_of_wo
                                run_train_baseline, weight_features)
 from bertxml.compare import comparison_markdown, find_encoder, plan, run_compare
 from bertxml.config import Config
-from bertxml.evaluate import auc_report_from_arrays
+from bertxml.metrics import auc_report_from_arrays
 from bertxml.score import ModelDirError, make_predict_fn, read_model_info
 from test_train import CODES, assert_no_pickles, make_notes, make_vocab_dir, tiny_config, write_tables
 

@@ -1,5 +1,5 @@
-"""Tests for bertxml/evaluate.py: AUCs by hand on four notes, Spark's rank-sum AUCs against scikit-learn
-(ties, skipped codes), and the job on a split and on coded nights of a tiny warehouse.
+"""Tests for bertxml/evaluate.py: Spark's micro AUC at extreme probabilities, and the job on a split and on
+coded nights of a tiny warehouse.
 
 Run: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
@@ -13,7 +13,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bertxml import tables as t
-from bertxml.evaluate import auc_by_code, auc_report_from_arrays, micro_auc, run_evaluate, top_k_indices
+from bertxml.evaluate import micro_auc, run_evaluate
+from bertxml.metrics import auc_report_from_arrays
 from bertxml.score import make_predict_fn
 from test_score import CODES, SENTENCES, make_model_dir
 
@@ -25,56 +26,7 @@ def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("models"), thresholds={c: 0.5 for c in CODES})
 
 
-# ---- pure metrics -------------------------------------------------------------------------------------------
-def test_report_from_arrays_by_hand():
-    # Four notes, three codes. Code 0: positives 0.9, 0.4; negatives 0.6, 0.1 -> pairs won: (0.9>0.6, 0.9>0.1,
-    # 0.4>0.1) = 3 of 4 -> 0.75. Code 1: one positive 0.5 tied with one negative 0.5, above 0.2, 0.3 ->
-    # (0.5 vs 0.5 = half, beats 0.2, 0.3) = 2.5 / 3. Code 2: no positive -> skipped.
-    y = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
-    p = np.array([[0.9, 0.5, 0.1], [0.6, 0.5, 0.2], [0.4, 0.2, 0.3], [0.1, 0.3, 0.4]], dtype=np.float32)
-    report = auc_report_from_arrays(y, p, train_counts=[5000, 100, 100], low_freq_threshold=2000)
-    assert report["code_auc"][0] == pytest.approx(0.75) and report["code_auc"][1] == pytest.approx(2.5 / 3)
-    assert np.isnan(report["code_auc"][2])
-    assert report["n_codes_scored"] == 2 and report["n_codes_skipped"] == 1 and report["n_codes_low_freq"] == 1
-    assert report["macro_auc"] == pytest.approx((0.75 + 2.5 / 3) / 2)
-    assert report["macro_auc_low_freq"] == pytest.approx(2.5 / 3)
-    # At 0.5: code 0 predicts notes 0, 1 (tp 1, fp 1, fn 1); code 1 notes 0, 1 (tp 1, fp 1); code 2 none.
-    assert report["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
-    assert report["macro_f1"] == pytest.approx((0.5 + 2 / 3) / 2)
-    # P@k with k > M uses all M codes: note 0 holds 1 of 3, note 1 1 of 3, note 2 1 of 3, note 3 0.
-    assert report["p_at_5"] == pytest.approx(0.25) and report["n_notes"] == 4
-
-
-def test_top_k_breaks_ties_towards_the_higher_index():
-    assert top_k_indices(np.array([[0.5, 0.9, 0.5, 0.1]]), 3).tolist() == [[1, 2, 0]]
-
-
-def test_spark_aucs_equal_sklearn_with_ties_and_skipped_codes(spark):
-    rng = np.random.default_rng(3)
-    n, m = 60, 6
-    p = np.round(rng.random((n, m)), 1).astype(np.float32)          # one decimal: many ties
-    y = (rng.random((n, m)) < 0.3).astype(int)
-    y[:, 4] = 0                                                       # no positive: skipped
-    y[:, 5] = 1                                                       # no negative: skipped
-    y[:, 2] = (p[:, 2] > 0.5) | (rng.random(n) < 0.2)                 # informative, with ties at every value
-    rows = [(f"c{j}", float(p[i, j]), int(y[i, j])) for i in range(n) for j in range(m)]
-    df = spark.createDataFrame(rows, "code string, probability float, label int")
-
-    got = {r.code: r for r in auc_by_code(df).collect()}
-    for j in range(m):
-        r = got[f"c{j}"]
-        assert (r.n_pos, r.n_neg) == (y[:, j].sum(), n - y[:, j].sum())
-        if j >= 4:
-            assert r.auc is None
-        else:
-            assert r.auc == pytest.approx(roc_auc_score(y[:, j], p[:, j]), abs=1e-3)
-    micro = micro_auc(df).first()
-    assert micro.auc == pytest.approx(roc_auc_score(y.ravel(), p.ravel()), abs=1e-3)
-    report = auc_report_from_arrays(y, p, train_counts=[10] * m)
-    assert report["micro_auc"] == pytest.approx(micro.auc, abs=1e-9)
-    assert report["n_codes_skipped"] == 2
-
-
+# ---- Spark's AUCs (their match with bertxml.metrics, ties included: tests/test_metrics.py) --------------------
 def test_micro_auc_over_extreme_probabilities(spark):
     # Values at 0, 1 and far out in the tails land in different logit buckets; ranks must still add up.
     p = np.array([0.0, 1e-30, 1e-9, 0.3, 0.3, 0.7, 1 - 1e-7, 1.0, 1.0, 1e-9], dtype=np.float32)

@@ -478,7 +478,7 @@ def test_band_targets_are_checked():
 
 def test_bands_follow_the_operating_points(tmp_path):
     from bertxml.modeldir import OPERATING_POINTS_FILE, write_json
-    from bertxml.score import predicted_bands
+    from bertxml.modeldir import predicted_bands
 
     model = make_model_dir(tmp_path, thresholds={c: 0.5 for c in CODES})
     info = read_model_info(model)  # no operating_points.json: F1 thresholds, every code 'review'

@@ -17,7 +17,8 @@ warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.
 
 class IcdCodingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from bertxml.score import make_predict_fn, resolve_device
+        from bertxml.devices import resolve_device
+        from bertxml.score import make_predict_fn
 
         options = dict(context.model_config or {})
         device = resolve_device(options.pop("device", None))  # the Spark task's GPU, else CUDA, else CPU
