@@ -60,6 +60,9 @@ EXAMPLE_SQL = [
         WHERE encounter_id IN (SELECT encounter_id FROM bertxml.predictions
                                WHERE note_date = (SELECT max(note_date) FROM bertxml.predictions))
         ORDER BY to_review DESC, encounter_id LIMIT 8"""),
+    ("Why: last night's evidence, each predicted code's most attended spans as character offsets (no text)",
+     """SELECT note_id, code, rank, char_start, char_end, round(weight, 3) AS weight FROM bertxml.evidence
+        WHERE note_date = (SELECT max(note_date) FROM bertxml.evidence) ORDER BY note_id, code, rank LIMIT 9"""),
     ("Operating points on dev of the most frequent codes (auto-accept and review thresholds)",
      """SELECT code, dev_support, round(threshold, 3) AS f1_threshold, round(auto_threshold, 3) AS auto_threshold,
                round(auto_precision, 2) AS auto_precision, round(review_threshold, 3) AS review_threshold,

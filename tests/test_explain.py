@@ -93,7 +93,7 @@ def test_run_explain_renders_the_scoring_evidence(wh, cfg, model_dir, tmp_path, 
     wh.write(wh.spark.createDataFrame(info.label_rows(), t.MODEL_LABELS_SCHEMA), wh.name(t.MODEL_LABELS))
     wh.write(wh.spark.createDataFrame(
         [("n1", "P1", night, info.model_version, "run-1", dt.datetime(2025, 3, 2), scored.probs[0].tolist(), None,
-          ["I10"], int(scored.n_chunks[0]), False)], t.PREDICTIONS_SCHEMA), wh.name(t.PREDICTIONS))
+          ["I10"], int(scored.n_chunks[0]), False, "E1", ["review"])], t.PREDICTIONS_SCHEMA), wh.name(t.PREDICTIONS))
     wh.write(wh.spark.createDataFrame(
         [("n1", night, info.model_version, s["code"], s["rank"], s["char_start"], s["char_end"], s["weight"], "run-1")
          for s in spans], t.EVIDENCE_SCHEMA), wh.name(t.EVIDENCE))

@@ -20,11 +20,10 @@ from pyspark.sql import functions as F
 from bertxml import tables as t
 from bertxml.config import ModelConfig, VocabConfig
 from bertxml.model import BertForIcdCoding, bert_config, save_model
-from bertxml.modeldir import write_model_dir
+from bertxml.modeldir import predicted_codes, top_codes, write_model_dir
 from bertxml.precision import cpu_has_native_bf16, decide_precision
 from bertxml.score import (PREDICTORS, ModelDirError, NoNotesError, label_attention_blocked, label_attention_sdpa,
-                           make_predict_fn, predicted_codes, read_model_info, register_predictor, run_score,
-                           score_frames, top_codes)
+                           make_predict_fn, read_model_info, register_predictor, run_score, score_frames)
 from bertxml.tokenize import encode_chunks
 from bertxml.vocab import train_tokenizer
 
