@@ -31,7 +31,7 @@ PRECISION_SETTINGS = ("auto", "true", "false")
 
 def precision_setting(value) -> str:
     """A precision setting ('auto', true or false; yes/no/1/0 too) -> 'auto', 'true' or 'false'.
-    What 'auto' means per device: `bertxml.precision.decide_precision`."""
+    What 'auto' means per device: `bertxml.models.precision.decide_precision`."""
     text = str(value).strip().lower()
     text = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(text, text)
     if text not in PRECISION_SETTINGS:
@@ -157,7 +157,7 @@ class PretrainConfig:
     grad_accum: int = 1                 # micro-batches per optimizer step
     clip: float = 1.0                   # gradient norm clipping; 0 turns it off
     bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
-                                        # (bertxml.precision); true/false force it
+                                        # (bertxml.models.precision); true/false force it
     log_every: int = 20                 # steps between log lines (loss, mlm, nsp, lr, tokens/s)
     seed: int = 13                      # model init, batch order per epoch, masking per step
     threads: int = 0                    # torch CPU threads; 0 leaves torch's default
@@ -178,7 +178,7 @@ class TrainConfig:
     warmup: float = 0.1                 # linear warm-up over 10%, then linear decay to 0
     clip: float = 1.0
     bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
-                                        # (bertxml.precision); true/false force it. The BiGRU baseline too
+                                        # (bertxml.models.precision); true/false force it. The BiGRU baseline too
     log_every: int = 20
     eval_every: int = 0                 # 0: evaluate on dev at each epoch end
     seed: int = 13
@@ -209,7 +209,7 @@ class ScoreConfig:
     device: str = "auto"                # "auto": the Spark task's GPU, else CUDA if present, else CPU
     num_threads: int = 0                # torch threads per worker; 0: the task's CPUs (spark.task.cpus)
     cpu_bf16: str = precision_field()   # bf16 on the CPU (weights cast once): "auto" = where the CPU has
-                                        # native bf16 (AVX512-BF16, AMX; bertxml.precision); true/false
+                                        # native bf16 (AVX512-BF16, AMX; bertxml.models.precision); true/false
                                         # force it. GPUs autocast to bf16 where they support it
     partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
@@ -260,7 +260,7 @@ class BandConfig:
 
 @dataclass
 class DriftConfig:
-    """`bertxml.night_drift`: each scored night against the training set (bertxml.drift). A night is
+    """`bertxml.night_drift`: each scored night against the training set (bertxml.scoring.drift). A night is
     flagged when one of its measures passes its limit; nights with fewer than min_notes scored notes get
     their rows but are never flagged (too few notes to judge)."""
     enabled: bool = True                # write bertxml.night_drift after each scored night
@@ -293,7 +293,7 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    """The paper's non-BERT models (§3.4, §4.3), trained by `bertxml.baselines`."""
+    """The paper's non-BERT models (§3.4, §4.3), trained by `bertxml.models.baselines`."""
     max_len: int = 512                  # paper §4.3: every baseline reads a note's first 512 tokens
     seed: int = 13
     # logistic regression on a bag of WordPieces (§3.4.1), one-vs-rest over the label vocabulary
@@ -357,7 +357,7 @@ class SqlServerConfig:
 
 @dataclass
 class MlflowConfig:
-    """The MLflow tracking store and model registry (`bertxml.registry`)."""
+    """The MLflow tracking store and model registry (`bertxml.models.registry`)."""
     log_runs: bool = True               # train/retrain/compare log a run and register its model
     tracking_uri: str = ""              # "": SQLite under WORKDIR/mlflow (no server); "databricks" on
                                         # Databricks, or http(s)://host of a tracking server

@@ -1,7 +1,7 @@
 """The evaluation metrics on numpy arrays: AUCs (micro, macro, per code), F1 at per-code thresholds, P@k.
 
-The one place these are computed from arrays: training's dev AUC (`bertxml.train`, `bertxml.baselines`),
-`bertxml compare` and the array form of the auc_report. The Spark job (`bertxml.evaluate`) computes the
+The one place these are computed from arrays: training's dev AUC (`bertxml.training.train`, `bertxml.models.baselines`),
+`bertxml compare` and the array form of the auc_report. The Spark job (`bertxml.reports.evaluate`) computes the
 same AUCs by rank sums over a table too large to collect; tests/test_metrics.py holds it to these within
 1e-9, ties included.
 

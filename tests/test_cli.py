@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.cli import build_parser, main
 from bertxml.config import ConfigError, load_config
 
