@@ -13,7 +13,7 @@ grid, then the test figures of the dev-selected C (the test split read once).
 chunking, max over chunks) and prints the same metrics as `bertxml compare`.
 
 Every figure: micro/macro AUC, Table 3's macro AUC over codes with fewer than compare.low_freq_threshold train
-notes, micro F1 at the dev-tuned thresholds, P@5 (bertxml.reports.evaluate.auc_report_from_arrays). Note text is
+notes, micro F1 at the dev-tuned thresholds, P@5 (bertxml.metrics.auc_report_from_arrays). Note text is
 read in memory only and never printed.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bertxml.platform import tables as t  # noqa: E402
-from bertxml.config import load_config  # noqa: E402
+from bertxml.config_io import load_config  # noqa: E402
 from bertxml.text.data import table_path  # noqa: E402
 from bertxml.platform.deltaread import read_delta  # noqa: E402
 
@@ -61,7 +61,7 @@ def logreg_words(args, cfg) -> None:
 
     from bertxml.reports.compare import label_matrix
     from bertxml.reports.evaluate import auc_report_from_arrays
-    from bertxml.training.train import tune_thresholds
+    from bertxml.training.thresholds import tune_thresholds
 
     labels = label_vocab(args.workdir, cfg)
     codes = [r["code"] for r in labels]

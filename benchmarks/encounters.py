@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bertxml.scoring import encounters  # noqa: E402
-from bertxml.config import ModelConfig, VocabConfig, load_config  # noqa: E402
+from bertxml.config import ModelConfig, VocabConfig  # noqa: E402
+from bertxml.config_io import load_config
 from bertxml.models.bert import BertForIcdCoding, bert_config, save_model  # noqa: E402
 from bertxml.models.modeldir import write_model_dir  # noqa: E402
 
@@ -95,7 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from bertxml.etl.generate import last_date, run_generate
+    from bertxml.etl.span import last_date
+    from bertxml.etl.generate import run_generate
     from bertxml.scoring.score import run_score
     from bertxml.platform.warehouse import Warehouse, get_spark
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from bertxml.config import Config, GenerateConfig
-from bertxml.etl.generate import PatientGenerator, run_generate
+from bertxml.etl.patients import PatientGenerator
+from bertxml.etl.generate import run_generate
 from bertxml.platform.warehouse import Warehouse, get_spark
 
 

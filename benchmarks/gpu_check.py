@@ -51,7 +51,8 @@ def stage_train(args) -> int:
     from machine import describe_machine, matmul_peak
     from train import build, encoder_nonembedding, model_flops, time_steps
 
-    from bertxml.config import ModelConfig, model_preset
+    from bertxml.config import ModelConfig
+    from bertxml.config_io import model_preset
     from bertxml.models.precision import decide_precision
 
     device = torch.device(args.device)
@@ -98,7 +99,7 @@ def stage_train(args) -> int:
 def night_of_notes(n: int, seed: int = 7) -> list[str]:
     """n note texts from the synthetic warehouse generator (no defects), patient by patient."""
     from bertxml.config import GenerateConfig
-    from bertxml.etl.generate import PatientGenerator
+    from bertxml.etl.patients import PatientGenerator
 
     gen = PatientGenerator(GenerateConfig(notes=n, seed=seed, bad_row_rate=0.0, drop_rate=0.0))
     texts, i = [], 0
@@ -145,13 +146,13 @@ def gpu_session(n_gpus: int, cores: int, memory_mb: int):
 
 
 def task_devices(spark, n_tasks: int) -> list[tuple]:
-    """(GPU addresses Spark gave the task, the device bertxml.scoring.score.resolve_device picks there) per task."""
+    """(GPU addresses Spark gave the task, the device bertxml.models.devices.resolve_device picks there) per task."""
     import pandas as pd
 
     def probe(frames):
         from pyspark import TaskContext
 
-        from bertxml.scoring.score import resolve_device
+        from bertxml.models.devices import resolve_device
 
         for _ in frames:
             gpu = TaskContext.get().resources().get("gpu")
@@ -167,7 +168,8 @@ def stage_spark(args) -> int:
 
     from bertxml.config import ScoreConfig, VocabConfig
     from bertxml.config import score_options
-    from bertxml.scoring.score import arrow_batch_conf, make_predict_fn, score_notes
+    from bertxml.scoring.udf import arrow_batch_conf, score_notes
+    from bertxml.scoring.predictors import make_predict_fn
     from bertxml.text.vocab import train_tokenizer
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -191,7 +193,7 @@ def stage_spark(args) -> int:
               f"spark.task.resource.gpu.amount=1, spark.task.cpus={max(1, cores // n_gpus)}; started in "
               f"{time.perf_counter() - started:.1f}s", flush=True)
         seen = task_devices(spark, n_gpus)
-        print(f"tasks saw: {seen} (GPU addresses from the scheduler, device from bertxml.scoring.score.resolve_device)")
+        print(f"tasks saw: {seen} (GPU addresses from the scheduler, device from bertxml.models.devices.resolve_device)")
         if not all(gpus for gpus, _ in seen):
             raise RuntimeError(f"a task got no GPU from the scheduler: {seen}")
 
@@ -253,7 +255,7 @@ def stage_ddp(args) -> int:
     from bertxml.config import ModelConfig
     from bertxml.models.bert import BertForIcdCoding, bert_config
     from bertxml.models.precision import autocast, decide_precision
-    from bertxml.training.train import init_distributed, make_optimizer, pick_device
+    from bertxml.training.loop import init_distributed, make_optimizer, pick_device
 
     use_gpu = args.device != "cpu"
     rank, world, local_rank, created = init_distributed(use_gpu)

@@ -50,7 +50,8 @@ import torch
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time
 from score import flops_from_sums
 
-from bertxml.config import Config, ModelConfig, model_preset
+from bertxml.config import Config, ModelConfig
+from bertxml.config_io import model_preset
 from bertxml.etl.etl import run_etl
 from bertxml.etl.generate import run_generate
 from bertxml.text.tokenize import run_tokenize

@@ -49,10 +49,11 @@ import pyarrow.parquet as pq
 import torch
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time
 
-from bertxml.config import ModelConfig, ScoreConfig, VocabConfig, model_preset
+from bertxml.config import ModelConfig, ScoreConfig, VocabConfig
+from bertxml.config_io import model_preset
 from bertxml.models.bert import BertForIcdCoding, bert_config, save_model
 from bertxml.models.modeldir import write_model_dir
-from bertxml.scoring.score import make_predict_fn
+from bertxml.scoring.predictors import make_predict_fn
 from bertxml.text.tokenize import encode_chunks
 from bertxml.text.vocab import train_tokenizer
 
@@ -173,7 +174,7 @@ def spark_vs_direct(model_dir: Path, texts: list[str], threads: int, reps: int) 
     """notes/s of score_notes (one task, one thread, per core) and of the engine called directly with the
     same total threads; warm workers (the first action starts them and loads the model)."""
     from bertxml.config import Config
-    from bertxml.scoring.score import arrow_batch_conf, score_notes
+    from bertxml.scoring.udf import arrow_batch_conf, score_notes
     from bertxml.platform.warehouse import get_spark
 
     cfg = Config()

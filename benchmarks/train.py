@@ -33,10 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bertxml.config import ModelConfig, model_preset  # noqa: E402
+from bertxml.config import ModelConfig  # noqa: E402
+from bertxml.config_io import model_preset
 from bertxml.models.bert import BertForIcdCoding, BertForPretraining, bert_config, count_parameters  # noqa: E402
 from bertxml.models.precision import autocast, decide_precision  # noqa: E402
-from bertxml.training.train import make_optimizer  # noqa: E402
+from bertxml.training.loop import make_optimizer  # noqa: E402
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time, sync  # noqa: E402
 
 VOCAB = 20000      # paper §4.2.1: 20K WordPieces

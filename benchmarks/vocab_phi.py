@@ -15,7 +15,8 @@ from pathlib import Path
 
 from bertxml.config import VocabConfig
 from bertxml.platform.deltaread import read_delta
-from bertxml.text.vocab import oov_words, train_from_word_counts, trainable_words, words_of_documents
+from bertxml.text.oov import oov_words
+from bertxml.text.vocab import train_from_word_counts, trainable_words, words_of_documents
 
 
 def main() -> None:

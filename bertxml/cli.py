@@ -21,7 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
-from bertxml.config import ConfigError, load_config
+from bertxml.config import ConfigError
+from bertxml.config_io import load_config
 
 log = logging.getLogger("bertxml.cli")
 
@@ -118,7 +119,7 @@ def cmd_train(args) -> int:
     from bertxml.training.train import run_train
 
     if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.models.baselines)
-        from bertxml.models.baselines import run_train_baseline
+        from bertxml.training.baselines import run_train_baseline
 
         if args.init or args.encoder or args.resume:
             print(f"error: --init/--encoder/--resume are for the BERT models, not {args.model}", file=sys.stderr)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from bertxml.etl.generate import last_date, run_generate
+from bertxml.etl.generate import run_generate
+from bertxml.etl.span import last_date
 from bertxml.platform.sql import format_rows
 
 log = logging.getLogger("bertxml.demo")

@@ -104,3 +104,8 @@ def auc_report_from_arrays(y_true, probs, train_counts, low_freq_threshold: int 
         out[f"p_at_{k}"] = float(np.take_along_axis(y, top, axis=1).sum(axis=1).mean() / top.shape[1]) if n else None
     out["code_auc"] = code_auc
     return {key: out[key] for key in (*METRICS, "code_auc")}
+
+
+def fmt_metric(value, digits: int = 4) -> str:
+    """A metric for a log line or a report: 'n/a' when there is none (e.g. no dev code with a positive note)."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"  # value != value: NaN

@@ -1,6 +1,6 @@
 """Tests for bertxml/models/baselines.py and bertxml/reports/compare.py: bag-of-words features by hand; the BiGRU's multi-head
 attention (eq. 5-8) shapes and masking; each baseline learns the tiny learnable problem of test_train.py (a
-code's note holds its signal word) and its folder scores through `bertxml.scoring.score.make_predict_fn` with the
+code's note holds its signal word) and its folder scores through `bertxml.scoring.predictors.make_predict_fn` with the
 predictions it was selected on; `bertxml compare` writes bertxml.model_comparison and Tables 2 and 3.
 
 Run: .venv/bin/python -m pytest -q tests/test_baselines.py
@@ -15,12 +15,14 @@ import torch
 
 from bertxml.models import modeldir
 from bertxml.platform import tables as t
-from bertxml.models.baselines import (BiGruAttention, MultiHeadAttentionPool, bag_of_words, idf_weights,
-                               run_train_baseline, weight_features)
+from bertxml.models.bigru import BiGruAttention, MultiHeadAttentionPool
+from bertxml.models.logreg import bag_of_words, idf_weights, weight_features
+from bertxml.training.baselines import run_train_baseline
 from bertxml.reports.compare import comparison_markdown, find_encoder, plan, run_compare
 from bertxml.config import Config
 from bertxml.metrics import auc_report_from_arrays
-from bertxml.scoring.score import ModelDirError, make_predict_fn, read_model_info
+from bertxml.models.modeldir import ModelDirError
+from bertxml.scoring.predictors import make_predict_fn, read_model_info
 from test_train import CODES, assert_no_pickles, make_notes, make_vocab_dir, tiny_config, write_tables
 
 BASE_LEN = 64   # longer than any toy note: a baseline sees the whole note

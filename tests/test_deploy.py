@@ -18,7 +18,8 @@ import yaml
 
 from bertxml import config as config_module
 from bertxml.cli import build_parser
-from bertxml.config import CONF_DIR, ConfigError, load_config, packaged_configs
+from bertxml.config import CONF_DIR, ConfigError
+from bertxml.config_io import load_config, packaged_configs
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from bertxml.platform import tables as t
-from bertxml.config import ConfigError, load_config
-from bertxml.scoring.drift import (add_dev_reference, bin_counts, length_edges, load_profile, psi, training_profile,
-                           word_stats)
+from bertxml.config import ConfigError
+from bertxml.config_io import load_config
+from bertxml.models.profile import (add_dev_reference, bin_counts, length_edges, load_profile, psi, training_profile,
+                                    word_stats)
 from bertxml.models.modeldir import DRIFT_PROFILE_FILE, write_json
-from bertxml.scoring.score import make_predict_fn, read_model_info, run_score
+from bertxml.scoring.predictors import make_predict_fn, read_model_info
+from bertxml.scoring.score import run_score
 from test_score import SENTENCES, make_model_dir, note, write_notes
 
 TRAIN_DAY, NORMAL, SHIFTED = dt.date(2025, 2, 1), dt.date(2025, 3, 1), dt.date(2025, 3, 2)

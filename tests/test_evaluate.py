@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from bertxml.platform import tables as t
 from bertxml.reports.evaluate import micro_auc, run_evaluate
 from bertxml.metrics import auc_report_from_arrays
-from bertxml.scoring.score import make_predict_fn
+from bertxml.scoring.predictors import make_predict_fn
 from test_score import CODES, SENTENCES, make_model_dir
 
 D1, D2 = dt.date(2025, 3, 1), dt.date(2025, 3, 2)

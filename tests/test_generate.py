@@ -12,9 +12,10 @@ from dataclasses import replace
 import pytest
 
 from bertxml.config import GenerateConfig
-from bertxml.etl.generate import (LAST_DAY, MALFORMED_CODES, MAX_DAYS, MIN_DAYS, UNKNOWN_SHAPED_CODES,
-                              PatientGenerator, check_generate_config, code_catalog, generate_warehouse,
-                              last_date, load_lexicon, n_patients, run_generate, span_days)
+from bertxml.etl.span import LAST_DAY, MAX_DAYS, MIN_DAYS, check_generate_config, last_date, n_patients, span_days
+from bertxml.etl.generate import generate_warehouse, run_generate
+from bertxml.etl.patients import MALFORMED_CODES, UNKNOWN_SHAPED_CODES, PatientGenerator
+from bertxml.etl.lexicon import code_catalog, load_lexicon
 from bertxml.etl.icd import ICD10_SHAPE, chronic_codes, icd10cm_descriptions, normalize_code
 from bertxml.platform.tables import DIAGNOSES_SCHEMA, NOTES_SCHEMA
 

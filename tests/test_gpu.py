@@ -19,8 +19,8 @@ import torch
 from bertxml.config import ModelConfig
 from bertxml.models.bert import BertForIcdCoding, LabelAttention, bert_config
 from bertxml.models.precision import autocast, decide_precision
-from bertxml.scoring.score import make_predict_fn
-from bertxml.training.train import make_optimizer
+from bertxml.scoring.predictors import make_predict_fn
+from bertxml.training.loop import make_optimizer
 from test_score import LONG, SENTENCES, make_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent

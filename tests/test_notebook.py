@@ -79,7 +79,7 @@ def write_drift_profile(model_dir, texts):
     own texts with every code at a dev rate of 1/2, so bertxml.night_drift gets rows to plot."""
     from tokenizers import Tokenizer
 
-    from bertxml.scoring.drift import PROFILE_VERSION, bin_counts, length_edges, word_stats
+    from bertxml.models.profile import PROFILE_VERSION, bin_counts, length_edges, word_stats
     from bertxml.models.modeldir import DRIFT_PROFILE_FILE, write_json
 
     words, oov = word_stats(Tokenizer.from_file(str(model_dir / "tokenizer.json")), texts)

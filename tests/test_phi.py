@@ -131,7 +131,7 @@ def test_planted_markers_never_leave_the_text_tables(wh, cfg, tmp_path):
 
     conf = tmp_path / "tiny.yaml"
     conf.write_text(TINY_CONF)
-    from bertxml.config import load_config
+    from bertxml.config_io import load_config
 
     tiny = load_config([str(conf)])
     run_generate(wh, tiny.generate)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from bertxml.config import ConfigError, load_config
+from bertxml.config import ConfigError
+from bertxml.config_io import load_config
 from bertxml.models.precision import autocast, cpu_flags, cpu_has_native_bf16, decide_precision
 
 AVX2_EPYC = {"fpu", "sse4_2", "avx", "avx2", "fma"}                  # no native bf16

@@ -22,8 +22,11 @@ from bertxml.config import ModelConfig, VocabConfig
 from bertxml.models.bert import BertForIcdCoding, bert_config, save_model
 from bertxml.models.modeldir import predicted_codes, top_codes, write_model_dir
 from bertxml.models.precision import cpu_has_native_bf16, decide_precision
-from bertxml.scoring.score import (PREDICTORS, ModelDirError, NoNotesError, label_attention_blocked, label_attention_sdpa,
-                           make_predict_fn, read_model_info, register_predictor, run_score, score_frames)
+from bertxml.scoring.predictors import PREDICTORS, make_predict_fn, read_model_info, register_predictor
+from bertxml.models.modeldir import ModelDirError
+from bertxml.scoring.score import NoNotesError, run_score
+from bertxml.scoring.engine import label_attention_blocked, label_attention_sdpa
+from bertxml.scoring.udf import score_frames
 from bertxml.text.tokenize import encode_chunks
 from bertxml.text.vocab import train_tokenizer
 
@@ -213,7 +216,7 @@ def test_evidence_puts_the_sentence_stating_the_code_first(tmp_path):
 
 
 def test_evidence_spans_are_sentences_cut_at_span_tokens():
-    from bertxml.scoring.score import evidence_spans, span_breaks
+    from bertxml.scoring.evidence import evidence_spans, span_breaks
 
     text = "Aa bb. Cc dd ee ff gg\nHh ii; jj 2.5 kk"
     breaks = span_breaks(text)
@@ -446,7 +449,7 @@ def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
 
 # ---- operating points, bands and encounters -----------------------------------------------------------------
 def test_operating_points_by_hand():
-    from bertxml.training.train import operating_points
+    from bertxml.training.thresholds import operating_points
 
     # One code, ten dev notes, best first: + + + - + - - + - -  (5 positives).
     probs = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], dtype=np.float32)[:, None]
@@ -467,7 +470,8 @@ def test_operating_points_by_hand():
 
 
 def test_band_targets_are_checked():
-    from bertxml.config import ConfigError, load_config
+    from bertxml.config import ConfigError
+    from bertxml.config_io import load_config
 
     assert load_config(sets=["bands.auto_precision=0.95"]).bands.auto_precision == 0.95
     for bad in ("bands.auto_precision=1.5", "bands.review_recall=0", "bands.min_support=0"):

@@ -23,8 +23,10 @@ from bertxml.training import train as train_mod
 from bertxml.config import Config, ModelConfig
 from bertxml.models.precision import decide_precision
 from bertxml.text.data import ChunkSet, bucketed_batches, eval_batches, load_chunks, shard_batches
-from bertxml.training.train import (auc_metrics, lr_at, make_optimizer, set_lr, optimizer_tensors, load_optimizer_tensors,
-                           run_train, tune_thresholds)
+from bertxml.metrics import auc_metrics
+from bertxml.training.loop import lr_at, make_optimizer, set_lr, optimizer_tensors, load_optimizer_tensors
+from bertxml.training.train import run_train
+from bertxml.training.thresholds import tune_thresholds
 
 SYLLABLES = [c + v for c in "bdfgklmnprst" for v in "aeiou"]       # 60 filler words, no digits
 SIGNALS = ["fever", "cough", "rash", "pain"]                       # the word that gives code k away

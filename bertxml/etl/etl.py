@@ -25,13 +25,13 @@ import json
 import logging
 from typing import NamedTuple
 
-from pyspark.sql import Column, DataFrame, Observation
-from pyspark.sql import functions as F
+from pyspark.sql import Column, DataFrame, Observation, functions as F
 from pyspark.sql.window import Window
 
-from bertxml.platform import tables as t
-from bertxml.config import Config, EtlConfig, apply_overrides, config_from_dict
+from bertxml.config import Config, EtlConfig
+from bertxml.config_io import apply_overrides, config_from_dict
 from bertxml.etl.icd import icd_reference, is_icd10_shaped, normalize_code_col
+from bertxml.platform import tables as t
 from bertxml.platform.runs import find_run, job_run
 from bertxml.platform.warehouse import parse_utc_timestamp
 

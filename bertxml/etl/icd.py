@@ -14,8 +14,7 @@ from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
 
-from pyspark.sql import Column, DataFrame, SparkSession
-from pyspark.sql import functions as F
+from pyspark.sql import Column, DataFrame, SparkSession, functions as F
 
 log = logging.getLogger("bertxml.etl.icd")
 

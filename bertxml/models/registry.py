@@ -6,7 +6,7 @@
 `bertxml train`, `retrain` and `compare` log one MLflow run per model (`log_model_run`): the resolved config
 as params, the dev metrics, the input Delta versions and the ETL run id as tags, and the model folder as
 the artifact of an `mlflow.pyfunc` model (bertxml/resources/mlflow_model.py, logged as code) whose predict
-takes note text and returns code probabilities through `bertxml.scoring.score.make_predict_fn`. The model is
+takes note text and returns code probabilities through `bertxml.scoring.predictors.make_predict_fn`. The model is
 registered as a new version of `mlflow.model_name` (default `bertxml`).
 
 Stores: by default a SQLite file under WORKDIR/mlflow (mlflow.db, artifacts/), no server. On a cluster,

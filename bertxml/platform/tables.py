@@ -3,8 +3,8 @@
 Input tables (the hospital's): notes and diagnoses. Output tables (ours) live in the `bertxml` schema
 (WarehouseConfig.schema). Each output table's columns are documented in the README.
 """
-from pyspark.sql.types import (ArrayType, BooleanType, DateType, DoubleType, FloatType, IntegerType,
-                               LongType, StringType, StructField, StructType, TimestampType)
+from pyspark.sql.types import (ArrayType, BooleanType, DateType, DoubleType, FloatType, IntegerType, LongType,
+                               StringType, StructField, StructType, TimestampType)
 
 # ---- inputs -------------------------------------------------------------------------------------------
 NOTES_SCHEMA = StructType([

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyspark import InheritableThread, SparkConf
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import types as T
+from pyspark.sql import DataFrame, SparkSession, types as T
 
-from bertxml.platform import faults
 from bertxml.config import Config
+from bertxml.platform import faults
 
 log = logging.getLogger("bertxml.platform.warehouse")
 

@@ -13,7 +13,7 @@ same notes with the same metric function, and writes the result:
   at `compare.minilm_max_lens` (the paper's off-the-shelf BERT rows). Chunks of a missing length are made
   first (`bertxml.text.tokenize.run_tokenize`), before any model reads the tables, so every model sees the same
   Delta versions; the job checks the models' manifests agree.
-- measurement: each finished folder is loaded through `bertxml.scoring.score.make_predict_fn` (the nightly
+- measurement: each finished folder is loaded through `bertxml.scoring.predictors.make_predict_fn` (the nightly
   scorer's own path: chunking, max over chunks) on the notes of `compare.split` (default dev) of
   labeled_notes at the pinned version, and scored with `bertxml.metrics.auc_report_from_arrays`: micro AUC,
   macro AUC, and Table 3's macro AUC over codes with fewer than `compare.low_freq_threshold` train notes.
@@ -38,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bertxml.config import Config
+from bertxml.config_io import config_from_dict
+from bertxml.metrics import fmt_metric
 from bertxml.models import modeldir
 from bertxml.platform import tables as t
-from bertxml.config import Config, config_from_dict
-from bertxml.training.train import fmt_metric
 
 log = logging.getLogger("bertxml.reports.compare")
 
@@ -167,7 +168,8 @@ def ensure_chunks(wh, cfg: Config, lengths: set[int], vocab_dir: Path, run) -> N
 def train_entry(wh, cfg: Config, entry: Entry, out_dir: Path, encoder: Path | None, minilm: Path | None) -> Path:
     """Train one row into out_dir with the library's own training functions; returns the model folder."""
     from bertxml.models import baselines
-    from bertxml.training.train import resolve_train_inputs, train_model
+    from bertxml.training.inputs import resolve_train_inputs
+    from bertxml.training.train import train_model
 
     run_cfg = config_from_dict(cfg.to_dict())
     if entry.kind in BASELINES:
@@ -216,11 +218,11 @@ def label_matrix(codes: list[list[str]], model_codes) -> np.ndarray:
 
 
 def measure(model_dir: Path, texts: list[str], codes: list[list[str]], cfg: Config, low_freq: int) -> dict:
-    """Score the notes through the model folder's predictor (bertxml.scoring.score.make_predict_fn) and compute the
+    """Score the notes through the model folder's predictor (bertxml.scoring.predictors.make_predict_fn) and compute the
     auc_report metrics (bertxml.metrics.auc_report_from_arrays) at its own thresholds."""
     from bertxml.metrics import auc_report_from_arrays
     from bertxml.config import score_options
-    from bertxml.scoring.score import make_predict_fn, read_model_info
+    from bertxml.scoring.predictors import make_predict_fn, read_model_info
 
     info = read_model_info(model_dir, cfg.score.threshold_default)
     predict = make_predict_fn(model_dir, cfg.score.device, **score_options(cfg.score))

@@ -51,9 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bertxml.platform import tables as t
 from bertxml.config import Config
 from bertxml.metrics import METRICS, P_AT, summarize_codes
+from bertxml.platform import tables as t
 
 log = logging.getLogger("bertxml.reports.evaluate")
 
@@ -190,7 +190,7 @@ def note_probabilities(wh, labeled, info, cfg: Config, run):
     scored the note, the rest scored now through the scoring UDF (not written anywhere)."""
     from pyspark.sql import functions as F
 
-    from bertxml.scoring.score import score_notes
+    from bertxml.scoring.udf import score_notes
 
     ids = labeled.select("note_id")
     preds_name = wh.name(t.PREDICTIONS)
@@ -252,7 +252,9 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
 
     from bertxml.platform.runs import job_run
     from bertxml.models.registry import resolve_model
-    from bertxml.scoring.score import arrow_batch_conf, parse_date, read_model_info
+    from bertxml.scoring.udf import arrow_batch_conf
+    from bertxml.scoring.score import parse_date
+    from bertxml.scoring.predictors import read_model_info
     from bertxml.platform.views import create_views
     from bertxml.platform.warehouse import sql_string
 

@@ -4,7 +4,7 @@
 
 When the nightly job wrote `bertxml.evidence` rows for the note and model version (score.evidence), it
 renders those: each predicted code's most attended sentence-ish spans, found in the scoring pass itself
-(`bertxml.scoring.score.evidence_spans`), with the probability from `bertxml.predictions`; no model is loaded.
+(`bertxml.scoring.evidence.evidence_spans`), with the probability from `bertxml.predictions`; no model is loaded.
 Otherwise (no rows, or --code names a code without rows) it recomputes: for each predicted code of the
 note (or the one asked with --code) the most attended tokens and the spans (whole words, neighbours
 merged) they form, from the attention a_ij of eq. 2 in the chunk that decided the note's probability (the
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bertxml.platform import tables as t
 from bertxml.config import Config
+from bertxml.platform import tables as t
 
 log = logging.getLogger("bertxml.reports.explain")
 
@@ -285,7 +285,7 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
     from bertxml.models.registry import resolve_model
     from bertxml.platform.runs import job_run
     from bertxml.config import score_options
-    from bertxml.scoring.score import make_predict_fn, read_model_info
+    from bertxml.scoring.predictors import make_predict_fn, read_model_info
 
     print(PHI_WARNING, file=sys.stderr)
     with job_run(wh, "explain") as run:

@@ -10,7 +10,7 @@ Written by `bertxml score` into `bertxml.encounter_predictions`, after the night
   snapshot) that this model version has a prediction for, whatever night they were scored; an encounter
   left with none loses its row. So an encounter whose notes arrive over several nights, a rerun, or a
   catch-up ends as one clean computation over the same predictions would leave it.
-Bands and predicted codes follow the note-level rule (`bertxml.scoring.score.predicted_bands`) on the maximum.
+Bands and predicted codes follow the note-level rule (`bertxml.models.modeldir.predicted_bands`) on the maximum.
 
 `encounter_probabilities(notes)` is the same maximum for any (encounter_id, probabilities) frame
 (`bertxml evaluate --level encounter`).

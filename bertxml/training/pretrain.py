@@ -25,21 +25,98 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from bertxml.models import modeldir
-from bertxml.platform import tables as t
 from bertxml.config import Config
-from bertxml.text.data import ChunkSet, bucketed_batches, load_chunks, pretraining_batch
-from bertxml.models.bert import BertForPretraining, bert_config, count_parameters
+from bertxml.models import modeldir
+from bertxml.models.bert import BertForPretraining, bert_config, count_parameters, mask_tokens
 from bertxml.models.precision import autocast, decide_precision
-from bertxml.training.train import (ARCH_FIELDS, CHECKPOINT_DIR, source_tables, unfinished_model_dir,
-                           check_resume, chunks_metadata, file_sha256, load_checkpoint, lr_at, make_optimizer, set_lr,
-                           pick_device, planned_steps, save_checkpoint, set_threads, size_label, special_ids,
-                           step_seed)
+from bertxml.platform import tables as t
+from bertxml.text.data import ChunkSet, bucketed_batches, load_chunks, pad_ids
+from bertxml.training.inputs import (ARCH_FIELDS, chunks_metadata, file_sha256, size_label, source_tables,
+                                     special_ids, unfinished_model_dir)
+from bertxml.training.loop import (CHECKPOINT_DIR, check_resume, load_checkpoint, lr_at, make_optimizer, pick_device,
+                                   planned_steps, save_checkpoint, set_lr, set_threads, step_seed)
 
 log = logging.getLogger("bertxml.training.pretrain")
+
+NOT_NEXT, IS_NEXT = 1, 0  # transformers' BertForPreTraining: label 0 = B follows A, 1 = B is random
+
+
+# ---- pre-training batches: next-sentence pairs and BERT's MLM masking -------------------------------------
+def split_sentences(input_ids: np.ndarray, sentence_starts: np.ndarray) -> list[np.ndarray]:
+    """A chunk `[CLS] body [SEP]` -> its body cut at the sentence starts (positions in input_ids).
+    A piece that continues a sentence from the previous chunk counts as a sentence of its own."""
+    body_end = len(input_ids) - 1  # the final [SEP]
+    cuts = sorted({int(s) for s in sentence_starts if 1 < s < body_end} | {1})
+    return [input_ids[a:b] for a, b in zip(cuts, cuts[1:] + [body_end]) if b > a]
+
+
+def nsp_example(chunks: ChunkSet, i: int, rng: np.random.Generator, max_len: int, cls_id: int,
+                sep_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One next-sentence pair from chunk i: (input_ids, token_type_ids, label).
+
+    Segment A is the chunk's first k sentences (k drawn from 1..n-1); segment B is, half of the time, the
+    sentences that follow in the same chunk (label IS_NEXT), otherwise sentences from a random chunk of
+    another note, from one of its sentence starts, no longer than the true continuation would have been
+    (label NOT_NEXT) so that length gives nothing away. A chunk with a single sentence is cut at a random
+    token instead. The pair is `[CLS] A [SEP] B [SEP]`, token types 0 for A and 1 for B, cut to max_len.
+    """
+    sentences = split_sentences(chunks.input_ids[i], chunks.sentence_starts[i])
+    if len(sentences) >= 2:
+        k = int(rng.integers(1, len(sentences)))
+        seg_a, seg_b = np.concatenate(sentences[:k]), np.concatenate(sentences[k:])
+    else:
+        body = sentences[0] if sentences else np.zeros(0, dtype=np.int64)
+        cut = int(rng.integers(1, len(body))) if len(body) >= 2 else len(body)
+        seg_a, seg_b = body[:cut], body[cut:]
+    label = IS_NEXT
+    if rng.random() < 0.5 and chunks.n_notes > 1:
+        for _ in range(10):  # another note's chunk; a few draws suffice unless one note dominates
+            j = int(rng.integers(len(chunks)))
+            if chunks.note_index[j] != chunks.note_index[i]:
+                other = split_sentences(chunks.input_ids[j], chunks.sentence_starts[j])
+                if other:
+                    s = int(rng.integers(len(other)))
+                    seg_b = np.concatenate(other[s:])[:max(1, len(seg_b))]
+                    label = NOT_NEXT
+                break
+    budget = max_len - 3
+    while len(seg_a) + len(seg_b) > budget:  # trim the longer segment's end, as BERT does
+        if len(seg_a) > len(seg_b):
+            seg_a = seg_a[:-1]
+        else:
+            seg_b = seg_b[:-1]
+    ids = np.concatenate([[cls_id], seg_a, [sep_id], seg_b, [sep_id]]).astype(np.int64)
+    types = np.concatenate([np.zeros(len(seg_a) + 2, dtype=np.int64), np.ones(len(seg_b) + 1, dtype=np.int64)])
+    return ids, types, label
+
+
+def pretraining_batch(chunks: ChunkSet, index: np.ndarray, *, nsp: bool, seed: int, step: int, max_len: int,
+                      special: dict, vocab_size: int, mlm_probability: float) -> dict:
+    """A pre-training batch for chunks `index`: next-sentence pairs (when nsp) and BERT's MLM masking.
+
+    Randomness is drawn from generators seeded by (seed, step), so a batch is rebuilt identically after a
+    resume. `special` holds the ids of pad, cls, sep and mask. Returns input_ids, attention_mask,
+    token_type_ids (B, T), mlm_labels (B, T) (-100 where not masked) and nsp_labels (B,) or None.
+    """
+    rng = np.random.default_rng([seed, step, 1])
+    if nsp:
+        pairs = [nsp_example(chunks, int(i), rng, max_len, special["cls"], special["sep"]) for i in index]
+        rows, types, nsp_labels = [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]
+    else:
+        rows = [chunks.input_ids[i] for i in index]
+        types = [np.zeros(len(r), dtype=np.int64) for r in rows]
+        nsp_labels = None
+    ids, mask = pad_ids(rows, special["pad"])
+    token_types, _ = pad_ids(types, 0)
+    special_mask = (mask == 0) | (ids == special["cls"]) | (ids == special["sep"])  # (B, T)
+    generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 2]).integers(2**62)))
+    masked, mlm_labels = mask_tokens(ids, special_mask, vocab_size, special["mask"], mlm_probability, generator)
+    return {"input_ids": masked, "attention_mask": mask, "token_type_ids": token_types, "mlm_labels": mlm_labels,
+            "nsp_labels": torch.tensor(nsp_labels, dtype=torch.long) if nsp_labels is not None else None}
 
 
 def load_corpus_chunks(wh, specs, tokenizer, max_len: int) -> tuple[ChunkSet, dict]:
