@@ -19,7 +19,7 @@ script's GPU_CHECK_DRY_RUN=1); its figures mean nothing.
   `local[N]` mode cannot do this: Spark refuses task GPU amounts there ("No executor resource configs were
   specified for the following task configs: gpu") and its local backend offers no GPU to a task. The
   engine called directly (`make_predict_fn`) on the same notes gives the ratio.
-- ddp: one DistributedDataParallel step of a tiny model through bertxml.training.train's own process-group and
+- ddp: one DistributedDataParallel step of a tiny model through bertxml.training.loop's own process-group and
   device helpers (nccl on CUDA, gloo on the CPU); checks that gradients and weights agree on every rank.
 """
 from __future__ import annotations

@@ -118,7 +118,7 @@ def cmd_pretrain(args) -> int:
 def cmd_train(args) -> int:
     from bertxml.training.train import run_train
 
-    if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.models.baselines)
+    if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.training.baselines)
         from bertxml.training.baselines import run_train_baseline
 
         if args.init or args.encoder or args.resume:

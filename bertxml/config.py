@@ -289,7 +289,7 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    """The paper's non-BERT models (§3.4, §4.3), trained by `bertxml.models.baselines`."""
+    """The paper's non-BERT models (§3.4, §4.3), trained by `bertxml.training.baselines`."""
     max_len: int = 512                  # paper §4.3: every baseline reads a note's first 512 tokens
     seed: int = 13
     # logistic regression on a bag of WordPieces (§3.4.1), one-vs-rest over the label vocabulary

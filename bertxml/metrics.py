@@ -1,9 +1,9 @@
 """The evaluation metrics on numpy arrays: AUCs (micro, macro, per code), F1 at per-code thresholds, P@k.
 
-The one place these are computed from arrays: training's dev AUC (`bertxml.training.train`, `bertxml.models.baselines`),
-`bertxml compare` and the array form of the auc_report. The Spark job (`bertxml.reports.evaluate`) computes the
-same AUCs by rank sums over a table too large to collect; tests/test_metrics.py holds it to these within
-1e-9, ties included.
+The one place these are computed from arrays: training's dev AUC (`bertxml.training.train`,
+`bertxml.training.baselines`), `bertxml compare` and the array form of the auc_report. The Spark job
+(`bertxml.reports.evaluate`) computes the same AUCs by rank sums over a table too large to collect;
+tests/test_metrics.py holds it to these within 1e-9, ties included.
 
 Arrays: y (n, M) 0/1 labels of n notes and M codes, probs (n, M). A code's AUC needs a positive and a
 negative note; the others are "skipped" (NaN per code, left out of the macro average). Ties get half a

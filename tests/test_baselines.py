@@ -1,4 +1,5 @@
-"""Tests for bertxml/models/baselines.py and bertxml/reports/compare.py: bag-of-words features by hand; the BiGRU's multi-head
+"""Tests for the baselines (bertxml/models/logreg.py, bigru.py, starspace.py, bertxml/training/baselines.py)
+and bertxml/reports/compare.py: bag-of-words features by hand; the BiGRU's multi-head
 attention (eq. 5-8) shapes and masking; each baseline learns the tiny learnable problem of test_train.py (a
 code's note holds its signal word) and its folder scores through `bertxml.scoring.predictors.make_predict_fn` with the
 predictions it was selected on; `bertxml compare` writes bertxml.model_comparison and Tables 2 and 3.

@@ -13,8 +13,8 @@ import torch
 
 from bertxml.config import ModelConfig
 from bertxml.models.bert import (BertForIcdCoding, BertForPretraining, ClsHead, LabelAttention, bert_config,
-                           chunk_max, count_parameters, from_pretrained_encoder, load_model, mask_tokens,
-                           save_model)
+                                 chunk_max, count_parameters, from_pretrained_encoder, load_model, mask_tokens,
+                                 save_model)
 
 VOCAB = 99
 PAD, CLS, SEP, MASK = 0, 1, 2, 3

@@ -75,7 +75,7 @@ def write_evaluations(wh, model_version):
 
 
 def write_drift_profile(model_dir, texts):
-    """drift_profile.json as training records it (`bertxml.scoring.drift.training_profile`), here from the nights'
+    """drift_profile.json as training records it (`bertxml.models.profile.training_profile`), here from the nights'
     own texts with every code at a dev rate of 1/2, so bertxml.night_drift gets rows to plot."""
     from tokenizers import Tokenizer
 

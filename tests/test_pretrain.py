@@ -1,5 +1,5 @@
-"""Tests for bertxml/training/pretrain.py and the pre-training pieces of bertxml/text/data.py: next-sentence pairs from the
-notes' own sentence order, MLM batches, and pre-training end to end (loss falls; the encoder folder is
+"""Tests for bertxml/training/pretrain.py, its batches included: next-sentence pairs from the notes' own
+sentence order, MLM batches, and pre-training end to end (loss falls; the encoder folder is
 fine-tuned by run_train).
 
 Run: .venv/bin/python -m pytest -q tests/test_pretrain.py

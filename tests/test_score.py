@@ -1,4 +1,5 @@
-"""Tests for bertxml/scoring/score.py: the engine (`make_predict_fn`) on a tiny model without Spark, then the nightly
+"""Tests for bertxml/scoring/ (score, engine, evidence, predictors, udf): the engine
+(`make_predict_fn`) on a tiny model without Spark, then the nightly
 job end to end on a tiny warehouse (two nights of notes, bad rows of each kind).
 
 Run: .venv/bin/python -m pytest -q tests/test_score.py

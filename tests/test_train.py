@@ -1,4 +1,5 @@
-"""Tests for bertxml/training/train.py, bertxml/text/data.py and bertxml/models/modeldir.py: the lr schedule, batching, AUCs and
+"""Tests for bertxml/training/ (train, loop, inputs, thresholds), bertxml/text/data.py and
+bertxml/models/modeldir.py: the lr schedule, batching, AUCs and
 thresholds by hand, and fine-tuning end to end on a tiny learnable problem (a code's note holds its signal
 word) written to a real Delta warehouse: learning, the model folder, best-dev selection, resume equivalence,
 an off-the-shelf init checkpoint with its own vocabulary, and two DDP processes under TorchDistributor.

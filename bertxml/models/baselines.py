@@ -5,7 +5,7 @@ and `bertxml evaluate` use exactly like a BERT one.
     bertxml train --model logreg|bilstm [--out DIR]        # one baseline, into WORKDIR/models
     bertxml compare                                        # the baselines beside the BERT rows
 
-Inputs are pinned as `bertxml.training.train` pins them (`resolve_train_inputs`): the same Delta versions of
+Inputs are pinned as `bertxml.training.inputs.resolve_train_inputs` pins them: the same Delta versions of
 labeled_notes, label_vocab and chunks, the same label vocabulary and tokenizer, so a baseline and a BERT
 model trained together see the same notes, labels and splits. Every baseline reads a note's FIRST
 `baseline.max_len` tokens (paper §4.3: "All baseline models use a max input length of 512 tokens"): chunk 0
@@ -26,9 +26,14 @@ longer note is scored on its start and flagged `truncated`.
   c = [c_0 .. c_K] (eq. 7), y = sigmoid(W_a c + b) (eq. 8; the bias starts at each code's train
   log-odds). Binary cross-entropy, AdamW, the best dev macro AUC epoch kept.
 
-Both tune per-code thresholds on dev for maximum F1 (`bertxml.training.train.tune_thresholds`) and write
+Both tune per-code thresholds on dev for maximum F1 (`bertxml.training.thresholds.tune_thresholds`) and write
 model.safetensors + model_config.json, tokenizer.json, label_vocab.json, thresholds.json and manifest.json
 (`bertxml.models.modeldir.write_model_dir`; model_kind "logreg" | "bilstm").
+
+This module holds what the two share: the folder's file names, the first-chunk rule (`first_chunks`) and
+the predictor base (`BaselinePredictor`). The models are `bertxml.models.logreg`, `bertxml.models.bigru` and
+`bertxml.models.starspace`; their training is `bertxml.training.baselines`; `bertxml.scoring.predictors`
+registers their predictors for scoring.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ A model folder, default WORKDIR/models/<model_version>, holds
                                             folders trained before it was recorded
     operating_points.json                   per code from dev: the F1, auto-accept (precision target) and
                                             review (recall target) thresholds with the precision, recall
-                                            and support measured there (bertxml.training.train.operating_points);
+                                            and support measured there (bertxml.training.thresholds.operating_points);
                                             a folder without it scores every predicted code 'review'
     manifest.json                           {model_version, model_kind, code_version, created_at, config,
                                              inputs {table: Delta version}, max_len, dev_metrics,
@@ -287,7 +287,7 @@ def read_model_info(model_dir: str | Path, threshold_default: float = 0.5, kinds
     """Read and cross-check a model folder without loading its weights (no torch, no CUDA).
 
     kinds: the model kinds there is a predictor for (None: any); validators: {kind: check(info)}, the
-    kind-specific checks (bertxml.scoring.score's registry passes both).
+    kind-specific checks (bertxml.scoring.predictors passes both).
 
     Raises ModelDirError when the manifest, label_vocab.json or a kind-specific file is missing or the
     parts disagree (label indices not 0..M-1, repeated codes, weights with another number of labels).

@@ -29,7 +29,7 @@ def word_stats(tokenizer, texts: list, char_cap: int | None = None) -> tuple[np.
     """Per text: (words, words the vocabulary does not hold whole), int64 arrays.
 
     A word is a pre-tokenised word after the tokenizer's own normalisation; it is out of vocabulary when
-    WordPiece splits it into pieces or maps it to [UNK] (the definition of `bertxml.text.vocab.oov_words`).
+    WordPiece splits it into pieces or maps it to [UNK] (the definition of `bertxml.text.oov.oov_words`).
     """
     unk = tokenizer.token_to_id("[UNK]")
     cut = [(str(x) if x is not None else "")[:char_cap] if char_cap else (str(x) if x is not None else "")

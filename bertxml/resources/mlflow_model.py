@@ -3,7 +3,8 @@
 `bertxml.models.registry.log_model_run` logs this file with the model folder as the artifact "model_dir";
 `mlflow.pyfunc.load_model` / `mlflow.pyfunc.spark_udf` run it. `predict` takes note text (a DataFrame with
 a `text` column, a Series or a list of strings) and returns (n, M) float32 code probabilities, columns in
-the folder's label_vocab.json order, through `bertxml.scoring.predictors.make_predict_fn`: the engine of `bertxml score`.
+the folder's label_vocab.json order, through `bertxml.scoring.predictors.make_predict_fn`: the engine of
+`bertxml score`.
 """
 import warnings
 

@@ -16,10 +16,10 @@ What a run does, each table written in ONE Delta transaction:
    (invalid UTF-8, a NUL character, or more than `score.max_replacement_share` U+FFFD characters: the
    feed's decoding already failed). Such notes go to `bertxml.rejects` (job 'score', batch = the note's
    date, rewritten with replaceWhere so a rerun never duplicates), never to the model;
-2. scores the rest through an iterator pandas UDF (`mapInPandas`, `bertxml.scoring.udf`) whose Python worker loads the model
-   ONCE (`bertxml.scoring.predictors.make_predict_fn`, cached per process), takes its GPU from `TaskContext.resources()["gpu"]` when
-   the cluster schedules GPUs, starts CUDA there and never on the driver, and autocasts to bf16 on a GPU
-   that supports it (`bertxml.models.precision`);
+2. scores the rest through an iterator pandas UDF (`mapInPandas`, `bertxml.scoring.udf`) whose Python worker loads
+   the model ONCE (`bertxml.scoring.predictors.make_predict_fn`, cached per process), takes its GPU from
+   `TaskContext.resources()["gpu"]` when the cluster schedules GPUs, starts CUDA there and never on the driver, and
+   autocasts to bf16 on a GPU that supports it (`bertxml.models.precision`);
 3. replaces this model version's rows of the night in `bertxml.predictions` (partitioned by note_date) with
    the notes scored now, in one transaction (replaceWhere model_version and note_date): a note since marked
    erroneous, rejected or gone from the source loses its old row, and a rerun leaves the night's rows as one

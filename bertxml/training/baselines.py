@@ -61,7 +61,7 @@ def load_first_chunks(inputs, split: str, max_notes: int = 0, seed: int = 0):
 
 
 def resolve_baseline_inputs(source, cfg: Config, model_kind: str, vocab_dir=None, out_dir=None):
-    """`bertxml.training.train.resolve_train_inputs` for a baseline: the same pinned tables, label vocabulary and
+    """`bertxml.training.inputs.resolve_train_inputs` for a baseline: the same pinned tables, label vocabulary and
     tokenizer, chunks of cfg.baseline.max_len, and a model folder named <kind>-<size>-<time>."""
     from bertxml.training.inputs import resolve_train_inputs
 

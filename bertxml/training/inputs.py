@@ -46,7 +46,7 @@ class TrainInputs:
     encoder_dir: str | None = None
     init: str | None = None
     extra: dict = field(default_factory=dict)
-    drift_profile: dict | None = None    # the training set's input statistics (bertxml.scoring.drift.training_profile)
+    drift_profile: dict | None = None    # the training set's input statistics (bertxml.models.profile.training_profile)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -436,7 +436,8 @@ def run_train_distributed(source, cfg: Config, num_processes: int, use_gpu: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bertxml.training.train` / `torchrun -m bertxml.training.train`: train from a path-mode workdir, no Spark."""
+    """`python -m bertxml.training.train` / `torchrun -m bertxml.training.train`: train from a path-mode
+    workdir, no Spark."""
     parser = argparse.ArgumentParser(prog="bertxml.training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="warehouse")
     parser.add_argument("--conf", action="append", default=[])
