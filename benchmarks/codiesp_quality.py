@@ -60,7 +60,7 @@ def logreg_words(args, cfg) -> None:
     from sklearn.linear_model import LogisticRegression
 
     from bertxml.reports.compare import label_matrix
-    from bertxml.reports.evaluate import auc_report_from_arrays
+    from bertxml.metrics import auc_report_from_arrays
     from bertxml.training.thresholds import tune_thresholds
 
     labels = label_vocab(args.workdir, cfg)
@@ -110,7 +110,7 @@ def logreg_pieces(args, cfg) -> None:
     logreg`) trained on the workdir's tables into --model (or /tmp), then measured on --split."""
     import tempfile
 
-    from bertxml.models import baselines
+    from bertxml.training import baselines
 
     out = Path(args.model or tempfile.mkdtemp(prefix="logreg-pieces-"))
     inputs = baselines.resolve_baseline_inputs(Path(args.workdir), cfg, "logreg", out_dir=out)

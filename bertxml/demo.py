@@ -23,7 +23,9 @@ import logging
 
 from bertxml.etl.generate import run_generate
 from bertxml.etl.span import last_date
+from bertxml.models.registry import MODELS_SCHEME, registered_version_of, run_promote
 from bertxml.platform.sql import format_rows
+from bertxml.retrain import run_retrain
 
 log = logging.getLogger("bertxml.demo")
 
@@ -108,7 +110,6 @@ def history_landed_at(wh, generated: dict) -> str:
 
 def run_demo(wh) -> int:
     from bertxml.reports.evaluate import run_evaluate
-    from bertxml.retrain import run_retrain
     from bertxml.scoring.score import run_score
 
     cfg = wh.cfg
@@ -121,8 +122,6 @@ def run_demo(wh) -> int:
     model_dir = run_retrain(wh, cfg, as_of_timestamp=landed_at)
     model, registered = model_dir, None
     if cfg.mlflow.log_runs:
-        from bertxml.models.registry import MODELS_SCHEME, registered_version_of, run_promote
-
         registered = registered_version_of(cfg, wh.workdir, model_dir)
         log.info("demo 2/4: promoting %s version %s to champion", cfg.mlflow.model_name, registered)
         run_promote(wh, cfg, registered, alias="champion")

@@ -35,6 +35,7 @@ from bertxml.config import GenerateConfig
 from bertxml.etl.patients import DIAGNOSES_RAW, NOTES_RAW, PatientGenerator
 from bertxml.etl.span import last_date, n_patients, span_days
 from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
 
 log = logging.getLogger("bertxml.etl.generate")
 
@@ -74,7 +75,6 @@ def run_generate(wh, cfg: GenerateConfig, land_from: dt.date | str | None = None
     {table: version of the history commit} (with `land_from` only), "run_id"}. Logs table names and counts
     only, never text.
     """
-    from bertxml.platform.runs import job_run
 
     if land_from is not None and not isinstance(land_from, dt.date):
         try:

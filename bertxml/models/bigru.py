@@ -15,6 +15,8 @@ from torch import nn
 
 from bertxml.models import modeldir
 from bertxml.models.baselines import BaselinePredictor, CONFIG_FILE, WEIGHTS_FILE
+from bertxml.models.devices import resolve_device
+from bertxml.models.precision import autocast
 
 log = logging.getLogger("bertxml.models.bigru")
 
@@ -115,7 +117,6 @@ def bilstm_probabilities(model: BiGruAttention, chunks: list[np.ndarray], batch_
     """(n, M) float32 probabilities of one chunk per note, batches sorted by length (least padding);
     precision: a `bertxml.models.precision.Precision` to autocast with (None: fp32)."""
     from bertxml.text.data import eval_batches, pad_ids
-    from bertxml.models.precision import autocast
 
     was_training = model.training
     model.eval()
@@ -132,8 +133,6 @@ def bilstm_probabilities(model: BiGruAttention, chunks: list[np.ndarray], batch_
 
 class BiGruPredictor(BaselinePredictor):
     def __init__(self, model_dir, device=None, batch_size: int = 16, num_threads=None, threshold_default=0.5):
-        from bertxml.models.devices import resolve_device
-
         super().__init__(model_dir, device, batch_size, num_threads, threshold_default)
         self.device = torch.device(resolve_device(device))
         self.model = load_bilstm(self.info.model_dir, self.device)

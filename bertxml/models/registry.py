@@ -31,6 +31,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bertxml import __version__
+from bertxml.config import score_options
+
 log = logging.getLogger("bertxml.models.registry")
 
 MODELS_SCHEME = "models:/"
@@ -177,9 +180,7 @@ def log_model_run(cfg, workdir, model_dir, job: str, job_run_id: str | None = No
     its dev metrics (plus `extra_metrics`), tags = its lineage (`run_tags`), and the pyfunc model with the
     folder as artifact, registered as a new version of cfg.mlflow.model_name when `register`.
     `parent_run_id` nests the run (a comparison's rows under the comparison). Returns a LoggedModel."""
-    from bertxml import __version__
     from bertxml.models.modeldir import load_label_vocab, load_manifest
-    from bertxml.config import score_options
 
     model_dir = Path(model_dir).resolve()
     manifest = load_manifest(model_dir)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertxml.platform import tables as t
+from bertxml.platform.warehouse import Warehouse
 
 log = logging.getLogger("bertxml.platform.sqlserver")
 
@@ -191,8 +192,6 @@ def start_thrift_server(wh, port: int = 10000, host: str = "localhost", allow_te
     non-loopback host without a password file, before anything starts.
     """
     from pyspark.sql import SparkSession
-
-    from bertxml.platform.warehouse import Warehouse
 
     settings = wh.cfg.sqlserver
     allow_text = settings.allow_text if allow_text is None else allow_text

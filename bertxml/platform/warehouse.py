@@ -26,6 +26,8 @@ from pyspark.sql import DataFrame, SparkSession, types as T
 
 from bertxml.config import Config
 from bertxml.platform import faults
+from bertxml.platform.jars import ensure_delta_jars, jars_not_in_spark
+from bertxml.platform.views import create_views
 
 log = logging.getLogger("bertxml.platform.warehouse")
 
@@ -68,8 +70,6 @@ def get_spark(cfg: Config, app: str = "bertxml", class_path: tuple[str, ...] = (
         "spark.sql.codegen.cache.maxEntries": "1000",
     }
     if local:
-        from bertxml.platform.jars import ensure_delta_jars, jars_not_in_spark
-
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         jars = ensure_delta_jars()
         settings.update({
@@ -194,7 +194,6 @@ class Warehouse:
             # a first write killed before its commit leaves a log folder, no table
             if name not in self.hidden and _has_commit(log_dir):
                 found.append(self._register(name))
-        from bertxml.platform.views import create_views
 
         create_views(self)
         return found

@@ -38,11 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bertxml.config import Config
+from bertxml.config import Config, score_options
 from bertxml.config_io import config_from_dict
-from bertxml.metrics import fmt_metric
+from bertxml.metrics import auc_report_from_arrays, fmt_metric
 from bertxml.models import modeldir
+from bertxml.models.registry import log_job_model
 from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
 
 log = logging.getLogger("bertxml.reports.compare")
 
@@ -167,7 +169,7 @@ def ensure_chunks(wh, cfg: Config, lengths: set[int], vocab_dir: Path, run) -> N
 # ---- training ----------------------------------------------------------------------------------------------
 def train_entry(wh, cfg: Config, entry: Entry, out_dir: Path, encoder: Path | None, minilm: Path | None) -> Path:
     """Train one row into out_dir with the library's own training functions; returns the model folder."""
-    from bertxml.models import baselines
+    from bertxml.training import baselines
     from bertxml.training.inputs import resolve_train_inputs
     from bertxml.training.train import train_model
 
@@ -220,8 +222,6 @@ def label_matrix(codes: list[list[str]], model_codes) -> np.ndarray:
 def measure(model_dir: Path, texts: list[str], codes: list[list[str]], cfg: Config, low_freq: int) -> dict:
     """Score the notes through the model folder's predictor (bertxml.scoring.predictors.make_predict_fn) and compute the
     auc_report metrics (bertxml.metrics.auc_report_from_arrays) at its own thresholds."""
-    from bertxml.metrics import auc_report_from_arrays
-    from bertxml.config import score_options
     from bertxml.scoring.predictors import make_predict_fn, read_model_info
 
     info = read_model_info(model_dir, cfg.score.threshold_default)
@@ -248,8 +248,6 @@ def run_compare(wh, cfg: Config, models=None, max_lens=None, split: str | None =
     WORKDIR/models). Returns {"run_id", "rows", "markdown", "report_dir", "failed", ...counts}; raises
     after writing the successful rows when a model failed.
     """
-    from bertxml.models.registry import log_job_model
-    from bertxml.platform.runs import job_run
 
     split = split or cfg.compare.split
     if split not in ("dev", "test"):

@@ -52,8 +52,15 @@ from pathlib import Path
 import numpy as np
 
 from bertxml.config import Config
+from bertxml.etl.etl import label_notes
+from bertxml.etl.icd import icd_reference
 from bertxml.metrics import METRICS, P_AT, summarize_codes
+from bertxml.models.registry import MODELS_SCHEME, resolve_model
 from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
+from bertxml.platform.views import create_views
+from bertxml.platform.warehouse import sql_string
+from bertxml.scoring.encounters import encounter_probabilities
 
 log = logging.getLogger("bertxml.reports.evaluate")
 
@@ -175,8 +182,6 @@ def encounter_set(probs, labeled, code_map, datasets):
     their labels. `datasets(date column)` -> the dataset names of an encounter dated by its last note."""
     from pyspark.sql import functions as F
 
-    from bertxml.scoring.encounters import encounter_probabilities
-
     notes = probs.join(labeled.select("note_id", "encounter_id", "note_date"), "note_id")
     last = notes.groupBy("encounter_id").agg(F.max("note_date").alias("note_date"))
     highest = encounter_probabilities(notes.select("encounter_id", "probabilities"))
@@ -219,9 +224,6 @@ def labeled_for_dates(wh, cfg: Config, date_from: dt.date, date_to: dt.date, run
     """The notes of [date_from, date_to] labelled as the ETL labels them, from every diagnosis known now."""
     from pyspark.sql import functions as F
 
-    from bertxml.etl.etl import label_notes
-    from bertxml.etl.icd import icd_reference
-
     notes, read_n = wh.read_source(notes_source or cfg.warehouse.notes, t.NOTES_SCHEMA, "notes")
     diagnoses, read_d = wh.read_source(diagnoses_source or cfg.warehouse.diagnoses, t.DIAGNOSES_SCHEMA, "diagnoses")
     run.inputs.update({"notes": read_n, "diagnoses": read_d})
@@ -250,13 +252,9 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from bertxml.platform.runs import job_run
-    from bertxml.models.registry import resolve_model
     from bertxml.scoring.udf import arrow_batch_conf
     from bertxml.scoring.score import parse_date
     from bertxml.scoring.predictors import read_model_info
-    from bertxml.platform.views import create_views
-    from bertxml.platform.warehouse import sql_string
 
     if date is not None:
         if date_from is not None or date_to is not None:
@@ -380,7 +378,6 @@ def run_evaluate_aliases(wh, cfg: Config, aliases, split: str | None = None, dat
     two sit side by side. Returns {"aliases": {alias: {model_version, registered_version, run_id,
     metrics}}, "markdown": the two side by side}. Two aliases on one version are refused (nothing to compare).
     """
-    from bertxml.models.registry import MODELS_SCHEME, resolve_model
 
     names = [a.strip() for a in (aliases.split(",") if isinstance(aliases, str) else aliases) if a.strip()]
     if len(names) < 2 or len(set(names)) != len(names):

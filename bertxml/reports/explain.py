@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bertxml.config import Config
+from bertxml.config import Config, score_options
+from bertxml.models.registry import resolve_model
 from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
 
 log = logging.getLogger("bertxml.reports.explain")
 
@@ -282,9 +284,6 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
     {"note_id", "model_version", "n_chunks", "truncated", "codes": [...], "source": "evidence" | "model",
     "html_path"} (with note text: PHI; render it with `format_explanation`). Writes the HTML only when
     html_path is given; no table ever receives the text."""
-    from bertxml.models.registry import resolve_model
-    from bertxml.platform.runs import job_run
-    from bertxml.config import score_options
     from bertxml.scoring.predictors import make_predict_fn, read_model_info
 
     print(PHI_WARNING, file=sys.stderr)

@@ -45,6 +45,7 @@ import numpy as np
 
 from bertxml.models.profile import CHARS_PER_WORD_CAP, bin_counts, load_profile, noise_psi, psi, psi_terms, word_stats
 from bertxml.platform import tables as t
+from bertxml.platform.warehouse import local_frame, sql_string
 
 log = logging.getLogger("bertxml.scoring.drift")
 
@@ -189,8 +190,6 @@ def run_night_drift(wh, cfg, run, info, notes, nights: list[str]) -> dict | None
     scored ('YYYY-MM-DD' or 'undated'). Counts go to the job's `run`. Returns {night: flagged names}, or
     None when skipped (drift off, no profile, nothing scored)."""
     from pyspark.sql import functions as F
-
-    from bertxml.platform.warehouse import local_frame, sql_string
 
     dc = cfg.drift
     dated = [d for d in nights if d != "undated"]

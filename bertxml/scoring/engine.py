@@ -24,6 +24,7 @@ from bertxml.models.devices import resolve_device
 from bertxml.models.modeldir import LABEL_VOCAB_FILE, ModelDirError, ModelInfo, ScoredNotes, check_weights_folder
 from bertxml.scoring.evidence import evidence_spans, predicted_attention, span_breaks, token_offsets
 from bertxml.text.tokenize import clean_text, encode_notes
+from bertxml.text.vocab import load_tokenizer
 
 log = logging.getLogger("bertxml.scoring.engine")
 
@@ -63,7 +64,6 @@ class BertScorer:
 
         from bertxml.models.bert import load_model
         from bertxml.models.precision import decide_precision
-        from bertxml.text.vocab import load_tokenizer
 
         self.info = modeldir.read_model_info(model_dir, threshold_default,
                                              validators={"bertxml": check_bert_dir, "cls": check_bert_dir})

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 from bertxml.models import modeldir
-from bertxml.models.modeldir import ModelDirError, ModelInfo, read_manifest
+from bertxml.models.modeldir import ModelDirError, ModelInfo, find_latest_model, read_manifest
 from bertxml.scoring.engine import BertScorer, check_bert_dir
 
 
 def find_model_dir(workdir: str | Path) -> Path:
     """The newest finished trained model under WORKDIR/models (`bertxml.models.modeldir.find_latest_model`)."""
-    from bertxml.models.modeldir import find_latest_model
 
     return find_latest_model(workdir)
 

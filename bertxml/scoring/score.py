@@ -57,8 +57,15 @@ import time
 from pathlib import Path
 
 from bertxml.config import Config, ScoreConfig
+from bertxml.etl.etl import dedupe_notes, note_reject_reason, reject_rows
 from bertxml.models.modeldir import ModelInfo
+from bertxml.models.registry import resolve_model
 from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
+from bertxml.platform.views import create_views
+from bertxml.platform.warehouse import sql_string
+from bertxml.scoring.drift import run_night_drift
+from bertxml.scoring.encounters import write_encounter_predictions
 from bertxml.scoring.predictors import read_model_info
 from bertxml.scoring.udf import arrow_batch_conf, score_notes
 
@@ -90,8 +97,6 @@ def flag_notes(notes, cfg: Config):
     """Input-schema notes -> the same with a `reason` (null = score it): the ETL's filters and duplicate
     rule (`bertxml.etl.etl`), then 'bad_text'."""
     from pyspark.sql import functions as F
-
-    from bertxml.etl.etl import dedupe_notes, note_reject_reason
 
     flagged = notes.withColumn("reason", F.coalesce(note_reject_reason(cfg.etl), bad_text_reason(cfg.score)))
     return dedupe_notes(flagged.filter(F.col("reason").isNull())).unionByName(
@@ -138,11 +143,6 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
-
-    from bertxml.scoring.drift import run_night_drift
-    from bertxml.models.registry import resolve_model
-    from bertxml.platform.runs import job_run
-    from bertxml.platform.views import create_views
 
     if date is not None and since_last:
         raise ValueError("give --date or --since-last, not both")
@@ -224,9 +224,6 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from bertxml.etl.etl import reject_rows
-    from bertxml.platform.warehouse import sql_string
-
     spark = wh.spark
     scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
     note_cols = [f.name for f in t.NOTES_SCHEMA.fields if f.name != "text"] + ["text_bytes"]
@@ -271,8 +268,6 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
             run.outputs[name] = wh.write(preds, name, replace_where=scope, partition_by=t.PREDICTIONS_PARTITIONS,
                                          merge_schema=True)
             if dated:
-                from bertxml.scoring.encounters import write_encounter_predictions
-
                 write_encounter_predictions(wh, run, info, all_notes, dated, before, run.outputs[name], scored_at,
                                             cfg.score.top_k)
         _write_evidence(wh, cfg, run, info, scored if n_scored else None, dated)
@@ -313,8 +308,6 @@ def _write_evidence(wh, cfg: Config, run, info: ModelInfo, scored, dated: list[s
     table loses the nights' rows of this model version, so it never disagrees with the predictions; a
     missing one is not created."""
     from pyspark.sql import functions as F
-
-    from bertxml.platform.warehouse import sql_string
 
     name = wh.name(t.EVIDENCE)
     on = cfg.score.evidence and cfg.score.evidence_top_k > 0 and info.model_kind == "bertxml"

@@ -28,6 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
 
 log = logging.getLogger("bertxml.text.tokenize")
 
@@ -186,7 +187,6 @@ def run_tokenize(wh, cfg, vocab_dir: str | Path | None = None, max_len: int | No
 
     Returns the counts of `chunk_stats` plus {"max_len", "version", "tokenizer_sha256"}.
     """
-    from bertxml.platform.runs import job_run
 
     vocab_dir = Path(vocab_dir) if vocab_dir else wh.workdir / "vocab"
     max_len = _check_max_len(max_len if max_len is not None else cfg.model.max_len)

@@ -20,7 +20,12 @@ from bertxml.models import modeldir
 from bertxml.models.baselines import CONFIG_FILE, KINDS, WEIGHTS_FILE
 from bertxml.models.bigru import BiGruAttention, bilstm_probabilities, save_bilstm
 from bertxml.models.logreg import bag_of_words, fit_one_vs_rest, idf_weights, logreg_probabilities, weight_features
+from bertxml.models.precision import autocast, decide_precision
+from bertxml.models.profile import add_dev_reference
+from bertxml.models.registry import log_job_model
 from bertxml.models.starspace import train_starspace
+from bertxml.training.loop import make_optimizer, pick_device, planned_steps, selection_score, set_threads
+from bertxml.training.thresholds import operating_points, tune_thresholds
 
 log = logging.getLogger("bertxml.training.baselines")
 
@@ -133,8 +138,6 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
             extra: dict) -> Path:
     """Dev thresholds, operating points and metrics, then modeldir.write_model_dir (tokenizer, labels,
     thresholds, operating points, drift profile, manifest)."""
-    from bertxml.models.profile import add_dev_reference
-    from bertxml.training.thresholds import operating_points, tune_thresholds
 
     codes = [row["code"] for row in inputs.labels]
     thresholds = np.full(len(codes), cfg.score.threshold_default, dtype=np.float32)
@@ -169,8 +172,6 @@ def train_bilstm(inputs, cfg: Config) -> Path:
     from tokenizers import Tokenizer
 
     from bertxml.text.data import bucketed_batches, coding_batch
-    from bertxml.models.precision import autocast, decide_precision
-    from bertxml.training.loop import make_optimizer, pick_device, planned_steps, selection_score, set_threads
 
     bc = cfg.baseline
     out_dir = Path(inputs.out_dir)
@@ -267,7 +268,6 @@ def run_train_baseline(wh, cfg: Config, model_kind: str, out_dir: str | Path | N
                        vocab_dir: str | Path | None = None) -> Path:
     """`bertxml train --model logreg|bilstm`: one baseline from the warehouse's tables as they stand (pinned),
     recorded in job_runs. Returns the model folder (default WORKDIR/models/<model_version>)."""
-    from bertxml.models.registry import log_job_model
     from bertxml.platform.runs import job_run
 
     with job_run(wh, "train") as run:

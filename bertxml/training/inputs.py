@@ -19,6 +19,8 @@ from bertxml.models import modeldir, profile
 from bertxml.models.bert import HEADS
 from bertxml.platform import tables as t
 from bertxml.text.data import ChunkSet, load_chunks, table_path
+from bertxml.text.oov import load_reference_tokenizer
+from bertxml.text.tokenize import chunk_notes
 from bertxml.training.loop import CHECKPOINT_DIR
 
 log = logging.getLogger("bertxml.training.inputs")
@@ -73,8 +75,6 @@ def init_tokenizer(init_dir: str | Path) -> Tokenizer:
     if (init_dir / "tokenizer.json").exists():
         tokenizer = Tokenizer.from_file(str(init_dir / "tokenizer.json"))
     elif (init_dir / "vocab.txt").exists():
-        from bertxml.text.oov import load_reference_tokenizer
-
         tokenizer = load_reference_tokenizer(init_dir / "vocab.txt")
     else:
         raise FileNotFoundError(f"{init_dir} has neither tokenizer.json nor vocab.txt")
@@ -275,7 +275,6 @@ def load_split(inputs: TrainInputs, split: str, tokenizer: Tokenizer) -> ChunkSe
     import pyarrow.compute as pc
 
     from bertxml.platform.deltaread import read_delta
-    from bertxml.text.tokenize import chunk_notes
 
     notes = read_delta(inputs.labeled_notes_path, inputs.labeled_notes_version,
                        columns=["note_id", "split", "text", "codes"])

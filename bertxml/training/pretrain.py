@@ -34,7 +34,10 @@ from bertxml.models import modeldir
 from bertxml.models.bert import BertForPretraining, bert_config, count_parameters, mask_tokens
 from bertxml.models.precision import autocast, decide_precision
 from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
 from bertxml.text.data import ChunkSet, bucketed_batches, load_chunks, pad_ids
+from bertxml.text.tokenize import chunk_notes
+from bertxml.text.vocab import load_tokenizer
 from bertxml.training.inputs import (ARCH_FIELDS, chunks_metadata, file_sha256, size_label, source_tables,
                                      special_ids, unfinished_model_dir)
 from bertxml.training.loop import (CHECKPOINT_DIR, check_resume, load_checkpoint, lr_at, make_optimizer, pick_device,
@@ -124,8 +127,6 @@ def load_corpus_chunks(wh, specs, tokenizer, max_len: int) -> tuple[ChunkSet, di
     with the tokenizer, sentence starts included. Returns (chunks, {source: version or None})."""
     from pyspark.sql.types import StringType, StructField, StructType
 
-    from bertxml.text.tokenize import chunk_notes
-
     schema = StructType([StructField("text", StringType())])
     note_ids, chunks, read = [], [], {}
     for n, spec in enumerate(specs):
@@ -169,8 +170,6 @@ def run_pretrain(wh, cfg: Config, vocab_dir: str | Path | None = None, out_dir: 
     vocab_dir: the vocabulary the chunks were made with (default WORKDIR/vocab). out_dir: default
     WORKDIR/models/encoder-<size>-<timestamp>; with resume=True and no out_dir, the newest interrupted one.
     """
-    from bertxml.platform.runs import job_run
-    from bertxml.text.vocab import load_tokenizer
 
     pc = cfg.pretrain
     vocab_dir = Path(vocab_dir) if vocab_dir else wh.workdir / "vocab"

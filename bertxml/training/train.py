@@ -53,6 +53,8 @@ from bertxml.models import modeldir, profile
 from bertxml.models.bert import (BertForIcdCoding, HEADS, bert_config, chunk_max, count_parameters,
                                  from_pretrained_encoder, save_model)
 from bertxml.models.precision import Precision, autocast, decide_precision
+from bertxml.models.registry import log_job_model
+from bertxml.platform.runs import job_run
 from bertxml.text.data import ChunkSet, bucketed_batches, coding_batch, eval_batches, pad_ids, shard_batches
 from bertxml.training.inputs import (ARCH_FIELDS, LABEL_INITS, TrainInputs, load_split, resolve_train_inputs,
                                      special_ids)
@@ -392,8 +394,6 @@ def run_train(wh, cfg: Config, model_kind: str = "bertxml", init: str | Path | N
     """Train a model_kind ("bertxml" | "cls") ICD coding model in this process (or as one rank under
     torchrun); returns the model folder (default WORKDIR/models/<model_version>). Recorded in job_runs
     and, with cfg.mlflow.log_runs, logged to MLflow and registered (`bertxml.models.registry`; `job` tags the run)."""
-    from bertxml.models.registry import log_job_model
-    from bertxml.platform.runs import job_run
 
     with job_run(wh, job) as run:
         inputs = resolve_train_inputs(wh, cfg, model_kind, init, encoder_dir, vocab_dir, out_dir, resume)
