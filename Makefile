@@ -11,7 +11,7 @@ $(STAMP): setup.py
 	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e ".[local,dev]"
-	$(PY) -m bertxml.jars          # Delta Lake's jars from Maven Central, cached for offline runs
+	$(PY) -m bertxml.platform.jars          # Delta Lake's jars from Maven Central, cached for offline runs
 	touch $(STAMP)
 
 demo: install

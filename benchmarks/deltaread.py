@@ -1,4 +1,4 @@
-"""Reading `bertxml.chunks` without a JVM, as training does: `bertxml.deltaread.read_delta` (figures, not a test).
+"""Reading `bertxml.chunks` without a JVM, as training does: `bertxml.platform.deltaread.read_delta` (figures, not a test).
 
     .venv/bin/python benchmarks/deltaread.py [--notes 20000] [--chunks-per-note 2] [--commits 4] [--rounds 5]
                                              [--workdir /tmp/bertxml-bench-deltaread]
@@ -7,7 +7,7 @@ Builds once (with Spark, reused when the folder exists) a chunks-shaped Delta ta
 `chunks-per-note` chunks of 512 token ids each, 70/10/20 train/dev/test, written in `commits` appends, plus
 the same notes at max_len 1024 in one more append (what `bertxml tokenize --max-len 1024` adds). Then times,
 with the `bertxml` on PYTHONPATH (so the same table can be read by two versions of the reader):
-- `train split, 512`: what `bertxml.data.load_chunks` reads for training (every column, one split, one length);
+- `train split, 512`: what `bertxml.text.data.load_chunks` reads for training (every column, one split, one length);
 - `note ids, chunk 0`: the baselines' first pass (one column, a filter on three columns);
 - `latest version`: the version the driver pins.
 Prints the median and min of `rounds` reads, and the rows read.
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-import bertxml.deltaread as deltaread
+import bertxml.platform.deltaread as deltaread
 
 
 def build(path: Path, notes: int, per_note: int, commits: int) -> None:
-    from bertxml import tables as t
+    from bertxml.platform import tables as t
     from bertxml.config import Config
-    from bertxml.warehouse import get_spark
+    from bertxml.platform.warehouse import get_spark
 
     cfg = Config()
     cfg.spark.master, cfg.spark.shuffle_partitions = "local[2]", 2

@@ -27,16 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bertxml import encounters  # noqa: E402
-from bertxml.config import ModelConfig, VocabConfig, load_config  # noqa: E402
-from bertxml.model import BertForIcdCoding, bert_config, save_model  # noqa: E402
-from bertxml.modeldir import write_model_dir  # noqa: E402
+from bertxml.scoring import encounters  # noqa: E402
+from bertxml.config import ModelConfig, VocabConfig  # noqa: E402
+from bertxml.config_io import load_config
+from bertxml.models.bert import BertForIcdCoding, bert_config, save_model  # noqa: E402
+from bertxml.models.modeldir import write_model_dir  # noqa: E402
 
 
 def build_model(root: Path, wh, n_labels: int) -> Path:
     """A tiny random model folder with n_labels codes (the warehouse's codes first), a vocabulary trained on
     a sample of the warehouse's notes, and operating points that put a third of the codes in each band."""
-    from bertxml.vocab import train_tokenizer
+    from bertxml.text.vocab import train_tokenizer
 
     texts = [r.text for r in wh.table("ehr.notes").select("text").limit(300).collect()]
     tokenizer = train_tokenizer([texts], VocabConfig(size=2000, min_frequency=2, min_patients=1))
@@ -63,7 +64,7 @@ def build_model(root: Path, wh, n_labels: int) -> Path:
 def band_cost(n_labels: int, notes: int = 256, reps: int = 20) -> None:
     """The bands inside the UDF: `predicted_bands` against the plain `predicted_codes` it replaced, on one
     Arrow batch of notes (score.arrow_batch_notes = 256) at n_labels codes, best of reps."""
-    from bertxml.modeldir import ModelInfo, predicted_bands, predicted_codes
+    from bertxml.models.modeldir import ModelInfo, predicted_bands, predicted_codes
 
     rng = np.random.default_rng(0)
     probs = rng.random((notes, n_labels), dtype=np.float32) ** 8  # a few codes per note over 0.5
@@ -95,9 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from bertxml.generate import last_date, run_generate
-    from bertxml.score import run_score
-    from bertxml.warehouse import Warehouse, get_spark
+    from bertxml.etl.span import last_date
+    from bertxml.etl.generate import run_generate
+    from bertxml.scoring.score import run_score
+    from bertxml.platform.warehouse import Warehouse, get_spark
 
     cfg = load_config([], [])
     cfg.generate.notes, cfg.generate.seed = args.notes, 7

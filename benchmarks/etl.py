@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 from bertxml.config import Config
-from bertxml.etl import run_etl
-from bertxml.generate import run_generate
-from bertxml.warehouse import Warehouse, get_spark
+from bertxml.etl.etl import run_etl
+from bertxml.etl.generate import run_generate
+from bertxml.platform.warehouse import Warehouse, get_spark
 
 
 def timed(fn) -> float:

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from bertxml.config import Config, GenerateConfig
-from bertxml.generate import PatientGenerator, run_generate
-from bertxml.warehouse import Warehouse, get_spark
+from bertxml.etl.patients import PatientGenerator
+from bertxml.etl.generate import run_generate
+from bertxml.platform.warehouse import Warehouse, get_spark
 
 
 def date_profile(wh, table: str) -> None:

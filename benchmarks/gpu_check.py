@@ -10,16 +10,16 @@ shell script puts in its table.
 script's GPU_CHECK_DRY_RUN=1); its figures mean nothing.
 
 - train: bertxml's fine-tuning step (`benchmarks/train.py` `time_steps`: forward under the precision
-  `bertxml.precision` picks, backward, clipping, AdamW) on random batches of seq-len tokens; tokens/s of the
+  `bertxml.models.precision` picks, backward, clipping, AdamW) on random batches of seq-len tokens; tokens/s of the
   fastest step and of all steps, MFU against the matmul peak measured here in the same dtype, and
   torch.cuda.max_memory_allocated.
-- spark: a night of notes from the synthetic generator (`bertxml.generate`) scored by `bertxml.score.
+- spark: a night of notes from the synthetic generator (`bertxml.etl.generate`) scored by `bertxml.scoring.score.
   score_notes` on a Spark `local-cluster` whose worker owns the GPUs (discovery script
   benchmarks/gpu_discovery.sh) and whose tasks each ask for one (`spark.task.resource.gpu.amount=1`). Plain
   `local[N]` mode cannot do this: Spark refuses task GPU amounts there ("No executor resource configs were
   specified for the following task configs: gpu") and its local backend offers no GPU to a task. The
   engine called directly (`make_predict_fn`) on the same notes gives the ratio.
-- ddp: one DistributedDataParallel step of a tiny model through bertxml.train's own process-group and
+- ddp: one DistributedDataParallel step of a tiny model through bertxml.training.loop's own process-group and
   device helpers (nccl on CUDA, gloo on the CPU); checks that gradients and weights agree on every rank.
 """
 from __future__ import annotations
@@ -51,8 +51,9 @@ def stage_train(args) -> int:
     from machine import describe_machine, matmul_peak
     from train import build, encoder_nonembedding, model_flops, time_steps
 
-    from bertxml.config import ModelConfig, model_preset
-    from bertxml.precision import decide_precision
+    from bertxml.config import ModelConfig
+    from bertxml.config_io import model_preset
+    from bertxml.models.precision import decide_precision
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -98,7 +99,7 @@ def stage_train(args) -> int:
 def night_of_notes(n: int, seed: int = 7) -> list[str]:
     """n note texts from the synthetic warehouse generator (no defects), patient by patient."""
     from bertxml.config import GenerateConfig
-    from bertxml.generate import PatientGenerator
+    from bertxml.etl.patients import PatientGenerator
 
     gen = PatientGenerator(GenerateConfig(notes=n, seed=seed, bad_row_rate=0.0, drop_rate=0.0))
     texts, i = [], 0
@@ -145,13 +146,13 @@ def gpu_session(n_gpus: int, cores: int, memory_mb: int):
 
 
 def task_devices(spark, n_tasks: int) -> list[tuple]:
-    """(GPU addresses Spark gave the task, the device bertxml.score.resolve_device picks there) per task."""
+    """(GPU addresses Spark gave the task, the device bertxml.models.devices.resolve_device picks there) per task."""
     import pandas as pd
 
     def probe(frames):
         from pyspark import TaskContext
 
-        from bertxml.score import resolve_device
+        from bertxml.models.devices import resolve_device
 
         for _ in frames:
             gpu = TaskContext.get().resources().get("gpu")
@@ -167,8 +168,9 @@ def stage_spark(args) -> int:
 
     from bertxml.config import ScoreConfig, VocabConfig
     from bertxml.config import score_options
-    from bertxml.score import arrow_batch_conf, make_predict_fn, score_notes
-    from bertxml.vocab import train_tokenizer
+    from bertxml.scoring.udf import arrow_batch_conf, score_notes
+    from bertxml.scoring.predictors import make_predict_fn
+    from bertxml.text.vocab import train_tokenizer
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
@@ -191,7 +193,7 @@ def stage_spark(args) -> int:
               f"spark.task.resource.gpu.amount=1, spark.task.cpus={max(1, cores // n_gpus)}; started in "
               f"{time.perf_counter() - started:.1f}s", flush=True)
         seen = task_devices(spark, n_gpus)
-        print(f"tasks saw: {seen} (GPU addresses from the scheduler, device from bertxml.score.resolve_device)")
+        print(f"tasks saw: {seen} (GPU addresses from the scheduler, device from bertxml.models.devices.resolve_device)")
         if not all(gpus for gpus, _ in seen):
             raise RuntimeError(f"a task got no GPU from the scheduler: {seen}")
 
@@ -251,9 +253,9 @@ def stage_ddp(args) -> int:
     import torch.distributed as dist
 
     from bertxml.config import ModelConfig
-    from bertxml.model import BertForIcdCoding, bert_config
-    from bertxml.precision import autocast, decide_precision
-    from bertxml.train import init_distributed, make_optimizer, pick_device
+    from bertxml.models.bert import BertForIcdCoding, bert_config
+    from bertxml.models.precision import autocast, decide_precision
+    from bertxml.training.loop import init_distributed, make_optimizer, pick_device
 
     use_gpu = args.device != "cpu"
     rank, world, local_rank, created = init_distributed(use_gpu)

@@ -9,7 +9,7 @@
 #           scorer on CUDA against the CPU fp32 engine
 #   train   fine-tuning steps of the small and big models at 1,024 tokens: tokens/s, MFU against the
 #           GPU's measured bf16 matmul peak, peak memory (benchmarks/gpu_check.py train)
-#   spark   a night of notes through bertxml.score.score_notes on GPU-scheduled Spark tasks
+#   spark   a night of notes through bertxml.scoring.udf.score_notes on GPU-scheduled Spark tasks
 #           (spark.task.resource.gpu.amount=1), notes/s against the engine called directly
 #   ddp     one DistributedDataParallel step under torchrun, nccl (up to 2 GPUs)
 # then one summary table. Exit status: 0 when every stage passed (or there is no GPU: skipped), 1 when a

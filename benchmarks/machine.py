@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/machine.py     # one line: the CPU, its capability, what `auto` picks
 
-The peak is measured in the dtype a run actually uses (`bertxml.precision.decide_precision`): on a CPU
+The peak is measured in the dtype a run actually uses (`bertxml.models.precision.decide_precision`): on a CPU
 without native bf16 the bf16 peak is a hundred times below fp32, and MFU against the wrong peak misleads.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bertxml.precision import cpu_flags, cpu_has_native_bf16, decide_precision
+from bertxml.models.precision import cpu_flags, cpu_has_native_bf16, decide_precision
 
 
 def cpu_model() -> str:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.config import Config
-from bertxml.warehouse import Warehouse, get_spark
+from bertxml.platform.warehouse import Warehouse, get_spark
 
 MODEL = "bench-v1"
 START = dt.date(2024, 1, 1)

@@ -82,9 +82,9 @@ import sys
 from pathlib import Path
 import torch
 from bertxml.config import ModelConfig, VocabConfig
-from bertxml.model import BertForIcdCoding, bert_config, save_model
-from bertxml.modeldir import write_model_dir
-from bertxml.vocab import train_tokenizer
+from bertxml.models.bert import BertForIcdCoding, bert_config, save_model
+from bertxml.models.modeldir import write_model_dir
+from bertxml.text.vocab import train_tokenizer
 out = Path(sys.argv[1]); out.mkdir(parents=True)
 tok = train_tokenizer([["chest pain and cough", "blood pressure follow up"] * 20],
                       VocabConfig(size=200, min_frequency=1, min_patients=1))
@@ -102,7 +102,7 @@ write_model_dir(out, model_version="bench-tiny", model_kind="bertxml", config={}
 REGISTER = r"""
 import sys, time
 from bertxml.config import Config
-from bertxml import registry
+from bertxml.models import registry
 cfg, workdir, folder = Config(), sys.argv[1], sys.argv[2]
 started = time.perf_counter()
 logged = registry.log_model_run(cfg, workdir, folder, "benchmark")
@@ -114,7 +114,7 @@ RESOLVE = r"""
 import sys, time
 started = time.perf_counter()
 from bertxml.config import Config
-from bertxml.registry import resolve_model
+from bertxml.models.registry import resolve_model
 cfg = Config()
 model = sys.argv[2] if len(sys.argv) > 2 else None
 resolved = resolve_model(cfg, sys.argv[1], model)

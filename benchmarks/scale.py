@@ -50,12 +50,13 @@ import torch
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time
 from score import flops_from_sums
 
-from bertxml.config import Config, ModelConfig, model_preset
-from bertxml.etl import run_etl
-from bertxml.generate import run_generate
-from bertxml.tokenize import run_tokenize
-from bertxml.vocab import run_vocab
-from bertxml.warehouse import Warehouse, get_spark
+from bertxml.config import Config, ModelConfig
+from bertxml.config_io import model_preset
+from bertxml.etl.etl import run_etl
+from bertxml.etl.generate import run_generate
+from bertxml.text.tokenize import run_tokenize
+from bertxml.text.vocab import run_vocab
+from bertxml.platform.warehouse import Warehouse, get_spark
 
 STAGES = ("generate", "copy", "etl", "vocab", "tokenize", "score")
 NIGHT_TINY, NIGHT_SMALL = dt.date(2026, 1, 5), dt.date(2026, 1, 6)   # after every generated note's date
@@ -122,7 +123,7 @@ def write_nights(wh, n_tiny: int, n_small: int, total_kept: int) -> dict:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from bertxml import tables as t
+    from bertxml.platform import tables as t
 
     need = n_tiny + n_small
     if need > total_kept:
@@ -148,8 +149,8 @@ def build_model(wh, root: Path, size: str) -> tuple[Path, object, int]:
     vocabulary, as a complete model folder. Returns (folder, BertConfig, number of labels)."""
     from tokenizers import Tokenizer
 
-    from bertxml.model import BertForIcdCoding, bert_config, save_model
-    from bertxml.modeldir import write_model_dir
+    from bertxml.models.bert import BertForIcdCoding, bert_config, save_model
+    from bertxml.models.modeldir import write_model_dir
 
     tok_file = wh.workdir / "vocab" / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tok_file))
@@ -268,7 +269,7 @@ def main() -> None:
               f"{res['notes_over_max_len']:,} notes over {MAX_LEN})", flush=True)
 
     if "score" in stages:
-        from bertxml.score import run_score
+        from bertxml.scoring.score import run_score
 
         nights = stage("nights", lambda: {"_extra": {}, **{str(k): v for k, v in write_nights(
             wh, args.night_tiny, args.night_small, labeled).items()}}, lambda r: sum(

@@ -30,7 +30,7 @@ time is the sum over segments of its best repeat; the matmul peak is sampled on 
 kept. The load average is printed with the results.
 
 It prints the CPU's model, torch's capability and whether it multiplies bf16 natively. The engine runs
-in the precision the nightly job picks on this CPU (`score.cpu_bf16=auto`, bertxml.precision); MFU is
+in the precision the nightly job picks on this CPU (`score.cpu_bf16=auto`, bertxml.models.precision); MFU is
 measured against the matmul peak in that dtype. `--precision both` adds the other engine path (slow where
 the CPU emulates bf16). Figures and their history: benchmarks/README.md.
 """
@@ -49,12 +49,13 @@ import pyarrow.parquet as pq
 import torch
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time
 
-from bertxml.config import ModelConfig, ScoreConfig, VocabConfig, model_preset
-from bertxml.model import BertForIcdCoding, bert_config, save_model
-from bertxml.modeldir import write_model_dir
-from bertxml.score import make_predict_fn
-from bertxml.tokenize import encode_chunks
-from bertxml.vocab import train_tokenizer
+from bertxml.config import ModelConfig, ScoreConfig, VocabConfig
+from bertxml.config_io import model_preset
+from bertxml.models.bert import BertForIcdCoding, bert_config, save_model
+from bertxml.models.modeldir import write_model_dir
+from bertxml.scoring.predictors import make_predict_fn
+from bertxml.text.tokenize import encode_chunks
+from bertxml.text.vocab import train_tokenizer
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SOURCES = {"mtsamples": Path("mtsamples") / "corpus.parquet", "codiesp": Path("codiesp") / "notes.parquet"}
@@ -173,8 +174,8 @@ def spark_vs_direct(model_dir: Path, texts: list[str], threads: int, reps: int) 
     """notes/s of score_notes (one task, one thread, per core) and of the engine called directly with the
     same total threads; warm workers (the first action starts them and loads the model)."""
     from bertxml.config import Config
-    from bertxml.score import arrow_batch_conf, score_notes
-    from bertxml.warehouse import get_spark
+    from bertxml.scoring.udf import arrow_batch_conf, score_notes
+    from bertxml.platform.warehouse import get_spark
 
     cfg = Config()
     cfg.spark.master = f"local[{threads}]"

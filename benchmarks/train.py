@@ -4,9 +4,9 @@
                                          [--attention-dropout 0] [--precision auto|fp32|bf16|both]
 
 For each model size (conf/model/*.yaml) and task (pretrain: MLM+NSP; finetune: BERT-XML label attention)
-it times full optimizer steps as bertxml.train runs them (forward under autocast, backward, clipping,
+it times full optimizer steps as bertxml.training.train runs them (forward under autocast, backward, clipping,
 AdamW) on random token batches of one length, on the CPU (all its cores) and, when CUDA is present, on the
-GPU. The precision is the one training uses on that device (`auto`: bertxml.precision); `--precision both`
+GPU. The precision is the one training uses on that device (`auto`: bertxml.models.precision); `--precision both`
 adds the other one (slow: on a CPU without native bf16, bf16 steps take minutes).
 
 It prints the CPU's model, torch's capability and whether it multiplies bf16 natively. MFU = model FLOPs
@@ -33,10 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bertxml.config import ModelConfig, model_preset  # noqa: E402
-from bertxml.model import BertForIcdCoding, BertForPretraining, bert_config, count_parameters  # noqa: E402
-from bertxml.precision import autocast, decide_precision  # noqa: E402
-from bertxml.train import make_optimizer  # noqa: E402
+from bertxml.config import ModelConfig  # noqa: E402
+from bertxml.config_io import model_preset
+from bertxml.models.bert import BertForIcdCoding, BertForPretraining, bert_config, count_parameters  # noqa: E402
+from bertxml.models.precision import autocast, decide_precision  # noqa: E402
+from bertxml.training.loop import make_optimizer  # noqa: E402
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time, sync  # noqa: E402
 
 VOCAB = 20000      # paper §4.2.1: 20K WordPieces
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
                         help="override the presets' 0.1: with 0, PyTorch's CPU SDPA takes its fused flash kernel "
                              "(attention dropout sends it to the unfused math path)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
-                        help="auto: what training uses on each device (bertxml.precision)")
+                        help="auto: what training uses on each device (bertxml.models.precision)")
     parser.add_argument("--gpu-batch", type=int, default=32)
     parser.add_argument("--gpu-seq-len", type=int, default=512)
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/vocab_phi.py --workdir warehouse [--size 8000] [--min-patients 1 3 5 10]
 
-Reads `bertxml.labeled_notes` (latest version) with bertxml.deltaread, no Spark: the train notes' words are
+Reads `bertxml.labeled_notes` (latest version) with bertxml.platform.deltaread, no Spark: the train notes' words are
 counted per patient in plain Python (`words_of_documents`, the same counts `bertxml vocab` makes in Spark),
 then one vocabulary is trained per setting and measured on up to 2,000 dev notes (`oov_words`).
 """
@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from bertxml.config import VocabConfig
-from bertxml.deltaread import read_delta
-from bertxml.vocab import oov_words, train_from_word_counts, trainable_words, words_of_documents
+from bertxml.platform.deltaread import read_delta
+from bertxml.text.oov import oov_words
+from bertxml.text.vocab import train_from_word_counts, trainable_words, words_of_documents
 
 
 def main() -> None:

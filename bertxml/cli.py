@@ -21,7 +21,8 @@ import logging
 import sys
 from pathlib import Path
 
-from bertxml.config import ConfigError, load_config
+from bertxml.config import ConfigError
+from bertxml.config_io import load_config
 
 log = logging.getLogger("bertxml.cli")
 
@@ -35,7 +36,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 def open_warehouse(args, app: str, class_path: tuple[str, ...] = ()):
     """Config + SparkSession + Warehouse for a command."""
-    from bertxml.warehouse import Warehouse, get_spark
+    from bertxml.platform.warehouse import Warehouse, get_spark
 
     cfg = load_config(args.conf, args.set, getattr(args, "size", None))
     spark = get_spark(cfg, app=f"bertxml-{app}", class_path=class_path)
@@ -44,7 +45,7 @@ def open_warehouse(args, app: str, class_path: tuple[str, ...] = ()):
 
 # ---- commands ----------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from bertxml.generate import run_generate
+    from bertxml.etl.generate import run_generate
 
     if args.notes is not None:
         args.set = [f"generate.notes={args.notes}"] + (args.set or [])
@@ -57,7 +58,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_etl(args) -> int:
-    from bertxml.etl import run_etl
+    from bertxml.etl.etl import run_etl
 
     if args.min_code_count is not None:
         args.set = (args.set or []) + [f"etl.min_code_count={args.min_code_count}"]
@@ -68,7 +69,7 @@ def cmd_etl(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from bertxml.sql import format_rows
+    from bertxml.platform.sql import format_rows
 
     wh = open_warehouse(args, "sql")
     try:
@@ -87,7 +88,7 @@ def _vocab_dir(args, wh) -> Path:
 
 
 def cmd_vocab(args) -> int:
-    from bertxml.vocab import run_vocab
+    from bertxml.text.vocab import run_vocab
 
     wh = open_warehouse(args, "vocab")
     out = Path(args.out) if args.out else wh.workdir / "vocab"
@@ -97,7 +98,7 @@ def cmd_vocab(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from bertxml.tokenize import run_tokenize
+    from bertxml.text.tokenize import run_tokenize
 
     wh = open_warehouse(args, "tokenize")
     result = run_tokenize(wh, wh.cfg, _vocab_dir(args, wh), args.max_len or wh.cfg.model.max_len)
@@ -106,7 +107,7 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from bertxml.pretrain import run_pretrain
+    from bertxml.training.pretrain import run_pretrain
 
     wh = open_warehouse(args, "pretrain")
     out = run_pretrain(wh, wh.cfg, _vocab_dir(args, wh), args.out, args.corpus or wh.cfg.vocab.corpus)
@@ -115,10 +116,10 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from bertxml.train import run_train
+    from bertxml.training.train import run_train
 
-    if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.baselines)
-        from bertxml.baselines import run_train_baseline
+    if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.training.baselines)
+        from bertxml.training.baselines import run_train_baseline
 
         if args.init or args.encoder or args.resume:
             print(f"error: --init/--encoder/--resume are for the BERT models, not {args.model}", file=sys.stderr)
@@ -134,7 +135,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from bertxml.compare import run_compare
+    from bertxml.reports.compare import run_compare
 
     wh = open_warehouse(args, "compare")
     result = run_compare(wh, wh.cfg, models=args.models, max_lens=args.max_lens, split=args.split,
@@ -157,12 +158,12 @@ def cmd_retrain(args) -> int:
 def _model_dir(args, wh) -> str | None:
     """--model (a folder or models:/NAME@ALIAS), else score.model_dir from the config, else None: the
     registry's score.default_alias where there is a registry, else the newest under WORKDIR/models
-    (`bertxml.registry.resolve_model`)."""
+    (`bertxml.models.registry.resolve_model`)."""
     return args.model or wh.cfg.score.model_dir or None
 
 
 def cmd_score(args) -> int:
-    from bertxml.score import run_score
+    from bertxml.scoring.score import run_score
 
     wh = open_warehouse(args, "score")
     result = run_score(wh, wh.cfg, date=args.date, since_last=args.since_last, model_dir=_model_dir(args, wh),
@@ -172,7 +173,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from bertxml.evaluate import run_evaluate, run_evaluate_aliases
+    from bertxml.reports.evaluate import run_evaluate, run_evaluate_aliases
 
     wh = open_warehouse(args, "evaluate")
     if args.compare:
@@ -193,7 +194,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from bertxml.registry import run_promote
+    from bertxml.models.registry import run_promote
 
     wh = open_warehouse(args, "promote")
     print(json.dumps(run_promote(wh, wh.cfg, args.version, alias=args.alias, model_name=args.model_name),
@@ -202,7 +203,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from bertxml.explain import run_explain
+    from bertxml.reports.explain import run_explain
 
     wh = open_warehouse(args, "explain")
     result = run_explain(wh, wh.cfg, args.note_id, code=args.code, model_dir=_model_dir(args, wh),
@@ -211,7 +212,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_sql_server(args) -> int:
-    from bertxml.sqlserver import UnsafeServerError, check_bind, hash_password, serve, server_jar
+    from bertxml.platform.sqlserver import UnsafeServerError, check_bind, hash_password, serve, server_jar
 
     if args.hash_password:
         import getpass
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a job error: logged with its cause, non-zero exit for the scheduler
-        etl = sys.modules.get("bertxml.etl")  # loaded when the error came from it
+        etl = sys.modules.get("bertxml.etl.etl")  # loaded when the error came from it
         if etl is not None and isinstance(exc, etl.ReplayError):  # an --as-of-run with no run to replay
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -12,12 +12,8 @@ with a `/` or a `.yaml`/`.yml` suffix is a file path instead.
 from __future__ import annotations
 
 import dataclasses
-import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"   # package data: ships in the wheel
 
@@ -31,7 +27,7 @@ PRECISION_SETTINGS = ("auto", "true", "false")
 
 def precision_setting(value) -> str:
     """A precision setting ('auto', true or false; yes/no/1/0 too) -> 'auto', 'true' or 'false'.
-    What 'auto' means per device: `bertxml.precision.decide_precision`."""
+    What 'auto' means per device: `bertxml.models.precision.decide_precision`."""
     text = str(value).strip().lower()
     text = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(text, text)
     if text not in PRECISION_SETTINGS:
@@ -157,7 +153,7 @@ class PretrainConfig:
     grad_accum: int = 1                 # micro-batches per optimizer step
     clip: float = 1.0                   # gradient norm clipping; 0 turns it off
     bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
-                                        # (bertxml.precision); true/false force it
+                                        # (bertxml.models.precision); true/false force it
     log_every: int = 20                 # steps between log lines (loss, mlm, nsp, lr, tokens/s)
     seed: int = 13                      # model init, batch order per epoch, masking per step
     threads: int = 0                    # torch CPU threads; 0 leaves torch's default
@@ -178,7 +174,7 @@ class TrainConfig:
     warmup: float = 0.1                 # linear warm-up over 10%, then linear decay to 0
     clip: float = 1.0
     bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively
-                                        # (bertxml.precision); true/false force it. The BiGRU baseline too
+                                        # (bertxml.models.precision); true/false force it. The BiGRU baseline too
     log_every: int = 20
     eval_every: int = 0                 # 0: evaluate on dev at each epoch end
     seed: int = 13
@@ -209,7 +205,7 @@ class ScoreConfig:
     device: str = "auto"                # "auto": the Spark task's GPU, else CUDA if present, else CPU
     num_threads: int = 0                # torch threads per worker; 0: the task's CPUs (spark.task.cpus)
     cpu_bf16: str = precision_field()   # bf16 on the CPU (weights cast once): "auto" = where the CPU has
-                                        # native bf16 (AVX512-BF16, AMX; bertxml.precision); true/false
+                                        # native bf16 (AVX512-BF16, AMX; bertxml.models.precision); true/false
                                         # force it. GPUs autocast to bf16 where they support it
     partitions: int = 0                 # tasks to score in; 0: the cluster's default parallelism
     allow_empty: bool = False           # a night with no notes at all fails the job (feed not landed)
@@ -260,7 +256,7 @@ class BandConfig:
 
 @dataclass
 class DriftConfig:
-    """`bertxml.night_drift`: each scored night against the training set (bertxml.drift). A night is
+    """`bertxml.night_drift`: each scored night against the training set (bertxml.scoring.drift). A night is
     flagged when one of its measures passes its limit; nights with fewer than min_notes scored notes get
     their rows but are never flagged (too few notes to judge)."""
     enabled: bool = True                # write bertxml.night_drift after each scored night
@@ -293,7 +289,7 @@ class EvalConfig:
 
 @dataclass
 class BaselineConfig:
-    """The paper's non-BERT models (§3.4, §4.3), trained by `bertxml.baselines`."""
+    """The paper's non-BERT models (§3.4, §4.3), trained by `bertxml.training.baselines`."""
     max_len: int = 512                  # paper §4.3: every baseline reads a note's first 512 tokens
     seed: int = 13
     # logistic regression on a bag of WordPieces (§3.4.1), one-vs-rest over the label vocabulary
@@ -357,7 +353,7 @@ class SqlServerConfig:
 
 @dataclass
 class MlflowConfig:
-    """The MLflow tracking store and model registry (`bertxml.registry`)."""
+    """The MLflow tracking store and model registry (`bertxml.models.registry`)."""
     log_runs: bool = True               # train/retrain/compare log a run and register its model
     tracking_uri: str = ""              # "": SQLite under WORKDIR/mlflow (no server); "databricks" on
                                         # Databricks, or http(s)://host of a tracking server
@@ -387,133 +383,3 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _coerce(value, typ, key: str):
-    """Turn a YAML or `--set` value into the field's declared type, or raise naming the key."""
-    origin = typing.get_origin(typ) or typ
-    if isinstance(typ, str):
-        origin = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}[typ]
-    try:
-        if origin is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if origin is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if origin is float:
-            return float(value)
-        if origin is str:
-            return str(value)
-        if origin in (list, dict):
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, origin):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key {key!r}: cannot use {value!r} as {origin.__name__}") from None
-    return value
-
-
-def apply_overrides(cfg: Config, overrides: dict) -> Config:
-    """Apply a nested dict {section: {key: value}} onto cfg, in place; unknown names are errors."""
-    for section, values in (overrides or {}).items():
-        if section not in {f.name for f in dataclasses.fields(cfg)}:
-            raise ConfigError(f"unknown config section {section!r}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping")
-        target = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"unknown config key {section}.{key}")
-            value = _coerce(value, fields[key].type, f"{section}.{key}")
-            check = fields[key].metadata.get("check")
-            if check is not None:
-                try:
-                    value = check(value)
-                except ValueError as err:
-                    raise ConfigError(f"config key {section}.{key}: {err}") from None
-            setattr(target, key, value)
-    return cfg
-
-
-def parse_set(pairs: list[str]) -> dict:
-    """['train.lr=1e-4', ...] -> {'train': {'lr': '1e-4'}}; YAML scalars are parsed later by type."""
-    out: dict = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
-        out.setdefault(section, {})[name] = value
-    return out
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
-    return data
-
-
-def packaged_configs() -> list[str]:
-    """The names `--conf NAME` accepts: the YAML files shipped in bertxml/conf/."""
-    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
-
-
-def resolve_conf(spec: str | Path) -> Path:
-    """A `--conf` value -> the YAML file it means.
-
-    A bare name (no path separator, no .yaml/.yml suffix) is a config shipped in the package
-    (`prod` -> bertxml/conf/prod.yaml); anything else is a path, relative to the working folder.
-    """
-    text = str(spec)
-    if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
-        return Path(text)
-    path = CONF_DIR / f"{text}.yaml"
-    if not path.exists():
-        raise ConfigError(f"no packaged config {text!r}; choose one of {packaged_configs()} "
-                          f"or give a path to a .yaml file")
-    return path
-
-
-def model_preset(size: str) -> dict:
-    """bertxml/conf/model/<size>.yaml as a dict of ModelConfig fields (paper Table 1 for small and big)."""
-    path = CONF_DIR / "model" / f"{size}.yaml"
-    if not path.exists():
-        choices = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-        raise ConfigError(f"unknown model size {size!r}; choose one of {choices}")
-    return load_yaml(path)
-
-
-def load_config(conf_files: list[str] | None = None, sets: list[str] | None = None,
-                size: str | None = None) -> Config:
-    """Defaults, then each YAML file in order (a path or a packaged name, see `resolve_conf`), then a
-    model size preset, then `--set` pairs."""
-    cfg = Config()
-    for spec in conf_files or []:
-        data = load_yaml(resolve_conf(spec))
-        preset = data.pop("model_size", None)
-        if preset:
-            apply_overrides(cfg, {"model": model_preset(preset)})
-        apply_overrides(cfg, data)
-    if size:
-        apply_overrides(cfg, {"model": model_preset(size)})
-    apply_overrides(cfg, parse_set(sets or []))
-    return cfg
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config saved with a model or report (to_dict output)."""
-    return apply_overrides(Config(), data)

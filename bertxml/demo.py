@@ -21,8 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from bertxml.generate import last_date, run_generate
-from bertxml.sql import format_rows
+from bertxml.etl.generate import run_generate
+from bertxml.etl.span import last_date
+from bertxml.models.registry import MODELS_SCHEME, registered_version_of, run_promote
+from bertxml.platform.sql import format_rows
+from bertxml.retrain import run_retrain
 
 log = logging.getLogger("bertxml.demo")
 
@@ -106,9 +109,8 @@ def history_landed_at(wh, generated: dict) -> str:
 
 
 def run_demo(wh) -> int:
-    from bertxml.evaluate import run_evaluate
-    from bertxml.retrain import run_retrain
-    from bertxml.score import run_score
+    from bertxml.reports.evaluate import run_evaluate
+    from bertxml.scoring.score import run_score
 
     cfg = wh.cfg
     nights = catch_up_nights()
@@ -120,8 +122,6 @@ def run_demo(wh) -> int:
     model_dir = run_retrain(wh, cfg, as_of_timestamp=landed_at)
     model, registered = model_dir, None
     if cfg.mlflow.log_runs:
-        from bertxml.registry import MODELS_SCHEME, registered_version_of, run_promote
-
         registered = registered_version_of(cfg, wh.workdir, model_dir)
         log.info("demo 2/4: promoting %s version %s to champion", cfg.mlflow.model_name, registered)
         run_promote(wh, cfg, registered, alias="champion")

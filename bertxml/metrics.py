@@ -1,9 +1,9 @@
 """The evaluation metrics on numpy arrays: AUCs (micro, macro, per code), F1 at per-code thresholds, P@k.
 
-The one place these are computed from arrays: training's dev AUC (`bertxml.train`, `bertxml.baselines`),
-`bertxml compare` and the array form of the auc_report. The Spark job (`bertxml.evaluate`) computes the
-same AUCs by rank sums over a table too large to collect; tests/test_metrics.py holds it to these within
-1e-9, ties included.
+The one place these are computed from arrays: training's dev AUC (`bertxml.training.train`,
+`bertxml.training.baselines`), `bertxml compare` and the array form of the auc_report. The Spark job
+(`bertxml.reports.evaluate`) computes the same AUCs by rank sums over a table too large to collect;
+tests/test_metrics.py holds it to these within 1e-9, ties included.
 
 Arrays: y (n, M) 0/1 labels of n notes and M codes, probs (n, M). A code's AUC needs a positive and a
 negative note; the others are "skipped" (NaN per code, left out of the macro average). Ties get half a
@@ -104,3 +104,8 @@ def auc_report_from_arrays(y_true, probs, train_counts, low_freq_threshold: int 
         out[f"p_at_{k}"] = float(np.take_along_axis(y, top, axis=1).sum(axis=1).mean() / top.shape[1]) if n else None
     out["code_auc"] = code_auc
     return {key: out[key] for key in (*METRICS, "code_auc")}
+
+
+def fmt_metric(value, digits: int = 4) -> str:
+    """A metric for a log line or a report: 'n/a' when there is none (e.g. no dev code with a positive note)."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"  # value != value: NaN

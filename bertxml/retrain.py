@@ -6,11 +6,11 @@ checkpoint, with its own vocabulary (the vocabulary and chunks are still built f
     bertxml retrain [--as-of-run RUN_ID | --as-of-timestamp T] [--conf conf/codiesp.yaml] [--size small]
 
 `--as-of-run` rebuilds the training set an earlier ETL run wrote, row for row (every input at the Delta
-version that run read, with its ETL settings: `bertxml.etl.run_etl`); `--as-of-timestamp` reads every
+version that run read, with its ETL settings: `bertxml.etl.etl.run_etl`); `--as-of-timestamp` reads every
 input as of that time. The config decides sizes and steps; the new model folder's manifest records the
 versions of the tables it was trained on and the ETL run, with its inputs' versions, they came from.
 With `mlflow.log_runs` (the default) the model is logged to MLflow and registered as a new version of
-`mlflow.model_name`, its run tagged bertxml.job=retrain (`bertxml.registry`).
+`mlflow.model_name`, its run tagged bertxml.job=retrain (`bertxml.models.registry`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def init_checkpoint(cfg) -> Path | None:
     if not value:
         return None
     if value.lower() == "minilm":
-        from bertxml.compare import minilm_dir
+        from bertxml.reports.compare import minilm_dir
 
         return minilm_dir(cfg)
     path = Path(value)
@@ -41,12 +41,12 @@ def run_retrain(wh, cfg, as_of_run: str | None = None, as_of_timestamp: str | No
                 out_dir: str | None = None, model_kind: str = "bertxml") -> Path:
     """Run every step in order and return the new model folder. With `as_of_run`, every step runs with
     that ETL run's ETL settings, so the manifest's config is the one the training set was built with."""
-    from bertxml.etl import etl_snapshot, replay_config, run_etl
-    from bertxml.evaluate import run_evaluate
-    from bertxml.pretrain import run_pretrain
-    from bertxml.tokenize import run_tokenize
-    from bertxml.train import run_train
-    from bertxml.vocab import run_vocab
+    from bertxml.etl.etl import etl_snapshot, replay_config, run_etl
+    from bertxml.reports.evaluate import run_evaluate
+    from bertxml.training.pretrain import run_pretrain
+    from bertxml.text.tokenize import run_tokenize
+    from bertxml.training.train import run_train
+    from bertxml.text.vocab import run_vocab
 
     if as_of_run:
         cfg = replay_config(cfg, etl_snapshot(wh, as_of_run))

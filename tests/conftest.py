@@ -16,7 +16,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from bertxml.config import Config
-    from bertxml.warehouse import get_spark
+    from bertxml.platform.warehouse import get_spark
 
     cfg = Config()
     cfg.spark.master = "local[2]"
@@ -40,7 +40,7 @@ def cfg():
 @pytest.fixture
 def wh(spark, tmp_path, cfg):
     """A fresh, empty warehouse in a temp folder."""
-    from bertxml.warehouse import Warehouse
+    from bertxml.platform.warehouse import Warehouse
 
     for db in ("ehr", cfg.warehouse.schema):
         spark.sql(f"DROP DATABASE IF EXISTS `{db}` CASCADE")

@@ -1,6 +1,7 @@
-"""Tests for bertxml/baselines.py and bertxml/compare.py: bag-of-words features by hand; the BiGRU's multi-head
+"""Tests for the baselines (bertxml/models/logreg.py, bigru.py, starspace.py, bertxml/training/baselines.py)
+and bertxml/reports/compare.py: bag-of-words features by hand; the BiGRU's multi-head
 attention (eq. 5-8) shapes and masking; each baseline learns the tiny learnable problem of test_train.py (a
-code's note holds its signal word) and its folder scores through `bertxml.score.make_predict_fn` with the
+code's note holds its signal word) and its folder scores through `bertxml.scoring.predictors.make_predict_fn` with the
 predictions it was selected on; `bertxml compare` writes bertxml.model_comparison and Tables 2 and 3.
 
 Run: .venv/bin/python -m pytest -q tests/test_baselines.py
@@ -13,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from bertxml import modeldir
-from bertxml import tables as t
-from bertxml.baselines import (BiGruAttention, MultiHeadAttentionPool, bag_of_words, idf_weights,
-                               run_train_baseline, weight_features)
-from bertxml.compare import comparison_markdown, find_encoder, plan, run_compare
+from bertxml.models import modeldir
+from bertxml.platform import tables as t
+from bertxml.models.bigru import BiGruAttention, MultiHeadAttentionPool
+from bertxml.models.logreg import bag_of_words, idf_weights, weight_features
+from bertxml.training.baselines import run_train_baseline
+from bertxml.reports.compare import comparison_markdown, find_encoder, plan, run_compare
 from bertxml.config import Config
 from bertxml.metrics import auc_report_from_arrays
-from bertxml.score import ModelDirError, make_predict_fn, read_model_info
+from bertxml.models.modeldir import ModelDirError
+from bertxml.scoring.predictors import make_predict_fn, read_model_info
 from test_train import CODES, assert_no_pickles, make_notes, make_vocab_dir, tiny_config, write_tables
 
 BASE_LEN = 64   # longer than any toy note: a baseline sees the whole note
@@ -40,7 +43,7 @@ def baseline_config(**baseline) -> Config:
 @pytest.fixture(scope="module")
 def toy_wh(spark, tmp_path_factory):
     """(Warehouse, vocab_dir, notes): the toy problem, chunked at BASE_LEN."""
-    from bertxml.warehouse import Warehouse
+    from bertxml.platform.warehouse import Warehouse
 
     wh = Warehouse(spark, tmp_path_factory.mktemp("baselines") / "warehouse", baseline_config())
     for db in ("ehr", wh.cfg.warehouse.schema):
@@ -218,7 +221,7 @@ def test_a_folder_with_the_wrong_label_count_is_refused(toy_wh, tmp_path):
 
 def make_encoder(wh, vocab_dir: Path, cfg: Config) -> Path:
     """A random tiny encoder folder, as `bertxml pretrain` lays one out (no pretraining: this is about plumbing)."""
-    from bertxml.model import BertForPretraining, bert_config
+    from bertxml.models.bert import BertForPretraining, bert_config
 
     version, out = modeldir.new_model_dir(wh.workdir, "encoder", "test")
     torch.manual_seed(0)

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.cli import build_parser, main
-from bertxml.config import ConfigError, load_config
+from bertxml.config import ConfigError
+from bertxml.config_io import load_config
 
 
 def test_every_command_takes_the_common_options():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from bertxml import tables as t
-from bertxml.deltaread import DeltaLogError, latest_version, read_delta, sql_predicate
+from bertxml.platform import tables as t
+from bertxml.platform.deltaread import DeltaLogError, latest_version, read_delta, sql_predicate
 
 
 def chunk_rows(note_ids, max_len, split="train"):

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from bertxml.config import load_config
+from bertxml.config_io import load_config
 from bertxml.demo import CATCH_UP_NIGHTS, catch_up_nights, history_landed_at
-from bertxml.etl import run_etl
-from bertxml.evaluate import labeled_for_dates
-from bertxml.generate import last_date, run_generate
-from bertxml.runs import job_run
+from bertxml.etl.etl import run_etl
+from bertxml.reports.evaluate import labeled_for_dates
+from bertxml.etl.span import last_date
+from bertxml.etl.generate import run_generate
+from bertxml.platform.runs import job_run
 
 LOCAL = Path(__file__).resolve().parents[1] / "conf" / "local.yaml"
 

@@ -18,7 +18,8 @@ import yaml
 
 from bertxml import config as config_module
 from bertxml.cli import build_parser
-from bertxml.config import CONF_DIR, ConfigError, load_config, packaged_configs
+from bertxml.config import CONF_DIR, ConfigError
+from bertxml.config_io import load_config, packaged_configs
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -246,7 +247,8 @@ def test_built_wheel_runs_a_job_from_outside_the_repository(tmp_path):
                     str(wheel)], check=True, capture_output=True, text=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(PYTHONPATH=str(site), PYTHONSAFEPATH="1")
-    probe = ("import bertxml, json; from bertxml.config import CONF_DIR, load_config, packaged_configs; "
+    probe = ("import bertxml, json; from bertxml.config import CONF_DIR; "
+             "from bertxml.config_io import load_config, packaged_configs; "
              "print(json.dumps({'file': bertxml.__file__, 'conf': str(CONF_DIR), 'names': packaged_configs(), "
              "'small': load_config(None, None, size='small').model.hidden_size, "
              "'prod': load_config(['prod']).warehouse.catalog}))")

@@ -1,4 +1,4 @@
-"""Tests for bertxml/drift.py: the measures by hand, the training profile from real Delta tables, and the
+"""Tests for bertxml/scoring/drift.py: the measures by hand, the training profile from real Delta tables, and the
 nightly job writing bertxml.night_drift for a night like the training set (not flagged) and a night whose
 notes shift (a new note type, much longer notes: flagged), rerun without duplicates.
 
@@ -12,12 +12,14 @@ import math
 import numpy as np
 import pytest
 
-from bertxml import tables as t
-from bertxml.config import ConfigError, load_config
-from bertxml.drift import (add_dev_reference, bin_counts, length_edges, load_profile, psi, training_profile,
-                           word_stats)
-from bertxml.modeldir import DRIFT_PROFILE_FILE, write_json
-from bertxml.score import make_predict_fn, read_model_info, run_score
+from bertxml.platform import tables as t
+from bertxml.config import ConfigError
+from bertxml.config_io import load_config
+from bertxml.models.profile import (add_dev_reference, bin_counts, length_edges, load_profile, psi, training_profile,
+                                    word_stats)
+from bertxml.models.modeldir import DRIFT_PROFILE_FILE, write_json
+from bertxml.scoring.predictors import make_predict_fn, read_model_info
+from bertxml.scoring.score import run_score
 from test_score import SENTENCES, make_model_dir, note, write_notes
 
 TRAIN_DAY, NORMAL, SHIFTED = dt.date(2025, 2, 1), dt.date(2025, 3, 1), dt.date(2025, 3, 2)

@@ -6,12 +6,12 @@ import random
 import pytest
 from pyspark.sql import functions as F
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.config import EtlConfig
-from bertxml.etl import ReplayError, assign_split, build_label_vocab, label_notes, run_etl, split_of
-from bertxml.runs import job_run
-from bertxml.icd import icd_reference, normalize_code
-from bertxml.warehouse import SchemaError
+from bertxml.etl.etl import ReplayError, assign_split, build_label_vocab, label_notes, run_etl, split_of
+from bertxml.platform.runs import job_run
+from bertxml.etl.icd import icd_reference, normalize_code
+from bertxml.platform.warehouse import SchemaError
 
 TEXT = "Patient seen today for follow up of chronic conditions; stable on current regimen."
 D = dt.date

@@ -1,4 +1,4 @@
-"""Tests for bertxml/evaluate.py: Spark's micro AUC at extreme probabilities, and the job on a split and on
+"""Tests for bertxml/reports/evaluate.py: Spark's micro AUC at extreme probabilities, and the job on a split and on
 coded nights of a tiny warehouse.
 
 Run: .venv/bin/python -m pytest -q tests/test_evaluate.py
@@ -12,10 +12,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bertxml import tables as t
-from bertxml.evaluate import micro_auc, run_evaluate
+from bertxml.platform import tables as t
+from bertxml.reports.evaluate import micro_auc, run_evaluate
 from bertxml.metrics import auc_report_from_arrays
-from bertxml.score import make_predict_fn
+from bertxml.scoring.predictors import make_predict_fn
 from test_score import CODES, SENTENCES, make_model_dir
 
 D1, D2 = dt.date(2025, 3, 1), dt.date(2025, 3, 2)

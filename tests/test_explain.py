@@ -1,4 +1,4 @@
-"""Tests for bertxml/explain.py: attention spans of a tiny BERT-XML model, the HTML rendering, and that the
+"""Tests for bertxml/reports/explain.py: attention spans of a tiny BERT-XML model, the HTML rendering, and that the
 note text (PHI) never reaches a table.
 
 Run: .venv/bin/python -m pytest -q tests/test_explain.py
@@ -9,9 +9,9 @@ import stat
 import pytest
 import torch
 
-from bertxml import tables as t
-from bertxml.explain import PHI_WARNING, explain_text, format_explanation, run_explain
-from bertxml.score import make_predict_fn
+from bertxml.platform import tables as t
+from bertxml.reports.explain import PHI_WARNING, explain_text, format_explanation, run_explain
+from bertxml.scoring.predictors import make_predict_fn
 from test_score import CODES, SENTENCES, make_model_dir
 
 TEXT = SENTENCES[0] + "\n" + SENTENCES[5] + "\n" + SENTENCES[6] + " <b>&</b>"
@@ -81,7 +81,7 @@ def test_run_explain_writes_html_and_no_text_to_tables(wh, cfg, model_dir, tmp_p
 def test_run_explain_renders_the_scoring_evidence(wh, cfg, model_dir, tmp_path, capsys):
     """With bertxml.evidence rows for the note and model version (the engine's own, written as the nightly
     job writes them) explain renders those, loads no model, and still reads the text only as the opt-in."""
-    from bertxml.score import read_model_info
+    from bertxml.scoring.predictors import read_model_info
 
     info = read_model_info(model_dir)
     scored = make_predict_fn(model_dir, device="cpu", cpu_bf16=False, evidence_top_k=2).score([TEXT])

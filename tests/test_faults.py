@@ -1,7 +1,7 @@
 """A job killed anywhere, then rerun, leaves every table as one clean run would (README "Reruns").
 
 Each case copies a prepared warehouse, runs the job as a subprocess in its own session with BERTXML_FAULT set
-(`bertxml/faults.py`: the job SIGKILLs its whole session, JVM and Python workers included, at that point),
+(`bertxml/platform/faults.py`: the job SIGKILLs its whole session, JVM and Python workers included, at that point),
 checks that it died there, reruns the job without the fault, and compares the tables with those of a clean
 run on another copy: the same rows, counted (no duplicate), the same probabilities.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.config import Config
-from bertxml.faults import committed_versions
-from bertxml.warehouse import Warehouse
+from bertxml.platform.faults import committed_versions
+from bertxml.platform.warehouse import Warehouse
 from test_score import SENTENCES, make_model_dir, note
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def night_notes(changed: bool):
 
 
 def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
-    from bertxml.score import run_score
+    from bertxml.scoring.score import run_score
 
     cfg = job_cfg()
     model = make_model_dir(tmp_path / "models")
@@ -153,8 +153,8 @@ def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
 # ---- etl --------------------------------------------------------------------------------------------------
 def test_etl_killed_then_rerun_equals_a_clean_run(spark, tmp_path):
     from bertxml.config import GenerateConfig
-    from bertxml.etl import run_etl
-    from bertxml.generate import run_generate
+    from bertxml.etl.etl import run_etl
+    from bertxml.etl.generate import run_generate
 
     cfg = job_cfg()
     base = tmp_path / "base"

@@ -1,4 +1,4 @@
-"""bertxml.generate: schemas, determinism, the code universe, and the rows the ETL must drop or reject.
+"""bertxml.etl.generate: schemas, determinism, the code universe, and the rows the ETL must drop or reject.
 
 Spark runs a 300-note warehouse (the session-scoped `spark` fixture of conftest.py); the statistical
 checks run the same per-patient generator in plain Python over more patients, which is what each Spark
@@ -12,11 +12,12 @@ from dataclasses import replace
 import pytest
 
 from bertxml.config import GenerateConfig
-from bertxml.generate import (LAST_DAY, MALFORMED_CODES, MAX_DAYS, MIN_DAYS, UNKNOWN_SHAPED_CODES,
-                              PatientGenerator, check_generate_config, code_catalog, generate_warehouse,
-                              last_date, load_lexicon, n_patients, run_generate, span_days)
-from bertxml.icd import ICD10_SHAPE, chronic_codes, icd10cm_descriptions, normalize_code
-from bertxml.tables import DIAGNOSES_SCHEMA, NOTES_SCHEMA
+from bertxml.etl.span import LAST_DAY, MAX_DAYS, MIN_DAYS, check_generate_config, last_date, n_patients, span_days
+from bertxml.etl.generate import generate_warehouse, run_generate
+from bertxml.etl.patients import MALFORMED_CODES, UNKNOWN_SHAPED_CODES, PatientGenerator
+from bertxml.etl.lexicon import code_catalog, load_lexicon
+from bertxml.etl.icd import ICD10_SHAPE, chronic_codes, icd10cm_descriptions, normalize_code
+from bertxml.platform.tables import DIAGNOSES_SCHEMA, NOTES_SCHEMA
 
 SMALL = GenerateConfig(notes=300, seed=11, partitions=2)
 # higher defect rates for the checks that every category shows up in a small sample
@@ -78,7 +79,7 @@ def test_same_seed_same_rows_other_seed_other_rows(spark, small):
 
 
 def test_rows_do_not_depend_on_partitioning(spark, monkeypatch, small):
-    import bertxml.generate as generate
+    import bertxml.etl.generate as generate
 
     monkeypatch.setattr(generate, "MIN_PATIENTS_PER_TASK", 10)        # 3 tasks instead of 1
     notes, _ = generate_warehouse(spark, replace(SMALL, partitions=3))

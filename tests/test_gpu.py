@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from bertxml.config import ModelConfig
-from bertxml.model import BertForIcdCoding, LabelAttention, bert_config
-from bertxml.precision import autocast, decide_precision
-from bertxml.score import make_predict_fn
-from bertxml.train import make_optimizer
+from bertxml.models.bert import BertForIcdCoding, LabelAttention, bert_config
+from bertxml.models.precision import autocast, decide_precision
+from bertxml.scoring.predictors import make_predict_fn
+from bertxml.training.loop import make_optimizer
 from test_score import LONG, SENTENCES, make_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent

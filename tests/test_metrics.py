@@ -1,12 +1,12 @@
 """Tests for bertxml/metrics.py: AUCs, F1 and P@k by hand on four notes, and Spark's rank-sum AUCs
-(bertxml.evaluate) held to these within 1e-9, ties and skipped codes included.
+(bertxml.reports.evaluate) held to these within 1e-9, ties and skipped codes included.
 
 Run: .venv/bin/python -m pytest -q tests/test_metrics.py
 """
 import numpy as np
 import pytest
 
-from bertxml.evaluate import auc_by_code, micro_auc
+from bertxml.reports.evaluate import auc_by_code, micro_auc
 from bertxml.metrics import auc_metrics, auc_report_from_arrays, code_aucs, micro_f1, top_k_indices
 from bertxml.metrics import micro_auc as np_micro_auc
 

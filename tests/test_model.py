@@ -1,4 +1,4 @@
-"""Tests for bertxml/model.py on a tiny BERT (vocab 99, hidden 32, 2 layers, 2 heads): shapes, the label
+"""Tests for bertxml/models/bert.py on a tiny BERT (vocab 99, hidden 32, 2 layers, 2 heads): shapes, the label
 attention's masking, semantic label init, BERT masking, learning, chunk pooling and checkpoints.
 
 Run: .venv/bin/python -m pytest -q tests/test_model.py
@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 
 from bertxml.config import ModelConfig
-from bertxml.model import (BertForIcdCoding, BertForPretraining, ClsHead, LabelAttention, bert_config,
-                           chunk_max, count_parameters, from_pretrained_encoder, load_model, mask_tokens,
-                           save_model)
+from bertxml.models.bert import (BertForIcdCoding, BertForPretraining, ClsHead, LabelAttention, bert_config,
+                                 chunk_max, count_parameters, from_pretrained_encoder, load_model, mask_tokens,
+                                 save_model)
 
 VOCAB = 99
 PAD, CLS, SEP, MASK = 0, 1, 2, 3

@@ -15,9 +15,9 @@ import nbformat
 import numpy as np
 import pytest
 
-from bertxml import tables as t
-from bertxml.score import run_score
-from bertxml.views import create_views
+from bertxml.platform import tables as t
+from bertxml.scoring.score import run_score
+from bertxml.platform.views import create_views
 from test_evaluate import D1, D2, NOTES
 from test_score import CODES, make_model_dir
 
@@ -75,12 +75,12 @@ def write_evaluations(wh, model_version):
 
 
 def write_drift_profile(model_dir, texts):
-    """drift_profile.json as training records it (`bertxml.drift.training_profile`), here from the nights'
+    """drift_profile.json as training records it (`bertxml.models.profile.training_profile`), here from the nights'
     own texts with every code at a dev rate of 1/2, so bertxml.night_drift gets rows to plot."""
     from tokenizers import Tokenizer
 
-    from bertxml.drift import PROFILE_VERSION, bin_counts, length_edges, word_stats
-    from bertxml.modeldir import DRIFT_PROFILE_FILE, write_json
+    from bertxml.models.profile import PROFILE_VERSION, bin_counts, length_edges, word_stats
+    from bertxml.models.modeldir import DRIFT_PROFILE_FILE, write_json
 
     words, oov = word_stats(Tokenizer.from_file(str(model_dir / "tokenizer.json")), texts)
     edges = length_edges(words, 3)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,11 +127,11 @@ def file_leaks(root: Path, cores: list[str], skip: tuple[str, ...] = ()) -> dict
 
 
 def test_planted_markers_never_leave_the_text_tables(wh, cfg, tmp_path):
-    from bertxml.generate import run_generate
+    from bertxml.etl.generate import run_generate
 
     conf = tmp_path / "tiny.yaml"
     conf.write_text(TINY_CONF)
-    from bertxml.config import load_config
+    from bertxml.config_io import load_config
 
     tiny = load_config([str(conf)])
     run_generate(wh, tiny.generate)

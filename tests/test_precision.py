@@ -1,9 +1,10 @@
-"""`bertxml.precision`: one decision of the compute dtype per device, on this machine's CPU and on faked ones."""
+"""`bertxml.models.precision`: one decision of the compute dtype per device, on this machine's CPU and on faked ones."""
 import pytest
 import torch
 
-from bertxml.config import ConfigError, load_config
-from bertxml.precision import autocast, cpu_flags, cpu_has_native_bf16, decide_precision
+from bertxml.config import ConfigError
+from bertxml.config_io import load_config
+from bertxml.models.precision import autocast, cpu_flags, cpu_has_native_bf16, decide_precision
 
 AVX2_EPYC = {"fpu", "sse4_2", "avx", "avx2", "fma"}                  # no native bf16
 SAPPHIRE_RAPIDS = AVX2_EPYC | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}

@@ -1,5 +1,5 @@
-"""Tests for bertxml/pretrain.py and the pre-training pieces of bertxml/data.py: next-sentence pairs from the
-notes' own sentence order, MLM batches, and pre-training end to end (loss falls; the encoder folder is
+"""Tests for bertxml/training/pretrain.py, its batches included: next-sentence pairs from the notes' own
+sentence order, MLM batches, and pre-training end to end (loss falls; the encoder folder is
 fine-tuned by run_train).
 
 Run: .venv/bin/python -m pytest -q tests/test_pretrain.py
@@ -13,10 +13,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from bertxml import modeldir
-from bertxml import tables as t
-from bertxml.data import IS_NEXT, NOT_NEXT, ChunkSet, nsp_example, pretraining_batch, split_sentences
-from bertxml.model import IGNORE_INDEX
+from bertxml.models import modeldir
+from bertxml.platform import tables as t
+from bertxml.text.data import ChunkSet
+from bertxml.training.pretrain import IS_NEXT, NOT_NEXT
+from bertxml.training.pretrain import nsp_example, pretraining_batch, split_sentences
+from bertxml.models.bert import IGNORE_INDEX
 from test_train import assert_no_pickles, make_notes, make_vocab_dir, tiny_config, write_tables
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -96,8 +98,8 @@ def test_pretraining_batch_masks_real_tokens_only_and_is_reproducible():
 
 
 def test_run_pretrain_loss_falls_and_the_encoder_fine_tunes(wh, tmp_path):
-    from bertxml.pretrain import run_pretrain
-    from bertxml.train import run_train
+    from bertxml.training.pretrain import run_pretrain
+    from bertxml.training.train import run_train
 
     vocab_dir = make_vocab_dir(wh.workdir / "vocab")
     notes = make_notes(n_train=48, n_dev=16, seed=3)

@@ -1,4 +1,4 @@
-"""Tests for bertxml/registry.py: models logged to the embedded MLflow store (SQLite under the workdir),
+"""Tests for bertxml/models/registry.py: models logged to the embedded MLflow store (SQLite under the workdir),
 registered, promoted and resolved by alias; the pyfunc model through `mlflow.pyfunc.spark_udf` gives the
 probabilities `bertxml score` writes; a champion and a challenger scored and evaluated side by side.
 
@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_evaluate import NOTES  # noqa: E402
 from test_score import CODES, make_model_dir  # noqa: E402
 
-from bertxml import registry  # noqa: E402
-from bertxml import tables as t  # noqa: E402
-from bertxml.evaluate import run_evaluate_aliases  # noqa: E402
-from bertxml.score import run_score  # noqa: E402
+from bertxml.models import registry  # noqa: E402
+from bertxml.platform import tables as t  # noqa: E402
+from bertxml.reports.evaluate import run_evaluate_aliases  # noqa: E402
+from bertxml.scoring.score import run_score  # noqa: E402
 
 D1 = dt.date(2025, 3, 1)
 

@@ -5,9 +5,9 @@ Run: .venv/bin/python -m pytest -q tests/test_retrain.py
 """
 import json
 
-from bertxml import modeldir
+from bertxml.models import modeldir
 from bertxml.cli import main
-from bertxml.etl import run_etl
+from bertxml.etl.etl import run_etl
 from test_etl import first_snapshot, growth, table_rows, write_inputs
 
 TINY = """

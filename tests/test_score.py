@@ -1,4 +1,5 @@
-"""Tests for bertxml/score.py: the engine (`make_predict_fn`) on a tiny model without Spark, then the nightly
+"""Tests for bertxml/scoring/ (score, engine, evidence, predictors, udf): the engine
+(`make_predict_fn`) on a tiny model without Spark, then the nightly
 job end to end on a tiny warehouse (two nights of notes, bad rows of each kind).
 
 Run: .venv/bin/python -m pytest -q tests/test_score.py
@@ -17,15 +18,18 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.config import ModelConfig, VocabConfig
-from bertxml.model import BertForIcdCoding, bert_config, save_model
-from bertxml.modeldir import predicted_codes, top_codes, write_model_dir
-from bertxml.precision import cpu_has_native_bf16, decide_precision
-from bertxml.score import (PREDICTORS, ModelDirError, NoNotesError, label_attention_blocked, label_attention_sdpa,
-                           make_predict_fn, read_model_info, register_predictor, run_score, score_frames)
-from bertxml.tokenize import encode_chunks
-from bertxml.vocab import train_tokenizer
+from bertxml.models.bert import BertForIcdCoding, bert_config, save_model
+from bertxml.models.modeldir import predicted_codes, top_codes, write_model_dir
+from bertxml.models.precision import cpu_has_native_bf16, decide_precision
+from bertxml.scoring.predictors import PREDICTORS, make_predict_fn, read_model_info, register_predictor
+from bertxml.models.modeldir import ModelDirError
+from bertxml.scoring.score import NoNotesError, run_score
+from bertxml.scoring.engine import label_attention_blocked, label_attention_sdpa
+from bertxml.scoring.udf import score_frames
+from bertxml.text.tokenize import encode_chunks
+from bertxml.text.vocab import train_tokenizer
 
 SENTENCES = [
     "Patient with hypertension presents for follow up of blood pressure.",
@@ -73,8 +77,8 @@ LONG = " ".join(SENTENCES * 4)
 
 def by_hand(model_dir, text, max_chunks=None):
     """Note probabilities the slow, obvious way: each chunk alone (no padding), sigmoid, max."""
-    from bertxml.model import load_model
-    from bertxml.vocab import load_tokenizer
+    from bertxml.models.bert import load_model
+    from bertxml.text.vocab import load_tokenizer
 
     model = load_model(model_dir)
     chunks = encode_chunks(load_tokenizer(model_dir), [text], MAX_LEN)[0][:max_chunks]
@@ -128,8 +132,8 @@ def keyed_model_dir(root, max_len=64) -> Path:
     chunks of notes made of the test sentences in many orders, and eq. 4 reads the direction d from the
     other tokens' states to the word's out of the attended state (logit = relu(d/|d| . c_j)), so the chunk
     holding the word sets the probability. I10 is always predicted, the other codes never."""
-    from bertxml.model import load_model
-    from bertxml.vocab import load_tokenizer
+    from bertxml.models.bert import load_model
+    from bertxml.text.vocab import load_tokenizer
 
     out = make_model_dir(root, "bertxml-keyed", max_len=max_len,
                          thresholds={c: (0.0 if c == "I10" else 1.1) for c in CODES})
@@ -174,7 +178,7 @@ def keyed_model_dir(root, max_len=64) -> Path:
 def test_evidence_puts_the_sentence_stating_the_code_first(tmp_path):
     """I10 (hypertension) is stated in one sentence of the note: its rank-1 span is exactly that sentence,
     also when the sentence sits in a later chunk; the spans carry eq. 2's attention (the model's own head)."""
-    from bertxml.explain import explain_text
+    from bertxml.reports.explain import explain_text
 
     model_dir = keyed_model_dir(tmp_path)
     predict = make_predict_fn(model_dir, device="cpu", cpu_bf16=False, evidence_top_k=3)
@@ -213,7 +217,7 @@ def test_evidence_puts_the_sentence_stating_the_code_first(tmp_path):
 
 
 def test_evidence_spans_are_sentences_cut_at_span_tokens():
-    from bertxml.score import evidence_spans, span_breaks
+    from bertxml.scoring.evidence import evidence_spans, span_breaks
 
     text = "Aa bb. Cc dd ee ff gg\nHh ii; jj 2.5 kk"
     breaks = span_breaks(text)
@@ -446,7 +450,7 @@ def test_run_score_fails_clearly(wh, cfg, model_dir, tmp_path):
 
 # ---- operating points, bands and encounters -----------------------------------------------------------------
 def test_operating_points_by_hand():
-    from bertxml.train import operating_points
+    from bertxml.training.thresholds import operating_points
 
     # One code, ten dev notes, best first: + + + - + - - + - -  (5 positives).
     probs = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], dtype=np.float32)[:, None]
@@ -467,7 +471,8 @@ def test_operating_points_by_hand():
 
 
 def test_band_targets_are_checked():
-    from bertxml.config import ConfigError, load_config
+    from bertxml.config import ConfigError
+    from bertxml.config_io import load_config
 
     assert load_config(sets=["bands.auto_precision=0.95"]).bands.auto_precision == 0.95
     for bad in ("bands.auto_precision=1.5", "bands.review_recall=0", "bands.min_support=0"):
@@ -476,8 +481,8 @@ def test_band_targets_are_checked():
 
 
 def test_bands_follow_the_operating_points(tmp_path):
-    from bertxml.modeldir import OPERATING_POINTS_FILE, write_json
-    from bertxml.modeldir import predicted_bands
+    from bertxml.models.modeldir import OPERATING_POINTS_FILE, write_json
+    from bertxml.models.modeldir import predicted_bands
 
     model = make_model_dir(tmp_path, thresholds={c: 0.5 for c in CODES})
     info = read_model_info(model)  # no operating_points.json: F1 thresholds, every code 'review'
@@ -503,7 +508,7 @@ def encounters(wh):
 
 
 def test_encounter_predictions_over_nights_and_reruns(wh, cfg, tmp_path):
-    from bertxml.modeldir import OPERATING_POINTS_FILE, write_json
+    from bertxml.models.modeldir import OPERATING_POINTS_FILE, write_json
 
     def enc(note_id, date, text, encounter, status="final"):
         return (note_id, "P1" if encounter != "EC" else "P2", encounter, date, "progress_note", "physician",

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.cli import main
-from bertxml.sqlserver import (UnsafeServerError, beeline_path, check_bind, hash_password, is_loopback,
-                               spark_home_env, verify_password)
+from bertxml.platform.sqlserver import (UnsafeServerError, beeline_path, check_bind, hash_password, is_loopback,
+                                        spark_home_env, verify_password)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Pt reports CANARY-7Q3 chest pain"  # stands for note text: must never come back by default

@@ -5,10 +5,10 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.config import VocabConfig
-from bertxml.tokenize import chunk_note, encode_chunks, run_tokenize
-from bertxml.vocab import PLACEHOLDERS, SPECIAL, SPECIAL_TOKENS, new_tokenizer, save_vocab
+from bertxml.text.tokenize import chunk_note, encode_chunks, run_tokenize
+from bertxml.text.vocab import PLACEHOLDERS, SPECIAL, SPECIAL_TOKENS, new_tokenizer, save_vocab
 
 WORDS = ["a", "b", "c", "d", "e", "f", "patient", "pain", "mg", "n", "nn"]
 CLS, SEP = SPECIAL["cls"], SPECIAL["sep"]

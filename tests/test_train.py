@@ -1,4 +1,5 @@
-"""Tests for bertxml/train.py, bertxml/data.py and bertxml/modeldir.py: the lr schedule, batching, AUCs and
+"""Tests for bertxml/training/ (train, loop, inputs, thresholds), bertxml/text/data.py and
+bertxml/models/modeldir.py: the lr schedule, batching, AUCs and
 thresholds by hand, and fine-tuning end to end on a tiny learnable problem (a code's note holds its signal
 word) written to a real Delta warehouse: learning, the model folder, best-dev selection, resume equivalence,
 an off-the-shelf init checkpoint with its own vocabulary, and two DDP processes under TorchDistributor.
@@ -17,14 +18,16 @@ import pytest
 import safetensors.torch
 import torch
 
-from bertxml import modeldir
-from bertxml import tables as t
-from bertxml import train as train_mod
+from bertxml.models import modeldir
+from bertxml.platform import tables as t
+from bertxml.training import train as train_mod
 from bertxml.config import Config, ModelConfig
-from bertxml.precision import decide_precision
-from bertxml.data import ChunkSet, bucketed_batches, eval_batches, load_chunks, shard_batches
-from bertxml.train import (auc_metrics, lr_at, make_optimizer, set_lr, optimizer_tensors, load_optimizer_tensors,
-                           run_train, tune_thresholds)
+from bertxml.models.precision import decide_precision
+from bertxml.text.data import ChunkSet, bucketed_batches, eval_batches, load_chunks, shard_batches
+from bertxml.metrics import auc_metrics
+from bertxml.training.loop import lr_at, make_optimizer, set_lr, optimizer_tensors, load_optimizer_tensors
+from bertxml.training.train import run_train
+from bertxml.training.thresholds import tune_thresholds
 
 SYLLABLES = [c + v for c in "bdfgklmnprst" for v in "aeiou"]       # 60 filler words, no digits
 SIGNALS = ["fever", "cough", "rash", "pain"]                       # the word that gives code k away
@@ -38,7 +41,7 @@ MAX_LEN = 24
 
 def make_vocab_dir(path: Path) -> Path:
     from bertxml.config import VocabConfig
-    from bertxml.vocab import PLACEHOLDERS, SPECIAL_TOKENS, new_tokenizer, save_vocab
+    from bertxml.text.vocab import PLACEHOLDERS, SPECIAL_TOKENS, new_tokenizer, save_vocab
 
     tokens = SPECIAL_TOKENS + PLACEHOLDERS + SIGNALS + SYLLABLES + ["of", "the", "."]
     return save_vocab(new_tokenizer({tok: i for i, tok in enumerate(tokens)}, VocabConfig()), VocabConfig(), path)
@@ -62,9 +65,9 @@ def make_notes(n_train: int = 64, n_dev: int = 24, seed: int = 0) -> list[dict]:
 
 
 def write_tables(wh, vocab_dir: Path, notes: list[dict], max_len: int = MAX_LEN) -> dict:
-    """labeled_notes, label_vocab and chunks (chunked here with bertxml.tokenize.chunk_notes)."""
-    from bertxml.tokenize import chunk_notes
-    from bertxml.vocab import load_tokenizer, tokenizer_sha256
+    """labeled_notes, label_vocab and chunks (chunked here with bertxml.text.tokenize.chunk_notes)."""
+    from bertxml.text.tokenize import chunk_notes
+    from bertxml.text.vocab import load_tokenizer, tokenizer_sha256
 
     spark = wh.spark
     day = dt.date(2025, 1, 1)
@@ -104,7 +107,7 @@ def tiny_config(**train) -> Config:
 @pytest.fixture(scope="module")
 def tiny_wh(spark, tmp_path_factory):
     """(Warehouse, vocab_dir) with the tiny learnable problem, built once for the module."""
-    from bertxml.warehouse import Warehouse
+    from bertxml.platform.warehouse import Warehouse
 
     root = tmp_path_factory.mktemp("train")
     wh = Warehouse(spark, root / "warehouse", tiny_config())
@@ -281,7 +284,7 @@ def test_run_train_learns_and_writes_the_model_folder(tiny_wh, tmp_path):
     # the saved weights are the best dev checkpoint: re-scoring dev reproduces the manifest's AUC
     from tokenizers import Tokenizer
 
-    from bertxml.model import load_model
+    from bertxml.models.bert import load_model
 
     inputs = train_mod.resolve_train_inputs(wh.workdir, cfg, out_dir=tmp_path / "scratch")
     dev = train_mod.load_split(inputs, "dev", Tokenizer.from_file(str(out / "tokenizer.json")))
@@ -376,7 +379,7 @@ def test_frozen_encoder_trains_the_head_on_cached_states(tiny_wh, tmp_path):
     words from the cached states, and the folder scores like any other (dev AUC reproduced)."""
     from tokenizers import Tokenizer
 
-    from bertxml.model import load_model
+    from bertxml.models.bert import load_model
 
     wh, _ = tiny_wh
     cfg = tiny_config(epochs=12, freeze_encoder=True, lr=1e-3)

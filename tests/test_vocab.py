@@ -7,11 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertxml import tables as t
+from bertxml.platform import tables as t
 from bertxml.config import VocabConfig
-from bertxml.vocab import (PLACEHOLDERS, SPECIAL, SPECIAL_TOKENS, build_normalizer, load_reference_tokenizer,
-                           load_tokenizer, new_tokenizer, oov_report, oov_words, run_vocab, save_vocab,
-                           train_from_word_counts, train_tokenizer, trainable_words, words_of_documents)
+from bertxml.text.vocab import (PLACEHOLDERS, SPECIAL, SPECIAL_TOKENS, build_normalizer, load_tokenizer,
+                                new_tokenizer, run_vocab, save_vocab, train_from_word_counts, train_tokenizer,
+                                trainable_words, words_of_documents)
+from bertxml.text.oov import load_reference_tokenizer, oov_report, oov_words
 
 
 def normalized(text, **kw):

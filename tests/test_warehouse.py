@@ -1,4 +1,4 @@
-"""Tests for bertxml/warehouse.py: a replaceWhere write leaves its scope holding exactly the new rows.
+"""Tests for bertxml/platform/warehouse.py: a replaceWhere write leaves its scope holding exactly the new rows.
 
 Run: .venv/bin/python -m pytest -q tests/test_warehouse.py
 """

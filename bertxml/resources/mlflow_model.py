@@ -1,9 +1,10 @@
 """The MLflow pyfunc model of a bertxml model folder, logged as code (MLflow "models from code"): no pickle.
 
-`bertxml.registry.log_model_run` logs this file with the model folder as the artifact "model_dir";
+`bertxml.models.registry.log_model_run` logs this file with the model folder as the artifact "model_dir";
 `mlflow.pyfunc.load_model` / `mlflow.pyfunc.spark_udf` run it. `predict` takes note text (a DataFrame with
 a `text` column, a Series or a list of strings) and returns (n, M) float32 code probabilities, columns in
-the folder's label_vocab.json order, through `bertxml.score.make_predict_fn`: the engine of `bertxml score`.
+the folder's label_vocab.json order, through `bertxml.scoring.predictors.make_predict_fn`: the engine of
+`bertxml score`.
 """
 import warnings
 
@@ -17,8 +18,8 @@ warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.
 
 class IcdCodingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from bertxml.devices import resolve_device
-        from bertxml.score import make_predict_fn
+        from bertxml.models.devices import resolve_device
+        from bertxml.scoring.predictors import make_predict_fn
 
         options = dict(context.model_config or {})
         device = resolve_device(options.pop("device", None))  # the Spark task's GPU, else CUDA, else CPU
