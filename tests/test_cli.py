@@ -1,6 +1,7 @@
 """The CLI contract: --workdir/--conf/--set on every command, `sql --format json`, clear exit codes."""
 import json
 
+import numpy as np
 import pytest
 
 from bertxml.platform import tables as t
@@ -69,3 +70,14 @@ def test_as_of_version_is_refused_with_its_replacement(capsys):
 def test_as_of_an_unknown_run_exits_2_naming_it(wh, capsys):
     assert main(["etl", "--workdir", str(wh.workdir), "--as-of-run", "etl-20240101T000000-abcdef"]) == 2
     assert "run etl-20240101T000000-abcdef is not in bertxml.job_runs" in capsys.readouterr().err
+
+
+def test_sql_table_prints_float_columns_as_their_own_digits():
+    from bertxml.platform.sql import float_text, format_rows
+
+    assert float_text(float(np.float32(0.333))) == "0.333"       # a FLOAT column's value
+    assert float_text(0.8444444444444444) == "0.8444444444444444"  # a DOUBLE keeps every digit
+    assert float_text(598.0) == "598.0" and float_text(float("nan")) == "nan"
+    out = format_rows(["w"], [(float(np.float32(0.304)),)], "table")
+    assert out.splitlines()[2] == "0.304"
+

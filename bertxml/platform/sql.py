@@ -7,6 +7,7 @@ import decimal
 import io
 import json
 
+import numpy as np
 from pyspark.sql import Row
 
 
@@ -31,7 +32,17 @@ def _cell(value) -> str:
         return "NULL"
     if isinstance(value, (list, dict)):
         return json.dumps(value)
+    if isinstance(value, float):
+        return float_text(value)
     return str(value)
+
+
+def float_text(value: float) -> str:
+    """A float for the table and CSV formats. A FLOAT column's value reaches Python as its float32 widened to
+    a double (0.333 as 0.3330000042915344); such a value prints as the float32's shortest digits. Any other
+    double prints as Python does."""
+    single = np.float32(value)
+    return str(single) if np.isfinite(single) and float(single) == value else repr(value)
 
 
 def format_rows(columns: list[str], rows: list[Row], fmt: str = "table") -> str:
