@@ -52,7 +52,7 @@ EXAMPLE_SQL = [
         ORDER BY note_id, probability DESC LIMIT 10"""),
     ("Drift of the last night against the training set, before any label (bertxml.night_drift)",
      """SELECT note_date, kind, name, round(value, 3) AS value, round(baseline, 3) AS baseline,
-               round(drift, 3) AS drift, `limit`, flagged, n_notes, detail FROM bertxml.night_drift
+               round(drift, 3) AS drift, round(`limit`, 3) AS `limit`, flagged, n_notes, detail FROM bertxml.night_drift
         WHERE kind IN ('night', 'output', 'input')
           AND note_date = (SELECT max(note_date) FROM bertxml.night_drift) ORDER BY kind = 'night' DESC, kind, name"""),
     ("Last night's coder workload: codes to review per encounter (each code's max over the encounter's notes)",
