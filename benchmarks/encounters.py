@@ -44,7 +44,8 @@ def build_model(root: Path, wh, n_labels: int) -> Path:
     out = root / "bench-model"
     out.mkdir(parents=True)
     tokenizer.save(str(out / "tokenizer.json"))
-    seen = sorted({r.icd10_code for r in wh.table("ehr.diagnoses").select("icd10_code").distinct().collect()})
+    seen = sorted({r.icd10_code for r in wh.table("ehr.diagnoses").select("icd10_code").distinct().collect()
+                   if r.icd10_code})
     codes = (seen + [f"X{i:05d}" for i in range(n_labels)])[:n_labels]
     torch.manual_seed(0)
     mcfg = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
