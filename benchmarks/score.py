@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time
 
-from bertxml.config import ModelConfig, ScoreConfig, VocabConfig
+from bertxml.config import ModelConfig, VocabConfig
 from bertxml.config_io import model_preset
 from bertxml.models.bert import BertForIcdCoding, bert_config, save_model
 from bertxml.models.modeldir import write_model_dir

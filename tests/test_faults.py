@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from bertxml.platform import tables as t
 from bertxml.config import Config

@@ -13,7 +13,6 @@ in the form the tokenizer normalises it to, in the child's output, any table row
 (`ehr.notes`, `bertxml.labeled_notes`), any file of those other tables, the vocabulary folder, the model
 folders or the reports.
 """
-import datetime as dt
 import json
 import os
 import random

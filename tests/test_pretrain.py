@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import safetensors.torch
 import torch
 
