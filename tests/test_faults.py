@@ -88,6 +88,12 @@ def table_versions(workdir: Path) -> dict[str, list[int]]:
     return {str(p.relative_to(root)): committed_versions(p) for p in sorted(root.glob("*/*")) if p.is_dir()}
 
 
+def table_files(workdir: Path) -> dict[str, int]:
+    """{path under tables/: size} of every file in workdir's tables."""
+    root = workdir / "tables"
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def assert_same_tables(spark, got: Path, clean: Path, tables: dict) -> None:
     for table, where in tables.items():
         cols, a = rows(spark, got, table, where)
@@ -144,9 +150,11 @@ def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
         started.append(start_killed(fault, work[fault], "score", "--date", NIGHT.isoformat(), "--model", str(model)))
     for job in started:
         wait_killed(job)
-    # The kill while the model ran committed nothing to any table (job_runs included): the warehouse it left
-    # is the base warehouse as Delta reads it, so its rerun is a clean run, the one the other rerun must equal.
+    # The kill while the model ran wrote nothing under tables/ (no commit, not even a data file; job_runs
+    # included): the warehouse it left is the base warehouse, so its rerun is a clean run, the one the other
+    # rerun must equal.
     assert table_versions(work["score:udf"]) == table_versions(base)
+    assert table_files(work["score:udf"]) == table_files(base)
     assert_killed_mid_commit(base, work["commit:bertxml.rejects"], t.REJECTS,
                              committed=[t.PREDICTIONS, t.ENCOUNTER_PREDICTIONS])
     for fault in faults:
