@@ -3,7 +3,9 @@
 Each case copies a prepared warehouse, runs the job as a subprocess in its own session with BERTXML_FAULT set
 (`bertxml/platform/faults.py`: the job SIGKILLs its whole session, JVM and Python workers included, at that point),
 checks that it died there, reruns the job without the fault, and compares the tables with those of a clean
-run on another copy: the same rows, counted (no duplicate), the same probabilities.
+run on another copy: the same rows, counted (no duplicate), the same probabilities. For the score job the
+clean run is the rerun of the copy whose job was killed before its first write (checked: every table of that
+copy holds the base's commits and no other), so two killed jobs need no third run.
 
 Run: .venv/bin/python -m pytest -q tests/test_faults.py
 """
@@ -80,6 +82,18 @@ def assert_killed_mid_commit(base: Path, work: Path, table: str, committed: list
         assert committed_versions(work / folder) > committed_versions(base / folder), f"{name}: not committed"
 
 
+def table_versions(workdir: Path) -> dict[str, list[int]]:
+    """{schema/table: committed Delta versions} of every table folder under workdir, committed or not."""
+    root = workdir / "tables"
+    return {str(p.relative_to(root)): committed_versions(p) for p in sorted(root.glob("*/*")) if p.is_dir()}
+
+
+def table_files(workdir: Path) -> dict[str, int]:
+    """{path under tables/: size} of every file in workdir's tables."""
+    root = workdir / "tables"
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def assert_same_tables(spark, got: Path, clean: Path, tables: dict) -> None:
     for table, where in tables.items():
         cols, a = rows(spark, got, table, where)
@@ -127,26 +141,33 @@ def test_score_killed_anywhere_then_rerun_equals_a_clean_run(spark, tmp_path):
     wh.write(spark.createDataFrame(night_notes(changed=True), t.NOTES_SCHEMA), "ehr.notes")
     # Killed while the model runs (nothing written yet); and with the predictions MERGE committed and the
     # rejects write killed between writing its data files and committing them (between two writes, during a
-    # commit). Both run while this process makes the clean run.
+    # commit). The two killed jobs run side by side.
     faults = ("score:udf", "commit:bertxml.rejects")
+    work = {fault: tmp_path / fault.replace(":", "-") for fault in faults}
     started = []
     for fault in faults:
-        shutil.copytree(base, tmp_path / fault.replace(":", "-"))
-        started.append(start_killed(fault, tmp_path / fault.replace(":", "-"), "score", "--date", NIGHT.isoformat(),
-                                    "--model", str(model)))
-    shutil.copytree(base, tmp_path / "clean")
-    run_score(Warehouse(spark, tmp_path / "clean", cfg), cfg, date=NIGHT, model_dir=model)
-    for fault, job in zip(faults, started):
+        shutil.copytree(base, work[fault])
+        started.append(start_killed(fault, work[fault], "score", "--date", NIGHT.isoformat(), "--model", str(model)))
+    for job in started:
         wait_killed(job)
-        work = tmp_path / fault.replace(":", "-")
-        if fault.startswith("commit:"):
-            assert_killed_mid_commit(base, work, t.REJECTS, committed=[t.PREDICTIONS, t.ENCOUNTER_PREDICTIONS])
-        run_score(Warehouse(spark, work, cfg), cfg, date=NIGHT, model_dir=model)
-        assert_same_tables(spark, work, tmp_path / "clean",
-                           {t.PREDICTIONS: "true", t.ENCOUNTER_PREDICTIONS: "true", t.REJECTS: "job = 'score'",
-                            t.MODEL_LABELS: "true"})
-    _, clean = rows(spark, tmp_path / "clean", t.PREDICTIONS)
-    assert sorted(r[0] for r in clean) == sorted({f"n{i:02d}" for i in range(26)} - {"n03", "n07"} | {"n30"})
+    # The kill while the model ran wrote nothing under tables/ (no commit, not even a data file; job_runs
+    # included): the warehouse it left is the base warehouse, so its rerun is a clean run, the one the other
+    # rerun must equal.
+    assert table_versions(work["score:udf"]) == table_versions(base)
+    assert table_files(work["score:udf"]) == table_files(base)
+    assert_killed_mid_commit(base, work["commit:bertxml.rejects"], t.REJECTS,
+                             committed=[t.PREDICTIONS, t.ENCOUNTER_PREDICTIONS])
+    for fault in faults:
+        run_score(Warehouse(spark, work[fault], cfg), cfg, date=NIGHT, model_dir=model)
+    clean = work["score:udf"]
+    assert_same_tables(spark, work["commit:bertxml.rejects"], clean,
+                       {t.PREDICTIONS: "true", t.ENCOUNTER_PREDICTIONS: "true", t.REJECTS: "job = 'score'",
+                        t.MODEL_LABELS: "true"})
+    for workdir in work.values():  # last night's run and the rerun; no row of a killed run
+        _, runs = rows(spark, workdir, t.JOB_RUNS, drop=())
+        assert sorted((r[1], r[4]) for r in runs) == [("score", "succeeded")] * 2, runs
+    _, predicted = rows(spark, clean, t.PREDICTIONS)
+    assert sorted(r[0] for r in predicted) == sorted({f"n{i:02d}" for i in range(26)} - {"n03", "n07"} | {"n30"})
 
 
 # ---- etl --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from bertxml.models import modeldir
 from bertxml.platform import tables as t
+from bertxml.training import loop as loop_mod
 from bertxml.training import train as train_mod
 from bertxml.config import Config, ModelConfig
 from bertxml.models.precision import decide_precision
@@ -306,14 +307,14 @@ def test_best_dev_checkpoint_is_the_one_kept(tiny_wh, tmp_path, monkeypatch):
         return {**real_auc(probs, labels), "macro_auc": next(scripted)}
 
     snapshots = {}
-    real_save = train_mod.save_checkpoint
+    real_save = loop_mod.save_checkpoint
 
     def spy_save(ckpt_dir, model, optimizer, state):
         snapshots[state["step"]] = {k: v.clone() for k, v in model.state_dict().items()}
         return real_save(ckpt_dir, model, optimizer, state)
 
     monkeypatch.setattr(train_mod, "auc_metrics", fake_auc)
-    monkeypatch.setattr(train_mod, "save_checkpoint", spy_save)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", spy_save)
     out = train_here(wh, tiny_config(epochs=2, eval_every=3, checkpoint_every=3), tmp_path / "m")
     metrics = modeldir.load_manifest(out)["dev_metrics"]
     assert [m["macro_auc"] for m in metrics["history"][:4]] == [0.6, 0.9, 0.7, 0.65]
@@ -326,15 +327,15 @@ def test_best_dev_checkpoint_is_the_one_kept(tiny_wh, tmp_path, monkeypatch):
 
 def crash_at(monkeypatch, step: int) -> None:
     """Make the run die right after writing its checkpoint at `step`."""
-    real_save = train_mod.save_checkpoint
+    real_save = loop_mod.save_checkpoint
 
     def save_then_crash(ckpt_dir, model, optimizer, state):
         real_save(ckpt_dir, model, optimizer, state)
         if state["step"] == step:
-            monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+            monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_crash)
 
 
 def test_resume_after_a_crash_gives_the_same_weights(tiny_wh, tmp_path, monkeypatch):

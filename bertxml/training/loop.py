@@ -2,7 +2,9 @@
 parameter groups (no decay on biases and LayerNorm, an optional faster group), the warm-up then linear
 decay schedule, per-step dropout seeds, device and threads, DDP under torchrun or TorchDistributor,
 checkpoints (weights and optimizer state as safetensors, counters as JSON; no pickle) and their resume
-check, and the dev selection score. Each is a plain function the loops call; none holds a loop itself.
+check, the dev selection score, and `run_steps`: the step loop itself (epochs of bucketed batches resumed
+mid-epoch, accumulation, schedule, per-step seed, clipping, windowed loss logging, checkpoints), which
+pretraining and fine-tuning drive with their own micro-batch step.
 """
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ import logging
 import math
 import os
 import shutil
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from bertxml.metrics import fmt_metric
 from bertxml.models import modeldir
 
 log = logging.getLogger("bertxml.training.loop")
@@ -210,3 +217,82 @@ def selection_score(metrics: dict | None) -> float:
         if metrics.get(key) is not None:
             return metrics[key]
     return -math.inf
+
+
+def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, settings, *,
+              epoch_batches: Callable[[int], list], micro_step: Callable[[np.ndarray, int, int, int], tuple[dict, int]],
+              window_keys: tuple[str, ...], log_format: str, logger: logging.Logger, history: tuple[str, int],
+              ckpt_dir: Path, started: float, raw: torch.nn.Module | None = None,
+              after_step: Callable[[int], None] | None = None, rank: int = 0, world: int = 1,
+              desc: str = "train") -> None:
+    """Optimizer steps from state["step"] to state["total_steps"], updating `state` in place.
+
+    settings: the config section (lr, warmup, seed, grad_accum, clip, log_every, checkpoint_every).
+    Epoch e's micro-batches are epoch_batches(e), grad_accum of them a step; a resumed run starts at the
+    micro-batch where the checkpoint's step ended. Each step: its learning rate, torch seeded from
+    (seed, step, rank) (the same dropout after a resume), micro_step(index, step, k, n) for the step's k-th
+    of n micro-batches (it runs forward and backward and returns ({key: loss already divided by n}, tokens)),
+    clipping, the optimizer step. Every log_every steps and at the end, rank 0 logs
+    `log_format.format(step=, total=, epoch=, lr=, grad_norm= (NaN without clipping), grad_norm_text=,
+    tokens_per_s=, <window key>= mean loss)` and appends {"step", each window key rounded to history[1]
+    digits, "tokens_per_s"} to state[history[0]]. Then after_step(step) (dev evaluation), then at each epoch
+    end, every checkpoint_every steps and at the end, rank 0 writes the checkpoint of `raw` (default
+    `model`; the module inside DDP). `model` is what is put in train mode; `started` the perf_counter
+    origin of state["train_seconds"].
+    """
+    raw = raw if raw is not None else model
+    total_steps, steps_per_epoch, accum = state["total_steps"], state["steps_per_epoch"], settings.grad_accum
+    history_key, digits = history
+    bar = tqdm(total=total_steps, initial=state["step"], desc=desc, unit="step",
+               disable=rank != 0 or not sys.stderr.isatty())
+    # window sums start at 0.0 and take what micro_step returns: Python floats or device tensors (a tensor is
+    # read at log time only, so a GPU is not synchronised per micro-batch)
+    window, window_steps, window_tokens, window_start = dict.fromkeys(window_keys, 0.0), 0, 0, time.perf_counter()
+    while state["step"] < total_steps:
+        epoch = state["step"] // steps_per_epoch
+        batches = epoch_batches(epoch)
+        for first in range((state["step"] - epoch * steps_per_epoch) * accum, len(batches), accum):
+            step = state["step"]
+            if step >= total_steps:
+                break
+            group = batches[first:first + accum]
+            lr = lr_at(step, total_steps, settings.lr, settings.warmup)
+            set_lr(optimizer, lr)
+            torch.manual_seed(step_seed(settings.seed, step, rank))
+            model.train()
+            for k, index in enumerate(group):
+                losses, tokens = micro_step(index, step, k, len(group))
+                for key in window:
+                    if key in losses:
+                        window[key] = window[key] + losses[key]
+                window_tokens += tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), settings.clip) if settings.clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            window_steps += 1
+            bar.update(1)
+
+            if rank == 0 and (step % settings.log_every == 0 or step == total_steps):
+                elapsed = time.perf_counter() - window_start
+                means = {key: float(value) / window_steps for key, value in window.items()}
+                norm = float(grad_norm) if grad_norm is not None else None
+                logger.info(log_format.format(
+                    step=step, total=total_steps, epoch=step / steps_per_epoch, lr=lr,
+                    grad_norm=norm if norm is not None else float("nan"), grad_norm_text=fmt_metric(norm, 2),
+                    tokens_per_s=window_tokens / elapsed, **means))
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.1e}")
+                state[history_key].append({"step": step, **{key: round(value, digits) for key, value in means.items()},
+                                           "tokens_per_s": round(window_tokens / elapsed)})
+                state["tokens"] += window_tokens
+                window, window_steps, window_tokens, window_start = dict.fromkeys(window_keys, 0.0), 0, 0, \
+                    time.perf_counter()
+            if after_step is not None:
+                after_step(step)
+            if step % steps_per_epoch == 0 or step == total_steps or \
+                    (settings.checkpoint_every > 0 and step % settings.checkpoint_every == 0):
+                if rank == 0:
+                    state["train_seconds"] = time.perf_counter() - started
+                    save_checkpoint(ckpt_dir, raw, optimizer, state)
+                barrier(world)
+    bar.close()

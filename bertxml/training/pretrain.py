@@ -21,13 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from pyspark.sql.types import StringType, StructField, StructType
 
 from bertxml.config import Config
 from bertxml.models import modeldir
@@ -40,12 +39,15 @@ from bertxml.text.tokenize import chunk_notes
 from bertxml.text.vocab import load_tokenizer
 from bertxml.training.inputs import (ARCH_FIELDS, chunks_metadata, file_sha256, size_label, source_tables,
                                      special_ids, unfinished_model_dir)
-from bertxml.training.loop import (CHECKPOINT_DIR, check_resume, load_checkpoint, lr_at, make_optimizer, pick_device,
-                                   planned_steps, save_checkpoint, set_lr, set_threads, step_seed)
+from bertxml.training.loop import (CHECKPOINT_DIR, check_resume, load_checkpoint, make_optimizer, pick_device,
+                                   planned_steps, run_steps, set_threads)
 
 log = logging.getLogger("bertxml.training.pretrain")
 
 NOT_NEXT, IS_NEXT = 1, 0  # transformers' BertForPreTraining: label 0 = B follows A, 1 = B is random
+LOSSES = ("loss", "mlm_loss", "nsp_loss")  # the window means logged and kept in the history
+LOG_FORMAT = ("step {step}/{total} epoch {epoch:.2f} loss {loss:.4f} (mlm {mlm_loss:.4f}, nsp {nsp_loss:.4f}) "
+              "lr {lr:.2e} grad_norm {grad_norm:.2f} tokens/s {tokens_per_s:.0f}")
 
 
 # ---- pre-training batches: next-sentence pairs and BERT's MLM masking -------------------------------------
@@ -125,8 +127,6 @@ def pretraining_batch(chunks: ChunkSet, index: np.ndarray, *, nsp: bool, seed: i
 def load_corpus_chunks(wh, specs, tokenizer, max_len: int) -> tuple[ChunkSet, dict]:
     """Unlabelled corpus SOURCEs (table name or parquet:/csv:/json:/delta:PATH with a `text` column) chunked
     with the tokenizer, sentence starts included. Returns (chunks, {source: version or None})."""
-    from pyspark.sql.types import StringType, StructField, StructType
-
     schema = StructType([StructField("text", StringType())])
     note_ids, chunks, read = [], [], {}
     for n, spec in enumerate(specs):
@@ -241,58 +241,21 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
              len(train_set), total_steps, steps_per_epoch, pc.batch_size, pc.grad_accum, pc.lr,
              count_parameters(model), precision)
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="pretrain", unit="step", disable=not sys.stderr.isatty())
-    window = {"loss": 0.0, "mlm_loss": 0.0, "nsp_loss": 0.0}
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    while state["step"] < total_steps:
-        epoch = state["step"] // steps_per_epoch
-        batches = bucketed_batches(lengths, pc.batch_size, pc.seed, epoch, pc.bucket_window)
-        for first in range((state["step"] - epoch * steps_per_epoch) * pc.grad_accum, len(batches), pc.grad_accum):
-            step = state["step"]
-            if step >= total_steps:
-                break
-            group = batches[first:first + pc.grad_accum]
-            lr = lr_at(step, total_steps, pc.lr, pc.warmup)
-            set_lr(optimizer, lr)
-            torch.manual_seed(step_seed(pc.seed, step))
-            model.train()
-            for k, index in enumerate(group):
-                # masks and NSP partners are drawn from (seed, micro-batch number): identical after a resume
-                batch = pretraining_batch(train_set, index, nsp=pc.nsp, seed=pc.seed, step=step * pc.grad_accum + k,
-                                          max_len=pc.max_len, special=special, vocab_size=vocab_size,
-                                          mlm_probability=pc.mlm_probability)
-                batch = {key: value.to(device) for key, value in batch.items() if value is not None}
-                with autocast(device, precision):
-                    out = model(**batch)
-                (out["loss"] / len(group)).backward()
-                for key in window:
-                    if key in out:
-                        window[key] += float(out[key].detach()) / len(group)
-                window_tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), pc.clip) if pc.clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
-            window_steps += 1
-            bar.update(1)
+    def micro_step(index: np.ndarray, step: int, k: int, n: int) -> tuple[dict, int]:
+        # masks and NSP partners are drawn from (seed, micro-batch number): identical after a resume
+        batch = pretraining_batch(train_set, index, nsp=pc.nsp, seed=pc.seed, step=step * pc.grad_accum + k,
+                                  max_len=pc.max_len, special=special, vocab_size=vocab_size,
+                                  mlm_probability=pc.mlm_probability)
+        batch = {key: value.to(device) for key, value in batch.items() if value is not None}
+        with autocast(device, precision):
+            out = model(**batch)
+        (out["loss"] / n).backward()
+        losses = {key: float(out[key].detach()) / n for key in LOSSES if key in out}
+        return losses, int(batch["attention_mask"].sum())
 
-            if step % pc.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                means = {key: round(value / window_steps, 4) for key, value in window.items()}
-                log.info("step %d/%d epoch %.2f loss %.4f (mlm %.4f, nsp %.4f) lr %.2e grad_norm %.2f tokens/s %.0f",
-                         step, total_steps, step / steps_per_epoch, means["loss"], means["mlm_loss"],
-                         means["nsp_loss"], lr, float(grad_norm) if grad_norm is not None else float("nan"),
-                         window_tokens / elapsed)
-                bar.set_postfix(loss=f"{means['loss']:.4f}")
-                state["history"].append({"step": step, **means, "tokens_per_s": round(window_tokens / elapsed)})
-                state["tokens"] += window_tokens
-                window = dict.fromkeys(window, 0.0)
-                window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-            if step % steps_per_epoch == 0 or step == total_steps or \
-                    (pc.checkpoint_every > 0 and step % pc.checkpoint_every == 0):
-                state["train_seconds"] = time.perf_counter() - started
-                save_checkpoint(ckpt_dir, model, optimizer, state)
-    bar.close()
+    run_steps(model, optimizer, state, pc, desc="pretrain", logger=log, log_format=LOG_FORMAT,
+              epoch_batches=lambda epoch: bucketed_batches(lengths, pc.batch_size, pc.seed, epoch, pc.bucket_window),
+              micro_step=micro_step, window_keys=LOSSES, history=("history", 4), ckpt_dir=ckpt_dir, started=started)
 
     dev = pretraining_loss(model, dev_set, cfg, special, vocab_size, device, precision, pc.dev_batches)
     model.save_encoder(out_dir)

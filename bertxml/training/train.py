@@ -43,8 +43,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pyspark.ml.torch.distributor import TorchDistributor
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from bertxml.config import CONF_DIR, Config
 from bertxml.config_io import config_from_dict, load_config
@@ -59,23 +59,13 @@ from bertxml.text.data import ChunkSet, bucketed_batches, coding_batch, eval_bat
 from bertxml.training.inputs import (ARCH_FIELDS, LABEL_INITS, TrainInputs, load_split, resolve_train_inputs,
                                      special_ids)
 from bertxml.training.loop import (BEST_DIR, CHECKPOINT_DIR, barrier, broadcast_json, check_resume, init_distributed,
-                                   load_checkpoint, lr_at, make_optimizer, pick_device, planned_steps,
-                                   save_checkpoint, selection_score, set_lr, set_threads, step_seed, swap_dir)
+                                   load_checkpoint, make_optimizer, pick_device, planned_steps, run_steps,
+                                   selection_score, set_threads, swap_dir)
 from bertxml.training.thresholds import operating_points, tune_thresholds
 
 log = logging.getLogger("bertxml.training.train")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Schedule, optimizer, precision
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Distributed data parallel
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors for tensors, JSON for counters (torch.save would be a pickle)
+LOG_FORMAT = ("step {step}/{total} epoch {epoch:.2f} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm_text} "
+              "tokens/s {tokens_per_s:.0f}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,70 +262,34 @@ def train_model(inputs: TrainInputs, cfg: Config, resume: bool = False, use_gpu:
         log.info("dev at step %d: macro AUC %s, micro AUC %s%s", step, fmt_metric(metrics["macro_auc"]),
                  fmt_metric(metrics["micro_auc"]), " (best so far)" if improved else "")
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step",
-               disable=rank != 0 or not sys.stderr.isatty())
-    lengths = train_set.lengths
-    # the loss is summed on the device and read at log time only: no GPU sync per micro-batch
-    window_loss, window_steps, window_tokens, window_start = torch.zeros((), device=device), 0, 0, time.perf_counter()
-    while state["step"] < total_steps:
-        epoch = state["step"] // steps_per_epoch
-        batches = epoch_batches(epoch)
-        for first in range((state["step"] - epoch * steps_per_epoch) * tc.grad_accum, len(batches), tc.grad_accum):
-            step = state["step"]
-            if step >= total_steps:
-                break
-            group = batches[first:first + tc.grad_accum]
-            lr = lr_at(step, total_steps, tc.lr, tc.warmup)
-            set_lr(optimizer, lr)
-            torch.manual_seed(step_seed(tc.seed, step, rank))
-            model.train()
-            for k, index in enumerate(group):
-                batch = coding_batch(train_set, index, n_labels, pad_id)  # (B, T) ids and mask, (B, M) labels
-                batch = {key: value.to(device) for key, value in batch.items()}
-                # DDP all-reduces gradients on the last micro-batch of the step only
-                sync = nullcontext() if world == 1 or k == len(group) - 1 else model.no_sync()
-                with sync:
-                    with autocast(device, precision):
-                        if frozen:  # the head on the cached states: the encoder is not run
-                            hidden, _ = pad_states([train_states[i] for i in index])  # (B, T, H)
-                            logits = raw.head(hidden.to(device), batch["attention_mask"])  # (B, M)
-                            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"]) / len(group)
-                        else:
-                            loss = model(**batch)["loss"] / len(group)
-                    loss.backward()
-                window_loss += loss.detach().float()
-                window_tokens += int(lengths[index].sum()) * world
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.clip) if tc.clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step = step + 1
-            window_steps += 1
-            bar.update(1)
+    def micro_step(index: np.ndarray, step: int, k: int, n: int) -> tuple[dict, int]:
+        batch = coding_batch(train_set, index, n_labels, pad_id)  # (B, T) ids and mask, (B, M) labels
+        batch = {key: value.to(device) for key, value in batch.items()}
+        # DDP all-reduces gradients on the last micro-batch of the step only
+        sync = nullcontext() if world == 1 or k == n - 1 else model.no_sync()
+        with sync:
+            with autocast(device, precision):
+                if frozen:  # the head on the cached states: the encoder is not run
+                    hidden, _ = pad_states([train_states[i] for i in index])  # (B, T, H)
+                    logits = raw.head(hidden.to(device), batch["attention_mask"])  # (B, M)
+                    loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"]) / n
+                else:
+                    loss = model(**batch)["loss"] / n
+            loss.backward()
+        # the loss stays on the device and is read at log time only: no GPU sync per micro-batch
+        return {"loss": loss.detach().float()}, int(train_set.lengths[index].sum()) * world
 
-            if rank == 0 and (step % tc.log_every == 0 or step == total_steps):
-                elapsed = time.perf_counter() - window_start
-                log.info("step %d/%d epoch %.2f loss %.4f lr %.2e grad_norm %s tokens/s %.0f", step, total_steps,
-                         step / steps_per_epoch, float(window_loss) / window_steps, lr,
-                         fmt_metric(float(grad_norm) if grad_norm is not None else None, 2), window_tokens / elapsed)
-                bar.set_postfix(loss=f"{float(window_loss) / window_steps:.4f}", lr=f"{lr:.1e}")
-                state["loss_history"].append({"step": step, "loss": round(float(window_loss) / window_steps, 5),
-                                              "tokens_per_s": round(window_tokens / elapsed)})
-                state["tokens"] += window_tokens
-                window_loss, window_steps, window_tokens, window_start = torch.zeros((), device=device), 0, 0, \
-                    time.perf_counter()
+    def after_step(step: int) -> None:
+        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        if (tc.eval_every > 0 and step % tc.eval_every == 0) or (tc.eval_every <= 0 and end_of_epoch) \
+                or step == total_steps:
+            if rank == 0:
+                evaluate_and_select(step)
+            barrier(world)
 
-            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-            if (tc.eval_every > 0 and step % tc.eval_every == 0) or (tc.eval_every <= 0 and end_of_epoch) \
-                    or step == total_steps:
-                if rank == 0:
-                    evaluate_and_select(step)
-                barrier(world)
-            if end_of_epoch or (tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0):
-                if rank == 0:
-                    state["train_seconds"] = time.perf_counter() - started
-                    save_checkpoint(ckpt_dir, raw, optimizer, state)
-                barrier(world)
-    bar.close()
+    run_steps(model, optimizer, state, tc, raw=raw, rank=rank, world=world, desc="train", logger=log,
+              log_format=LOG_FORMAT, epoch_batches=epoch_batches, micro_step=micro_step, window_keys=("loss",),
+              history=("loss_history", 5), after_step=after_step, ckpt_dir=ckpt_dir, started=started)
 
     if rank == 0:
         finish_model_dir(raw, inputs, cfg, state, dev_set, dev_labels, device, precision, pad_id,
@@ -427,8 +381,6 @@ def run_train_distributed(source, cfg: Config, num_processes: int, use_gpu: bool
     resolved here on the driver; the workers get them as plain values and read the Delta files without a
     JVM. Returns the model folder.
     """
-    from pyspark.ml.torch.distributor import TorchDistributor
-
     inputs = resolve_train_inputs(source, cfg, model_kind, init, encoder_dir, vocab_dir, out_dir, resume)
     distributor = TorchDistributor(num_processes=num_processes, local_mode=local_mode, use_gpu=use_gpu)
     result = distributor.run(distributed_worker, inputs.to_dict(), cfg.to_dict(), resume, use_gpu)
