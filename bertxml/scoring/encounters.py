@@ -99,8 +99,10 @@ def write_encounter_predictions(wh, run, info, all_notes, nights: list[str], bef
     again) and the nights those notes are dated; the MERGE's source then reads only those nights'
     prediction rows and takes each encounter's summary and maximum in one aggregation."""
     days = [dt.date.fromisoformat(d) for d in nights]
-    touched = touched_encounters(wh, all_notes if night_notes is None else night_notes, days, info.model_version,
-                                 before_version).persist(StorageLevel.MEMORY_AND_DISK)
+    # One partition: the ids are few, and a cached frame's own hash partitioning would hold the final join
+    # (and its pandas step) at spark.sql.shuffle.partitions tasks, where a shuffle lets AQE coalesce them.
+    touched = (touched_encounters(wh, all_notes if night_notes is None else night_notes, days, info.model_version,
+                                  before_version).coalesce(1).persist(StorageLevel.MEMORY_AND_DISK))
     members = (all_notes.select("note_id", "encounter_id", "patient_id", "note_date")
                .join(touched, "encounter_id", "left_semi")).persist(StorageLevel.MEMORY_AND_DISK)
     try:
