@@ -11,6 +11,8 @@ measured the night itself is whether the notes, and the model's answers, still l
 - the nightly job (`run_night_drift`, called by `bertxml.scoring.score.run_score` once the night's predictions are
   written) measures the same on the night's scored notes and writes one row per measure, in one Delta
   transaction that replaces this model version's rows of those nights (a rerun leaves one clean run).
+  The measuring is one Spark job (`night_stats`): each prediction row meets its note, workers sum their
+  partition per night, and only those sums reach the driver.
 
 Rows (`bertxml.platform.tables.NIGHT_DRIFT_SCHEMA`), keyed by (note_date, model_version, kind, name):
 
