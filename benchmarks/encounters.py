@@ -8,7 +8,9 @@ it scores the warehouse's last --nights nights one `bertxml score --date` at a t
 night --reps times and reports, per night: the notes scored, the encounters touched, the whole job's
 wall time, and the time of the encounter step alone (`write_encounter_predictions`, timed inside the job);
 the step's share of the job is the added cost (the bands are a numpy comparison inside the UDF, timed with
-the model's forward in `scoring_seconds`). Best of --reps per night, since the machine is shared.
+the model's forward in `scoring_seconds`). The drift step (`run_night_drift`) is timed the same way: the
+model folder carries a drift profile measured on a sample of the warehouse's notes, so it runs in full.
+Best of --reps per night (the fastest job, with its steps' times), since the machine is shared.
 Figures and their history: benchmarks/README.md.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bertxml.scoring import encounters  # noqa: E402
+from bertxml.scoring import drift, encounters  # noqa: E402
 from bertxml.config import ModelConfig, VocabConfig  # noqa: E402
-from bertxml.config_io import load_config
+from bertxml.config_io import load_config  # noqa: E402
 from bertxml.models.bert import BertForIcdCoding, bert_config, save_model  # noqa: E402
 from bertxml.models.modeldir import write_model_dir  # noqa: E402
+from bertxml.models.profile import (PROFILE_VERSION, add_dev_reference, bin_counts, length_edges,  # noqa: E402
+                                    word_stats)
 
 
 def build_model(root: Path, wh, n_labels: int) -> Path:
@@ -39,7 +44,8 @@ def build_model(root: Path, wh, n_labels: int) -> Path:
     a sample of the warehouse's notes, and operating points that put a third of the codes in each band."""
     from bertxml.text.vocab import train_tokenizer
 
-    texts = [r.text for r in wh.table("ehr.notes").select("text").limit(300).collect()]
+    sample = wh.table("ehr.notes").select("text", "note_type").limit(300).collect()
+    texts = [r.text for r in sample]
     tokenizer = train_tokenizer([texts], VocabConfig(size=2000, min_frequency=2, min_patients=1))
     out = root / "bench-model"
     out.mkdir(parents=True)
@@ -55,10 +61,24 @@ def build_model(root: Path, wh, n_labels: int) -> Path:
               for i, c in enumerate(codes)]
     point = {"support": 50, "f1": None, "auto": {"threshold": 0.55, "precision": 0.9, "recall": 0.5},
              "review": {"threshold": 0.45, "precision": 0.4, "recall": 0.9}}
+    # a drift reference from the same sample, so the nightly drift step runs in full (a folder without one
+    # skips it); the dev answers are random probabilities at the model's thresholds
+    words, oov = word_stats(tokenizer, texts)
+    edges = length_edges(words, 5)
+    profile = {"profile_version": PROFILE_VERSION, "train_notes": len(texts), "measured_notes": len(texts),
+               "note_length": {"unit": "words", "edges": edges, "counts": bin_counts(words, edges).tolist(),
+                               "median": float(np.median(words)), "mean": float(words.mean())},
+               "oov": {"words": int(words.sum()), "oov_words": int(oov.sum()),
+                       "share": float(oov.sum() / max(1, words.sum()))},
+               "note_types": dict(Counter(r.note_type or "(none)" for r in sample)), "note_types_reason": None,
+               "codes": {c: {"train_rate": 0.01} for c in codes}, "dev": None}
+    dev = np.random.default_rng(0).random((200, n_labels), dtype=np.float32) ** 8
+    profile = add_dev_reference(profile, codes, dev, np.full(n_labels, 0.5))
     write_model_dir(out, model_version="bench-encounters", model_kind="bertxml", config={}, inputs={}, max_len=128,
                     dev_metrics={}, parameters=0, train_seconds=0.0, tokenizer_file=out / "tokenizer.json",
                     label_vocab=labels, thresholds={c: 0.5 for c in codes},
-                    operating_points={"targets": {}, "codes": {c: point for c in codes[::3]}})
+                    operating_points={"targets": {}, "codes": {c: point for c in codes[::3]}},
+                    drift_profile=profile)
     return out
 
 
@@ -106,17 +126,20 @@ def main() -> None:
     cfg = load_config([], [])
     cfg.generate.notes, cfg.generate.seed = args.notes, 7
     cfg.score.partitions = 1
-    step = {"seconds": 0.0}
-    real = encounters.write_encounter_predictions
+    step = {"encounters": 0.0, "drift": 0.0}
 
-    def timed(*a, **k):
-        started = time.perf_counter()
-        try:
-            return real(*a, **k)
-        finally:
-            step["seconds"] = time.perf_counter() - started
+    def timed(key, real):
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                step[key] = time.perf_counter() - started
+        return wrapper
 
-    score_job.write_encounter_predictions = timed  # the name the nightly job calls (imported at its top)
+    # the names the nightly job calls (imported at the top of bertxml.scoring.score)
+    score_job.write_encounter_predictions = timed("encounters", encounters.write_encounter_predictions)
+    score_job.run_night_drift = timed("drift", drift.run_night_drift)
     band_cost(args.labels)
     with tempfile.TemporaryDirectory() as tmp:
         wh = Warehouse(get_spark(cfg, "bench-encounters"), Path(tmp) / "wh", cfg)
@@ -133,21 +156,23 @@ def main() -> None:
                 counts = run_score(wh, cfg, date=night, model_dir=model)
                 total = time.perf_counter() - started
                 if best is None or total < best[0]:
-                    best = (total, step["seconds"], counts)
-            total, enc, counts = best
+                    best = (total, step["encounters"], step["drift"], counts)
+            total, enc, drf, counts = best
             touched = counts.get("encounters_updated", 0) + counts.get("encounters_inserted", 0)
-            rows.append((night, counts["notes_scored"], touched, total, enc))
+            rows.append((night, counts["notes_scored"], touched, total, enc, drf))
         n_enc = wh.table(wh.name("encounter_predictions")).count()
         multi = wh.table(wh.name("encounter_predictions")).filter("n_notes > 1").count()
     print(f"warehouse: {args.notes} generated notes, {args.labels} codes; {n_enc} encounters scored, "
           f"{multi} with more than one note; best of {args.reps} reruns per night")
-    print("| night | notes scored | encounters touched | job (s) | encounter step (s) | share of the job |")
-    print("|---|---|---|---|---|---|")
-    for night, n, touched, total, enc in rows:
-        print(f"| {night} | {n} | {touched} | {total:.2f} | {enc:.2f} | {enc / total:.0%} |")
-    totals = np.array([r[3] for r in rows]), np.array([r[4] for r in rows])
-    print(json.dumps({"job_s": round(float(totals[0].sum()), 2), "encounter_s": round(float(totals[1].sum()), 2),
-                      "share": round(float(totals[1].sum() / totals[0].sum()), 3)}))
+    print("| night | notes scored | encounters touched | job (s) | encounter step (s) | share | drift step (s) "
+          "| share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for night, n, touched, total, enc, drf in rows:
+        print(f"| {night} | {n} | {touched} | {total:.2f} | {enc:.2f} | {enc / total:.0%} | {drf:.2f} "
+              f"| {drf / total:.0%} |")
+    job, enc, drf = (float(sum(r[k] for r in rows)) for k in (3, 4, 5))
+    print(json.dumps({"job_s": round(job, 2), "encounter_s": round(enc, 2), "share": round(enc / job, 3),
+                      "drift_s": round(drf, 2), "drift_share": round(drf / job, 3)}))
 
 
 if __name__ == "__main__":

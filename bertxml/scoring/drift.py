@@ -11,6 +11,8 @@ measured the night itself is whether the notes, and the model's answers, still l
 - the nightly job (`run_night_drift`, called by `bertxml.scoring.score.run_score` once the night's predictions are
   written) measures the same on the night's scored notes and writes one row per measure, in one Delta
   transaction that replaces this model version's rows of those nights (a rerun leaves one clean run).
+  The measuring is one Spark job (`night_stats`): each prediction row meets its note, workers sum their
+  partition per night, and only those sums reach the driver.
 
 Rows (`bertxml.platform.tables.NIGHT_DRIFT_SCHEMA`), keyed by (note_date, model_version, kind, name):
 
@@ -42,6 +44,10 @@ import time
 from collections import Counter
 
 import numpy as np
+import pandas as pd
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from tokenizers import Tokenizer
 
 from bertxml.models.profile import CHARS_PER_WORD_CAP, bin_counts, load_profile, noise_psi, psi, psi_terms, word_stats
 from bertxml.platform import tables as t
@@ -53,56 +59,116 @@ log = logging.getLogger("bertxml.scoring.drift")
 # ---- the night -------------------------------------------------------------------------------------------
 _TOKENIZERS: dict = {}
 
+NIGHT_STATS_SCHEMA = T.StructType([
+    T.StructField("note_date", T.DateType()),
+    T.StructField("notes", T.LongType()),               # prediction rows
+    T.StructField("predicted", T.LongType()),           # predicted codes, summed over the rows
+    T.StructField("positives", T.ArrayType(T.LongType())),            # per code index: rows predicting it
+    T.StructField("probability_sums", T.ArrayType(T.DoubleType())),   # per code index: summed probability
+    T.StructField("measured", T.LongType()),            # rows whose note text was measured
+    T.StructField("words", T.LongType()),
+    T.StructField("oov_words", T.LongType()),
+    T.StructField("lengths", T.ArrayType(T.LongType())),         # distinct words-per-note values ...
+    T.StructField("length_notes", T.ArrayType(T.LongType())),    # ... and the notes with each
+    T.StructField("note_types", T.ArrayType(T.StringType())),    # note types ('(none)' for null) ...
+    T.StructField("type_notes", T.ArrayType(T.LongType())),      # ... and the notes of each
+])
 
-def _stats_frames(frames, tokenizer_file: str, char_cap: int):
-    """mapInPandas body: note_date, note_type, text -> note_date, note_type, words, oov_words (no text out)."""
-    import pandas as pd
-    from tokenizers import Tokenizer
 
+def _tokenizer(tokenizer_file: str):
     tokenizer = _TOKENIZERS.get(tokenizer_file)
     if tokenizer is None:
         tokenizer = _TOKENIZERS[tokenizer_file] = Tokenizer.from_file(tokenizer_file)
-    for frame in frames:
-        words, oov = word_stats(tokenizer, frame["text"].tolist(), char_cap)
-        yield pd.DataFrame({"note_date": frame["note_date"], "note_type": frame["note_type"],
-                            "words": words, "oov_words": oov})
+    return tokenizer
 
 
-def night_input_stats(notes, tokenizer_file: str, char_cap: int) -> list:
-    """Rows (note_date, note_type, words, oov_words) of notes (a DataFrame with note_date, note_type, text)."""
-    from pyspark.sql import types as T
-
-    schema = T.StructType([T.StructField("note_date", T.DateType()), T.StructField("note_type", T.StringType()),
-                           T.StructField("words", T.LongType()), T.StructField("oov_words", T.LongType())])
-    path = str(tokenizer_file)
-    return notes.select("note_date", "note_type", "text").mapInPandas(
-        lambda frames: _stats_frames(frames, path, char_cap), schema=schema).collect()
-
-
-def night_output_stats(preds, codes: tuple) -> dict:
-    """{night: {"notes", "positives" (M,), "probability_sums" (M,), "predicted"}} from prediction rows."""
-    from pyspark.sql import functions as F
-
+def _night_stats_frames(frames, codes: tuple, tokenizer_file: str, char_cap: int):
+    """mapInPandas body: prediction rows (note_date, probabilities, predicted_codes) joined to their note
+    (note_type, text, _has_note: null when the row has no note) -> one NIGHT_STATS_SCHEMA row per night
+    present in the frames, the partial sums of the partition. Only counts leave: no text, no per-note row."""
     index = {c: j for j, c in enumerate(codes)}
-    out: dict = {}
-    for r in preds.groupBy("note_date").agg(F.count("*").alias("n"),
-                                            F.sum(F.size("predicted_codes")).alias("predicted")).collect():
-        out[r["note_date"]] = {"notes": int(r["n"]), "predicted": int(r["predicted"] or 0),
-                               "positives": np.zeros(len(codes)), "probability_sums": np.zeros(len(codes))}
-    for r in (preds.select("note_date", F.explode("predicted_codes").alias("code"))
-              .groupBy("note_date", "code").count().collect()):
-        if r["code"] in index:
-            out[r["note_date"]]["positives"][index[r["code"]]] = r["count"]
-    for r in (preds.select("note_date", F.posexplode("probabilities").alias("j", "p"))
-              .groupBy("note_date", "j").agg(F.sum("p").alias("s")).collect()):
-        if r["j"] < len(codes):
-            out[r["note_date"]]["probability_sums"][r["j"]] = r["s"]
-    return out
+    tokenizer = _tokenizer(tokenizer_file)
+    parts: dict = {}
+    for frame in frames:
+        if len(frame) == 0:
+            continue
+        for day, rows in frame.groupby("note_date", sort=False):
+            acc = parts.get(day)
+            if acc is None:
+                acc = parts[day] = {"notes": 0, "predicted": 0, "positives": np.zeros(len(codes), np.int64),
+                                    "probability_sums": np.zeros(len(codes)), "measured": 0, "words": 0,
+                                    "oov_words": 0, "lengths": Counter(), "note_types": Counter()}
+            acc["notes"] += len(rows)
+            for predicted in rows["predicted_codes"]:
+                if predicted is None:
+                    continue
+                acc["predicted"] += len(predicted)
+                for code in predicted:
+                    j = index.get(code)
+                    if j is not None:
+                        acc["positives"][j] += 1
+            probs = [np.asarray(p, dtype=np.float64) for p in rows["probabilities"] if p is not None]
+            if probs:
+                acc["probability_sums"][:] += np.stack(probs)[:, :len(codes)].sum(axis=0)
+            has = rows["_has_note"].notna().to_numpy()
+            if has.any():
+                noted = rows[has]
+                words, oov = word_stats(tokenizer, noted["text"].tolist(), char_cap)
+                acc["measured"] += int(has.sum())
+                acc["words"] += int(words.sum())
+                acc["oov_words"] += int(oov.sum())
+                acc["lengths"].update(words.tolist())
+                acc["note_types"].update(nt if isinstance(nt, str) else "(none)" for nt in noted["note_type"])
+    for day, acc in parts.items():
+        lengths, types = sorted(acc["lengths"].items()), sorted(acc["note_types"].items())
+        yield pd.DataFrame([{
+            "note_date": day, "notes": acc["notes"], "predicted": acc["predicted"],
+            "positives": acc["positives"], "probability_sums": acc["probability_sums"],
+            "measured": acc["measured"], "words": acc["words"], "oov_words": acc["oov_words"],
+            "lengths": [k for k, _ in lengths], "length_notes": [v for _, v in lengths],
+            "note_types": [k for k, _ in types], "type_notes": [v for _, v in types]}])
 
 
-def night_rows(profile: dict, codes: tuple, dc, n_notes: int, output: dict | None, inputs: list) -> list[dict]:
+def night_stats(preds, notes, codes: tuple, tokenizer_file: str, char_cap: int) -> tuple[dict, dict]:
+    """(output, inputs) of the nights' prediction rows `preds` (note_id, note_date, probabilities,
+    predicted_codes) and the notes given to the model `notes` (note_id, note_date, note_type, text), in ONE
+    Spark job: each prediction row meets its note, a worker sums its partition per night (the notes' words
+    and out-of-vocabulary words counted by the model's tokenizer as training counted them) and the driver
+    adds the partitions' rows.
+    output: {night: {"notes", "predicted", "positives" (M,), "probability_sums" (M,)}};
+    inputs: {night: {"notes", "words", "oov_words", "lengths" {words: notes}, "note_types" {type: notes}}},
+    over the prediction rows that have their note (all of them, in the nightly job)."""
+    noted = notes.select("note_id", "note_date", "note_type", "text", F.lit(True).alias("_has_note"))
+    joined = (preds.select("note_id", "note_date", "probabilities", "predicted_codes")
+              .join(noted, ["note_id", "note_date"], "left")
+              .select("note_date", "probabilities", "predicted_codes", "note_type", "text", "_has_note"))
+    path = str(tokenizer_file)
+    parts = joined.mapInPandas(lambda frames: _night_stats_frames(frames, codes, path, char_cap),
+                               schema=NIGHT_STATS_SCHEMA).collect()
+    output: dict = {}
+    inputs: dict = {}
+    for r in parts:
+        out = output.setdefault(r["note_date"], {"notes": 0, "predicted": 0, "positives": np.zeros(len(codes)),
+                                                 "probability_sums": np.zeros(len(codes))})
+        out["notes"] += int(r["notes"])
+        out["predicted"] += int(r["predicted"])
+        out["positives"] += np.asarray(r["positives"], dtype=np.float64)
+        out["probability_sums"] += np.asarray(r["probability_sums"], dtype=np.float64)
+        if not r["measured"]:
+            continue
+        inp = inputs.setdefault(r["note_date"], {"notes": 0, "words": 0, "oov_words": 0, "lengths": Counter(),
+                                                 "note_types": Counter()})
+        inp["notes"] += int(r["measured"])
+        inp["words"] += int(r["words"])
+        inp["oov_words"] += int(r["oov_words"])
+        inp["lengths"].update(dict(zip(r["lengths"], r["length_notes"])))
+        inp["note_types"].update(dict(zip(r["note_types"], r["type_notes"])))
+    return output, inputs
+
+
+def night_rows(profile: dict, codes: tuple, dc, n_notes: int, output: dict | None, inputs: dict | None) -> list[dict]:
     """The night's rows (dicts of kind, name, value, baseline, train_rate, drift, limit, flagged, detail), the
-    summary row first. `output`: night_output_stats' entry; `inputs`: its (note_type, words, oov_words)."""
+    summary row first. `output` and `inputs`: the night's entries of `night_stats` (None: nothing)."""
     judged = n_notes >= dc.min_notes
     rows: list[dict] = []
 
@@ -140,31 +206,34 @@ def night_rows(profile: dict, codes: tuple, dc, n_notes: int, output: dict | Non
         add("output", "codes_shifted", value=float(code_flags), detail=f"code rows flagged of {len(codes)}")
 
     # inputs against the train notes
-    words = np.array([w for _, w, _ in inputs], dtype=np.int64)
-    oov = np.array([o for _, _, o in inputs], dtype=np.int64)
+    inputs = inputs or {}
+    lengths = inputs.get("lengths") or {}
+    words = np.repeat(np.array(list(lengths), dtype=np.int64), np.array(list(lengths.values()), dtype=np.int64))
+    n_measured = int(len(words))
     length = profile["note_length"]
-    if len(words):
+    if n_measured:
         night_counts = bin_counts(words, length["edges"])
         add("input", "note_length", value=float(np.median(words)), baseline=length["median"],
             drift=psi(length["counts"], night_counts),
-            limit=max(dc.note_length_psi_limit, noise_psi(len(night_counts), len(words))),
+            limit=max(dc.note_length_psi_limit, noise_psi(len(night_counts), n_measured)),
             detail=f"words per note; {len(length['counts'])} bins")
-        share = float(oov.sum() / words.sum()) if words.sum() else 0.0
+        total = int(inputs["words"])
+        share = float(inputs["oov_words"] / total) if total else 0.0
         base = profile["oov"]["share"]
         add("input", "oov_share", value=share, baseline=base,
             drift=share - base if base is not None else None, limit=dc.oov_share_limit)
     types = profile.get("note_types")
     if types is None:
         add("input", "note_type", detail=f"no training note types: {profile.get('note_types_reason')}")
-    elif len(words):
-        night_types = Counter(nt if nt is not None else "(none)" for nt, _, _ in inputs)
+    elif n_measured:
+        night_types = Counter(inputs["note_types"])
         names = sorted(set(types) | set(night_types))
         expected = np.array([types.get(n, 0) for n in names], dtype=np.float64)
         actual = np.array([night_types.get(n, 0) for n in names], dtype=np.float64)
         terms = psi_terms(expected, actual)
         new = sorted(n for n in night_types if n not in types)
-        add("input", "note_type", value=sum(night_types[n] for n in new) / len(inputs), drift=float(terms.sum()),
-            limit=max(dc.note_type_psi_limit, noise_psi(len(names), len(inputs))),
+        add("input", "note_type", value=sum(night_types[n] for n in new) / n_measured, drift=float(terms.sum()),
+            limit=max(dc.note_type_psi_limit, noise_psi(len(names), n_measured)),
             detail=f"new types: {', '.join(new)}" if new else None)
         for name, e, a, term in zip(names, expected, actual, terms):
             add("note_type", name, value=a / actual.sum(), baseline=e / expected.sum() if expected.sum() else None,
@@ -189,8 +258,6 @@ def run_night_drift(wh, cfg, run, info, notes, nights: list[str]) -> dict | None
     model (note_id, note_date, note_type, text); `info`: `bertxml.models.modeldir.ModelInfo`; `nights`: the batches
     scored ('YYYY-MM-DD' or 'undated'). Counts go to the job's `run`. Returns {night: flagged names}, or
     None when skipped (drift off, no profile, nothing scored)."""
-    from pyspark.sql import functions as F
-
     dc = cfg.drift
     dated = [d for d in nights if d != "undated"]
     if not dc.enabled or not dated:
@@ -209,20 +276,15 @@ def run_night_drift(wh, cfg, run, info, notes, nights: list[str]) -> dict | None
     days = [dt.date.fromisoformat(d) for d in dated]
     preds = (wh.table(preds_name, version=version)
              .filter((F.col("model_version") == info.model_version) & F.col("note_date").isin(days)))
-    output = night_output_stats(preds, info.codes)
-    scored = notes.join(preds.select("note_id", "note_date"), ["note_id", "note_date"], "left_semi")
     char_cap = cfg.score.max_chunks_per_note * info.max_len * CHARS_PER_WORD_CAP
-    inputs = night_input_stats(scored, info.model_dir / "tokenizer.json", char_cap)
-    per_night: dict = {}
-    for r in inputs:
-        per_night.setdefault(r["note_date"], []).append((r["note_type"], int(r["words"]), int(r["oov_words"])))
+    output, per_night = night_stats(preds, notes, info.codes, info.model_dir / "tokenizer.json", char_cap)
 
     computed_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
     records, summary = [], {}
     for day in days:
         out = output.get(day)
         n = out["notes"] if out else 0
-        rows = night_rows(profile, info.codes, dc, n, out, per_night.get(day, []))
+        rows = night_rows(profile, info.codes, dc, n, out, per_night.get(day))
         flagged = [r["name"] for r in rows if r["flagged"] and r["kind"] in ("output", "input")]
         summary[day.isoformat()] = {"notes": n, "flagged": flagged, "codes_flagged":
                                     sum(1 for r in rows if r["kind"] == "code" and r["flagged"])}

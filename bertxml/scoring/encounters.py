@@ -21,21 +21,27 @@ import datetime as dt
 import logging
 
 import numpy as np
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import functions as F
 
+from bertxml.models.modeldir import predicted_bands, top_codes
 from bertxml.platform import tables as t
 
 log = logging.getLogger("bertxml.scoring.encounters")
 
 
+def _highest(column: str):
+    """Each code's maximum over an array of probability arrays (all of a model's arrays share one length)."""
+    return F.aggregate(F.slice(column, 2, 1 << 30), F.element_at(column, 1),
+                       lambda acc, x: F.zip_with(acc, x, lambda a, b: F.greatest(a, b)))
+
+
 def encounter_probabilities(notes, keys=("encounter_id",)):
     """(keys..., probabilities, ...) rows of notes -> (keys..., probabilities): per key, each code's maximum
     over the rows, elementwise in Spark (no explode; all rows of a model share one length)."""
-    from pyspark.sql import functions as F
-
     stacked = notes.groupBy(*keys).agg(F.collect_list("probabilities").alias("_p"))
-    highest = F.aggregate(F.slice("_p", 2, 1 << 30), F.element_at("_p", 1),
-                          lambda acc, x: F.zip_with(acc, x, lambda a, b: F.greatest(a, b)))
-    return stacked.select(*keys, highest.alias("probabilities"))
+    return stacked.select(*keys, _highest("_p").alias("probabilities"))
 
 
 def encounter_frames(frames, info, top_k: int, model_version: str, updated_at: dt.datetime):
@@ -43,10 +49,6 @@ def encounter_frames(frames, info, top_k: int, model_version: str, updated_at: d
     with probabilities already the max -> ENCOUNTER_PREDICTIONS_SCHEMA rows (top codes, predicted codes and
     bands as the note level computes them). n_notes 0 (an encounter left with no scored note) passes with
     null probabilities: the MERGE deletes its row."""
-    import pandas as pd
-
-    from bertxml.models.modeldir import predicted_bands, top_codes
-
     codes = np.array(info.codes, dtype=object)
     columns = t.ENCOUNTER_PREDICTIONS_SCHEMA.fieldNames()
     for frame in frames:
@@ -69,13 +71,12 @@ def encounter_frames(frames, info, top_k: int, model_version: str, updated_at: d
         yield out[columns]
 
 
-def touched_encounters(wh, all_notes, nights: list, model_version: str, before_version: int | None):
-    """encounter_id of every encounter a run over `nights` touches: a note of the nights in the source, or
-    a prediction row of the nights (this model version) as the table stood before the run."""
-    from pyspark.sql import functions as F
-
+def touched_encounters(wh, night_notes, nights: list, model_version: str, before_version: int | None):
+    """encounter_id of every encounter a run over `nights` touches: a note of the nights in `night_notes`
+    (the notes source, or the job's notes of those nights already in hand: kept and rejected alike), or a
+    prediction row of the nights (this model version) as the table stood before the run."""
     in_nights = F.col("note_date").isin(nights)
-    touched = all_notes.filter(in_nights).select("encounter_id")
+    touched = night_notes.filter(in_nights).select("encounter_id")
     name = wh.name(t.PREDICTIONS)
     if before_version is not None:
         old = wh.table(name, version=before_version)
@@ -86,15 +87,22 @@ def touched_encounters(wh, all_notes, nights: list, model_version: str, before_v
 
 
 def write_encounter_predictions(wh, run, info, all_notes, nights: list[str], before_version: int | None,
-                                after_version: int, updated_at: dt.datetime, top_k: int) -> None:
+                                after_version: int, updated_at: dt.datetime, top_k: int,
+                                night_notes=None) -> None:
     """Recompute the encounters the run touched from bertxml.predictions at `after_version` and MERGE them
     into bertxml.encounter_predictions (one transaction). `nights`: the ISO dates scored; `before_version`:
-    the predictions table's version before the run wrote it (None when it did not exist)."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
+    the predictions table's version before the run wrote it (None when it did not exist); `night_notes`:
+    every note of those nights in `all_notes` (kept or rejected; default: read from `all_notes`), which
+    the nightly job holds in memory.
 
+    Spark work: one job finds the touched encounters and their notes (kept in memory: both are used
+    again) and the nights those notes are dated; the MERGE's source then reads only those nights'
+    prediction rows and takes each encounter's summary and maximum in one aggregation."""
     days = [dt.date.fromisoformat(d) for d in nights]
-    touched = touched_encounters(wh, all_notes, days, info.model_version, before_version)
+    # One partition: the ids are few, and a cached frame's own hash partitioning would hold the final join
+    # (and its pandas step) at spark.sql.shuffle.partitions tasks, where a shuffle lets AQE coalesce them.
+    touched = (touched_encounters(wh, all_notes if night_notes is None else night_notes, days, info.model_version,
+                                  before_version).coalesce(1).persist(StorageLevel.MEMORY_AND_DISK))
     members = (all_notes.select("note_id", "encounter_id", "patient_id", "note_date")
                .join(touched, "encounter_id", "left_semi")).persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -103,14 +111,13 @@ def write_encounter_predictions(wh, run, info, all_notes, nights: list[str], bef
         preds = (wh.table(wh.name(t.PREDICTIONS), version=after_version)
                  .filter((F.col("model_version") == info.model_version) & F.col("note_date").isin(dates))
                  .select("note_id", "note_date", "probabilities"))
-        scored = members.join(preds, ["note_id", "note_date"])
-        summary = scored.groupBy("encounter_id").agg(
+        per_encounter = (members.join(preds, ["note_id", "note_date"]).groupBy("encounter_id").agg(
             F.max("patient_id").alias("patient_id"), F.min("note_date").alias("first_note_date"),
-            F.max("note_date").alias("last_note_date"), F.count("*").cast("int").alias("n_notes"))
-        highest = encounter_probabilities(scored)
-        rows = (touched.join(summary, "encounter_id", "left").join(highest, "encounter_id", "left")
+            F.max("note_date").alias("last_note_date"), F.count("*").cast("int").alias("n_notes"),
+            F.collect_list("probabilities").alias("_p")))
+        rows = (touched.join(per_encounter, "encounter_id", "left")
                 .select("encounter_id", "patient_id", "first_note_date", "last_note_date", "n_notes",
-                        "probabilities"))
+                        _highest("_p").alias("probabilities")))
         version, when = info.model_version, updated_at
 
         def body(frames):
@@ -122,6 +129,7 @@ def write_encounter_predictions(wh, run, info, all_notes, nights: list[str], bef
                                      delete_when="s.n_notes = 0")
     finally:
         members.unpersist()
+        touched.unpersist()
     metrics = (wh._commit_info(name, run.outputs[name]).get("operationMetrics") or {})
     for key, metric in (("encounters_inserted", "numTargetRowsInserted"),
                         ("encounters_updated", "numTargetRowsUpdated"),

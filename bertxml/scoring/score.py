@@ -56,6 +56,9 @@ import logging
 import time
 from pathlib import Path
 
+from pyspark import StorageLevel
+from pyspark.sql import functions as F
+
 from bertxml.config import Config, ScoreConfig
 from bertxml.etl.etl import dedupe_notes, note_reject_reason, reject_rows
 from bertxml.models.modeldir import ModelInfo
@@ -82,8 +85,6 @@ class NoNotesError(RuntimeError):
 def bad_text_reason(cfg: ScoreConfig):
     """'bad_text' for text the feed could not decode: invalid UTF-8, a NUL character, or more than
     cfg.max_replacement_share of U+FFFD replacement characters; null otherwise."""
-    from pyspark.sql import functions as F
-
     text = F.col("text")
     n = F.length(text)
     replaced = n - F.length(F.regexp_replace(text, "\ufffd", ""))
@@ -96,8 +97,6 @@ def bad_text_reason(cfg: ScoreConfig):
 def flag_notes(notes, cfg: Config):
     """Input-schema notes -> the same with a `reason` (null = score it): the ETL's filters and duplicate
     rule (`bertxml.etl.etl`), then 'bad_text'."""
-    from pyspark.sql import functions as F
-
     flagged = notes.withColumn("reason", F.coalesce(note_reject_reason(cfg.etl), bad_text_reason(cfg.score)))
     return dedupe_notes(flagged.filter(F.col("reason").isNull())).unionByName(
         flagged.filter(F.col("reason").isNotNull()))
@@ -141,9 +140,6 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
     (ModelDirError), a bad source schema (SchemaError), a night with no notes at all (NoNotesError,
     unless cfg.score.allow_empty).
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     if date is not None and since_last:
         raise ValueError("give --date or --since-last, not both")
     night = None if since_last else (parse_date(date) if date is not None else yesterday_utc())
@@ -191,8 +187,6 @@ def run_score(wh, cfg: Config, date=None, since_last: bool = False, model_dir: s
 def _scored_ids(wh, run, model_version: str):
     """note_id of every note this model version has scored (None when nothing is scored yet), read at a
     pinned Delta version so the job sees one snapshot however long it runs."""
-    from pyspark.sql import functions as F
-
     name = wh.name(t.PREDICTIONS)
     if not wh.exists(name):
         return None
@@ -204,8 +198,6 @@ def _scored_ids(wh, run, model_version: str):
 def _pending_nights(wh, notes, done) -> list:
     """Dates (None for undated) holding a note that is neither scored by this model nor rejected by an
     earlier scoring run: the nights a catch-up must process. Reads ids and dates only, not the text."""
-    from pyspark.sql import functions as F
-
     pending = notes.select("note_id", "note_date")
     if done is not None:
         pending = pending.join(done, "note_id", "left_anti")
@@ -221,9 +213,6 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
                      batches: list[str], all_notes) -> None:
     """Run the model over the kept notes (one Spark action, timed) and write the four tables.
     `all_notes`: the whole notes source (the pinned snapshot), for the encounters' other notes."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     spark = wh.spark
     scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
     note_cols = [f.name for f in t.NOTES_SCHEMA.fields if f.name != "text"] + ["text_bytes"]
@@ -269,7 +258,7 @@ def _score_and_write(wh, cfg: Config, run, info: ModelInfo, kept, flagged, by_re
                                          merge_schema=True)
             if dated:
                 write_encounter_predictions(wh, run, info, all_notes, dated, before, run.outputs[name], scored_at,
-                                            cfg.score.top_k)
+                                            cfg.score.top_k, night_notes=flagged)
         _write_evidence(wh, cfg, run, info, scored if n_scored else None, dated)
 
         # Rejects: batch = the note's date, so a rerun of a night (or a catch-up over it) replaces its own rows.
@@ -307,8 +296,6 @@ def _write_evidence(wh, cfg: Config, run, info: ModelInfo, scored, dated: list[s
     the nights, as predictions. With score.evidence off (or a model without label attention) an existing
     table loses the nights' rows of this model version, so it never disagrees with the predictions; a
     missing one is not created."""
-    from pyspark.sql import functions as F
-
     name = wh.name(t.EVIDENCE)
     on = cfg.score.evidence and cfg.score.evidence_top_k > 0 and info.model_kind == "bertxml"
     if not dated or (not (on and scored is not None) and not wh.exists(name)):
@@ -330,8 +317,6 @@ def _write_model_labels(wh, run, info: ModelInfo) -> None:
     """The model's label vocabulary and operating points into bertxml.model_labels (MERGE on model_version,
     label_index), once per model version: the views join predictions to codes through it. A table an
     earlier bertxml created gains the operating-point columns (schema evolution) on the next write."""
-    from pyspark.sql import functions as F
-
     name = wh.name(t.MODEL_LABELS)
     if wh.exists(name):
         table = wh.table(name)
