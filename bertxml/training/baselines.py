@@ -17,9 +17,10 @@ from bertxml.config import Config
 from bertxml.config_io import config_from_dict
 from bertxml.metrics import auc_metrics, fmt_metric, micro_f1
 from bertxml.models import modeldir
-from bertxml.models.baselines import CONFIG_FILE, KINDS, WEIGHTS_FILE
+from bertxml.models.baselines import KINDS
 from bertxml.models.bigru import BiGruAttention, bilstm_probabilities, save_bilstm
 from bertxml.models.logreg import bag_of_words, fit_one_vs_rest, idf_weights, logreg_probabilities, weight_features
+from bertxml.models.modeldir import CONFIG_FILE, WEIGHTS_FILE
 from bertxml.models.precision import autocast, decide_precision
 from bertxml.models.profile import add_dev_reference
 from bertxml.models.registry import log_job_model
