@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from bertxml.models import modeldir
-from bertxml.models.modeldir import CONFIG_FILE, WEIGHTS_FILE, ModelDirError, ModelInfo, find_latest_model, read_manifest
+from bertxml.models.modeldir import (CONFIG_FILE, WEIGHTS_FILE, ModelDirError, ModelInfo, find_latest_model,
+                                     read_manifest)
 from bertxml.scoring.engine import BertScorer, check_bert_dir
 
 
