@@ -12,16 +12,20 @@
 Every command takes --workdir DIR (default ./warehouse), --conf FILE|NAME (YAML over the defaults,
 repeatable; a bare NAME such as `prod` is a config shipped in bertxml/conf/) and --set section.key=value
 (repeatable). Exit status 0 on success, 1 on a job error, 2 on bad usage.
+
+Each command imports its job's modules when it runs, not at the top of this file: `bertxml --help` loads
+none of pyspark, torch, transformers or MLflow, and a command loads only what its job needs (`sql` no torch).
 """
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import sys
 from pathlib import Path
 
-from bertxml.config import ConfigError
+from bertxml.config import CONF_DIR, ConfigError
 from bertxml.config_io import load_config
 
 log = logging.getLogger("bertxml.cli")
@@ -36,6 +40,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 def open_warehouse(args, app: str, class_path: tuple[str, ...] = ()):
     """Config + SparkSession + Warehouse for a command."""
+    # pyspark loads only for a command that opens the warehouse (module note above)
     from bertxml.platform.warehouse import Warehouse, get_spark
 
     cfg = load_config(args.conf, args.set, getattr(args, "size", None))
@@ -45,6 +50,7 @@ def open_warehouse(args, app: str, class_path: tuple[str, ...] = ()):
 
 # ---- commands ----------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.etl.generate import run_generate
 
     if args.notes is not None:
@@ -58,6 +64,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_etl(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.etl.etl import run_etl
 
     if args.min_code_count is not None:
@@ -69,6 +76,7 @@ def cmd_etl(args) -> int:
 
 
 def cmd_sql(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.platform.sql import format_rows
 
     wh = open_warehouse(args, "sql")
@@ -88,6 +96,7 @@ def _vocab_dir(args, wh) -> Path:
 
 
 def cmd_vocab(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.text.vocab import run_vocab
 
     wh = open_warehouse(args, "vocab")
@@ -98,6 +107,7 @@ def cmd_vocab(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.text.tokenize import run_tokenize
 
     wh = open_warehouse(args, "tokenize")
@@ -107,6 +117,7 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.training.pretrain import run_pretrain
 
     wh = open_warehouse(args, "pretrain")
@@ -116,9 +127,11 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_train(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.training.train import run_train
 
     if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.training.baselines)
+        # the job's modules load when it runs (module note above)
         from bertxml.training.baselines import run_train_baseline
 
         if args.init or args.encoder or args.resume:
@@ -135,6 +148,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.reports.compare import run_compare
 
     wh = open_warehouse(args, "compare")
@@ -146,6 +160,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_retrain(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.retrain import run_retrain
 
     wh = open_warehouse(args, "retrain")
@@ -163,6 +178,7 @@ def _model_dir(args, wh) -> str | None:
 
 
 def cmd_score(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.scoring.score import run_score
 
     wh = open_warehouse(args, "score")
@@ -173,6 +189,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.reports.evaluate import run_evaluate, run_evaluate_aliases
 
     wh = open_warehouse(args, "evaluate")
@@ -194,6 +211,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_promote(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.models.registry import run_promote
 
     wh = open_warehouse(args, "promote")
@@ -203,6 +221,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.reports.explain import run_explain
 
     wh = open_warehouse(args, "explain")
@@ -212,11 +231,10 @@ def cmd_explain(args) -> int:
 
 
 def cmd_sql_server(args) -> int:
+    # the job's modules load when it runs (module note above)
     from bertxml.platform.sqlserver import UnsafeServerError, check_bind, hash_password, serve, server_jar
 
     if args.hash_password:
-        import getpass
-
         # From the terminal without echo, or one line on stdin (scripts); never from the command line.
         password = getpass.getpass(f"password for {args.hash_password}: ") if sys.stdin.isatty() \
             else sys.stdin.readline().rstrip("\n")
@@ -242,7 +260,7 @@ def cmd_sql_server(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from bertxml.config import CONF_DIR
+    # the job's modules load when it runs (module note above)
     from bertxml.demo import run_demo
 
     args.conf = args.conf or [str(CONF_DIR / "local.yaml")]  # the embedded default

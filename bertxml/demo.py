@@ -25,7 +25,9 @@ from bertxml.etl.generate import run_generate
 from bertxml.etl.span import last_date
 from bertxml.models.registry import MODELS_SCHEME, registered_version_of, run_promote
 from bertxml.platform.sql import format_rows
+from bertxml.reports.evaluate import run_evaluate
 from bertxml.retrain import run_retrain
+from bertxml.scoring.score import run_score
 
 log = logging.getLogger("bertxml.demo")
 
@@ -109,9 +111,6 @@ def history_landed_at(wh, generated: dict) -> str:
 
 
 def run_demo(wh) -> int:
-    from bertxml.reports.evaluate import run_evaluate
-    from bertxml.scoring.score import run_score
-
     cfg = wh.cfg
     nights = catch_up_nights()
     log.info("demo 1/4: generating %d notes into %s; the nights %s..%s land after the history",

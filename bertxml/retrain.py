@@ -17,6 +17,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from bertxml.etl.etl import etl_snapshot, replay_config, run_etl
+from bertxml.reports.compare import minilm_dir
+from bertxml.reports.evaluate import run_evaluate
+from bertxml.text.tokenize import run_tokenize
+from bertxml.text.vocab import run_vocab
+from bertxml.training.pretrain import run_pretrain
+from bertxml.training.train import run_train
+
 log = logging.getLogger("bertxml.retrain")
 
 
@@ -27,8 +35,6 @@ def init_checkpoint(cfg) -> Path | None:
     if not value:
         return None
     if value.lower() == "minilm":
-        from bertxml.reports.compare import minilm_dir
-
         return minilm_dir(cfg)
     path = Path(value)
     if not (path / "config.json").exists():
@@ -41,13 +47,6 @@ def run_retrain(wh, cfg, as_of_run: str | None = None, as_of_timestamp: str | No
                 out_dir: str | None = None, model_kind: str = "bertxml") -> Path:
     """Run every step in order and return the new model folder. With `as_of_run`, every step runs with
     that ETL run's ETL settings, so the manifest's config is the one the training set was built with."""
-    from bertxml.etl.etl import etl_snapshot, replay_config, run_etl
-    from bertxml.reports.evaluate import run_evaluate
-    from bertxml.training.pretrain import run_pretrain
-    from bertxml.text.tokenize import run_tokenize
-    from bertxml.training.train import run_train
-    from bertxml.text.vocab import run_vocab
-
     if as_of_run:
         cfg = replay_config(cfg, etl_snapshot(wh, as_of_run))
     steps = 6

@@ -1,6 +1,7 @@
 """The package's import graph: subpackages by pipeline stage, imports one way between them, no cycle between
 bertxml modules, no import of another module's private name, and no module over 500 lines. Imports inside
-functions count: they hide a cycle from Python, not from a reader.
+functions count: they hide a cycle from Python, not from a reader. An import inside a function says why it is
+not at the top of its module, in a comment on its line or just above it.
 
 Run: .venv/bin/python -m pytest -q tests/test_imports.py   (or: python tests/test_imports.py, which prints)
 """
@@ -121,6 +122,36 @@ def too_long(package: Path = PACKAGE) -> list[str]:
             if (n := len(path.read_text().splitlines())) > MAX_LINES]
 
 
+def imports_without_reason(source: str, filename: str = "<source>") -> list[int]:
+    """Line numbers of the imports inside a function (nested ones too) with no comment saying why: a comment
+    counts on the import's own lines, or on the line above it or above the run of imports it belongs to
+    (import statements and blank lines), so one comment can cover a block of imports."""
+    tree = ast.parse(source, filename)
+    lines = source.splitlines()
+    imports = [node for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+               for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    import_lines = {n for node in imports for n in range(node.lineno, node.end_lineno + 1)}
+    missing = set()
+    for node in imports:
+        if any("#" in lines[n - 1] for n in range(node.lineno, node.end_lineno + 1)):
+            continue                                # an import statement holds no string: "#" starts a comment
+        above = node.lineno - 1
+        while above >= 1 and (above in import_lines or not lines[above - 1].strip()):
+            above -= 1
+        if above < 1 or not lines[above - 1].strip().startswith("#"):
+            missing.add(node.lineno)
+    return sorted(missing)
+
+
+def function_imports_without_reason(package: Path = PACKAGE) -> list[str]:
+    """["bertxml/x.py:LINE"] for each import inside a function of the package that says no reason."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package.parent).as_posix()
+        found += [f"{name}:{n}" for n in imports_without_reason(path.read_text(), str(path))]
+    return found
+
+
 def test_the_cycle_finder_finds_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
@@ -153,6 +184,24 @@ def test_no_import_of_private_names():
     assert private == [], f"private names imported: {private}"
 
 
+def test_the_import_check_wants_a_reason():
+    source = (
+        "import os\n"
+        "def a():\n    import json\n    return json\n"                         # no reason: line 3
+        "def b():\n    import torch  # only on a worker\n"                      # on its line
+        "def c():\n    # mlflow after the env is set\n    import mlflow\n\n    from mlflow import x\n"  # a block
+        "def d():\n    x = 1\n\n    import yaml\n"                            # code above: line 15
+        "def e():\n    def inner():\n        from a import (b,\n                       c)\n"  # nested: line 18
+    )
+    assert imports_without_reason(source) == [3, 15, 18]
+
+
+def test_imports_inside_functions_say_why():
+    found = function_imports_without_reason()
+    assert found == [], (f"{len(found)} imports inside functions without a comment saying why (move them to the "
+                         f"top of the module, or say why not on the line above): {found}")
+
+
 def test_no_module_over_500_lines():
     assert too_long() == [], f"modules over {MAX_LINES} lines: {too_long()}"
 
@@ -165,3 +214,4 @@ if __name__ == "__main__":
     print("imports against the stage order:", wrong_way(graph) or "none")
     print("private names imported:", private or "none")
     print(f"modules over {MAX_LINES} lines:", too_long() or "none")
+    print("imports inside functions without a reason:", function_imports_without_reason() or "none")

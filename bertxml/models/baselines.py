@@ -45,20 +45,19 @@ import numpy as np
 import torch
 
 from bertxml.models import modeldir
+from bertxml.models.modeldir import CONFIG_FILE
+from bertxml.text.tokenize import encode_notes
+from bertxml.text.vocab import load_tokenizer
 
 log = logging.getLogger("bertxml.models.baselines")
 
 KINDS = ("logreg", "bilstm")
-WEIGHTS_FILE = "model.safetensors"     # the same names as a BERT folder (bertxml.models.bert)
-CONFIG_FILE = "model_config.json"
 
 
 def first_chunks(tokenizer, texts: list, max_len: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Texts -> (the first chunk `[CLS] piece [SEP]` of each, as int64 arrays; word pieces per note (of the
     text read); truncated: the note is longer than its first chunk). The scorer's chunking
     (`bertxml.text.tokenize.encode_notes`, as bertxml.chunks), so training and scoring see the same tokens."""
-    from bertxml.text.tokenize import encode_notes
-
     notes, n_tokens, truncated = encode_notes(tokenizer, texts, max_len, max_chunks=1)
     return [np.asarray(chunks[0], dtype=np.int64) for chunks in notes], n_tokens, truncated
 
@@ -73,8 +72,6 @@ class BaselinePredictor:
 
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
                  num_threads: int | None = None, threshold_default: float = 0.5):
-        from bertxml.text.vocab import load_tokenizer
-
         self.info = modeldir.read_model_info(model_dir, threshold_default)  # baseline_predictor checked the kind
         if num_threads:
             torch.set_num_threads(int(num_threads))

@@ -25,12 +25,11 @@ from torch import nn
 from transformers import BertConfig, BertForPreTraining, BertModel
 
 from bertxml.config import ModelConfig
+from bertxml.models.modeldir import CONFIG_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger("bertxml.models.bert")
 
 HEADS = ("bertxml", "cls")
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model_config.json"
 IGNORE_INDEX = -100  # cross-entropy's "not a target" label, used for unmasked MLM positions
 
 

@@ -10,13 +10,16 @@ import math
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 
 from bertxml.models import modeldir
-from bertxml.models.baselines import BaselinePredictor, CONFIG_FILE, WEIGHTS_FILE
+from bertxml.models.baselines import BaselinePredictor
 from bertxml.models.devices import resolve_device
+from bertxml.models.modeldir import CONFIG_FILE, WEIGHTS_FILE
 from bertxml.models.precision import autocast
+from bertxml.text.data import eval_batches, pad_ids
 
 log = logging.getLogger("bertxml.models.bigru")
 
@@ -93,16 +96,12 @@ class BiGruAttention(nn.Module):
 
 def save_bilstm(model: BiGruAttention, out_dir: Path, max_len: int) -> None:
     """model.safetensors (the frozen embeddings included) + model_config.json."""
-    import safetensors.torch
-
     out_dir.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_model(model, str(out_dir / WEIGHTS_FILE))
     modeldir.write_json(out_dir / CONFIG_FILE, {**model.config, "max_len": int(max_len)})
 
 
 def load_bilstm(model_dir: str | Path, device="cpu") -> BiGruAttention:
-    import safetensors.torch
-
     arch = json.loads((Path(model_dir) / CONFIG_FILE).read_text())
     model = BiGruAttention(arch["vocab_size"], arch["embed_dim"], arch["hidden_size"], arch["heads"],
                            arch["n_labels"], arch["dropout"], arch["pad_id"])
@@ -116,8 +115,6 @@ def bilstm_probabilities(model: BiGruAttention, chunks: list[np.ndarray], batch_
                          device: torch.device, precision=None) -> np.ndarray:
     """(n, M) float32 probabilities of one chunk per note, batches sorted by length (least padding);
     precision: a `bertxml.models.precision.Precision` to autocast with (None: fp32)."""
-    from bertxml.text.data import eval_batches, pad_ids
-
     was_training = model.training
     model.eval()
     out = np.zeros((len(chunks), model.n_labels), dtype=np.float32)

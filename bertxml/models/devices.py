@@ -4,13 +4,11 @@ Torch is imported only inside `resolve_device`, so the driver can import this wi
 """
 from __future__ import annotations
 
+from pyspark import TaskContext
+
 
 def task_gpu() -> str | None:
     """The GPU address Spark gave this task, when the cluster schedules GPUs (None elsewhere)."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return None
     ctx = TaskContext.get()
     if ctx is None:
         return None
@@ -20,10 +18,6 @@ def task_gpu() -> str | None:
 
 def task_cpus() -> int | None:
     """The CPUs Spark gave this task (None outside a Spark task)."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return None
     ctx = TaskContext.get()
     return int(ctx.cpus()) if ctx is not None else None
 
@@ -36,6 +30,6 @@ def resolve_device(device: str | None = None) -> str:
     gpu = task_gpu()
     if gpu is not None:
         return f"cuda:{gpu}"
-    import torch
+    import torch  # only where a model runs: the Spark driver imports this module without torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,16 +9,18 @@ import logging
 import math
 
 import numpy as np
+import safetensors.numpy
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
 
-from bertxml.models.baselines import BaselinePredictor, WEIGHTS_FILE
+from bertxml.models.baselines import BaselinePredictor
+from bertxml.models.modeldir import WEIGHTS_FILE
 
 log = logging.getLogger("bertxml.models.logreg")
 
 
 def bag_of_words(token_ids: list[np.ndarray], vocab_size: int, skip_ids=()):
     """Token id arrays -> sparse counts (n, V) float32 (CSR); `skip_ids` (special tokens) are not counted."""
-    import scipy.sparse as sp
-
     skip = np.asarray(sorted(skip_ids), dtype=np.int64)
     rows, cols = [], []
     for i, ids in enumerate(token_ids):
@@ -57,8 +59,6 @@ def fit_one_vs_rest(x, labels: np.ndarray, c: float, max_iter: int, seed: int) -
     """One L2 logistic regression per code (scikit-learn, liblinear) on features x (n, V) and labels (n, M).
     Returns coef (M, V) and intercept (M,) float32. A code with no positive (or no negative) note in x
     gets a constant: zero weights and the log-odds of its (smoothed) train frequency."""
-    from sklearn.linear_model import LogisticRegression
-
     n, m = labels.shape
     coef = np.zeros((m, x.shape[1]), dtype=np.float32)
     intercept = np.zeros(m, dtype=np.float32)
@@ -83,8 +83,6 @@ def logreg_probabilities(x, coef: np.ndarray, intercept: np.ndarray) -> np.ndarr
 
 class LogRegPredictor(BaselinePredictor):
     def __init__(self, model_dir, device=None, batch_size: int = 16, num_threads=None, threshold_default=0.5):
-        import safetensors.numpy
-
         super().__init__(model_dir, device, batch_size, num_threads, threshold_default)
         weights = safetensors.numpy.load_file(str(self.info.model_dir / WEIGHTS_FILE))
         self.coef, self.intercept = weights["coef"], weights["intercept"]

@@ -42,6 +42,8 @@ import bertxml
 log = logging.getLogger("bertxml.models.modeldir")
 
 MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.safetensors"     # every kind's weights (BERT and the baselines)
+CONFIG_FILE = "model_config.json"      # every kind's architecture
 TOKENIZER_FILE = "tokenizer.json"
 LABEL_VOCAB_FILE = "label_vocab.json"
 THRESHOLDS_FILE = "thresholds.json"

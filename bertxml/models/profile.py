@@ -12,8 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+from scipy.stats import chi2
+from tokenizers import Tokenizer
 
 from bertxml.models.modeldir import DRIFT_PROFILE_FILE
+from bertxml.platform.deltaread import read_delta, table_path
+from bertxml.platform.warehouse import parse_source
 
 log = logging.getLogger("bertxml.models.profile")
 
@@ -63,8 +68,6 @@ def noise_psi(bins: int, n_notes: int, quantile: float = NOISE_QUANTILE) -> floa
     training distribution over `bins` bins: n * PSI is about chi-square with bins - 1 degrees of freedom
     (PSI is the symmetric chi-square divergence for small differences). A PSI limit is raised to this, so
     a small night is flagged only for a shift its notes can show."""
-    from scipy.stats import chi2
-
     return float(chi2.ppf(quantile, max(1, bins - 1)) / max(1, n_notes))
 
 
@@ -88,9 +91,6 @@ def _hash_order(note_id: str) -> str:
 # ---- training: the reference -----------------------------------------------------------------------------
 def _notes_source_path(source, cfg, spec: str) -> str | None:
     """The Delta folder of the notes SOURCE an ETL run read (a table name or delta:PATH), else None."""
-    from bertxml.text.data import table_path
-    from bertxml.platform.warehouse import parse_source
-
     fmt, where = parse_source(spec)
     if fmt == "delta":
         return where
@@ -112,11 +112,6 @@ def training_profile(source, cfg, *, tokenizer_file: str, labeled_notes_path: st
     per note type on every train note, joined to the notes source at the version the ETL run read (None,
     with the reason, when that run or source is unknown). The dev reference is added by `add_dev_reference`.
     """
-    import pyarrow.compute as pc
-    from tokenizers import Tokenizer
-
-    from bertxml.platform.deltaread import read_delta
-
     dc = cfg.drift
     train = read_delta(labeled_notes_path, labeled_notes_version, columns=["note_id", "codes"],
                        filter={"split": ["train"]})

@@ -27,12 +27,19 @@ import getpass
 import logging
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import yaml
 
 from bertxml import __version__
 from bertxml.config import score_options
+from bertxml.models.modeldir import find_latest_model, load_label_vocab, load_manifest
+from bertxml.platform.runs import job_run
 
 log = logging.getLogger("bertxml.models.registry")
 
@@ -86,6 +93,8 @@ def _mlflow(cfg, workdir):
     """mlflow, imported offline and pointed at this config's stores (created under WORKDIR when embedded)."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # mlflow only once OFFLINE_ENV is set, and only by a job that uses the registry: its import costs a
+    # `--model FOLDER` night over a second (benchmarks/README.md, "The MLflow registry")
     import mlflow
 
     if not cfg.mlflow.tracking_uri:
@@ -151,7 +160,7 @@ def run_tags(manifest: dict, job: str, job_run_id: str | None) -> dict[str, str]
 
 def model_signature(n_labels: int):
     """Input: a `text` string column; output: (n, n_labels) float32 probabilities."""
-    import numpy as np
+    # mlflow only after `_mlflow` has set OFFLINE_ENV: log_model_run calls it first
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
@@ -180,8 +189,6 @@ def log_model_run(cfg, workdir, model_dir, job: str, job_run_id: str | None = No
     its dev metrics (plus `extra_metrics`), tags = its lineage (`run_tags`), and the pyfunc model with the
     folder as artifact, registered as a new version of cfg.mlflow.model_name when `register`.
     `parent_run_id` nests the run (a comparison's rows under the comparison). Returns a LoggedModel."""
-    from bertxml.models.modeldir import load_label_vocab, load_manifest
-
     model_dir = Path(model_dir).resolve()
     manifest = load_manifest(model_dir)
     mlflow = _mlflow(cfg, workdir)
@@ -250,6 +257,7 @@ class ResolvedModel:
 
 def model_version_of(c, uri: str):
     """The registry's ModelVersion for a models:/ URI; RegistryError naming what is missing."""
+    # mlflow is already imported (offline) by the `client` c came from; see `_mlflow`
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_model_uri(uri)
@@ -264,8 +272,6 @@ def model_version_of(c, uri: str):
 
 def artifact_folder(model_root: Path) -> Path:
     """The model folder inside a pyfunc model's folder, as its MLmodel file names it."""
-    import yaml
-
     meta = yaml.safe_load((model_root / "MLmodel").read_text())
     try:
         relative = meta["flavors"]["python_function"]["artifacts"][ARTIFACT_KEY]["path"]
@@ -277,21 +283,17 @@ def artifact_folder(model_root: Path) -> Path:
 def version_folder(cfg, workdir, c, name: str, version: str) -> Path:
     """The model folder of a registered version: in place when its artifacts are a local folder, else
     downloaded once to WORKDIR/mlflow/cache/NAME/VERSION."""
-    from urllib.parse import unquote, urlparse
-
     source = c.get_model_version_download_uri(name, version)
     parsed = urlparse(source)
     if parsed.scheme in ("", "file") and (Path(unquote(parsed.path)) / "MLmodel").exists():
         return artifact_folder(Path(unquote(parsed.path)))
     cache = store_dir(workdir) / "cache" / name / str(version)
     if not cache.is_dir():
-        import mlflow
+        import mlflow  # already imported offline by the `client` c came from (`_mlflow`)
 
         log.info("downloading %s version %s into %s", name, version, cache)
         tmp = cache.with_name(cache.name + ".tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
@@ -310,8 +312,6 @@ def resolve_model(cfg, workdir, model=None) -> ResolvedModel:
 
     An alias missing from a registry named in the config is an error (a production job must not fall back
     to whatever folder is newest); from the embedded store, the newest folder is used and logged."""
-    from bertxml.models.modeldir import find_latest_model
-
     model = model or cfg.score.model_dir or None
     if model is not None and not is_model_uri(model):
         return ResolvedModel(Path(model))
@@ -340,8 +340,6 @@ def resolve_model(cfg, workdir, model=None) -> ResolvedModel:
 def registered_version_of(cfg, workdir, model_dir) -> str | None:
     """The newest registered version of cfg.mlflow.model_name made from this model folder (matched on its
     manifest's model_version), or None."""
-    from bertxml.models.modeldir import load_manifest
-
     wanted = str(load_manifest(model_dir).get("model_version"))
     c = client(cfg, workdir)
     found = [mv for mv in c.search_model_versions(f"name = '{cfg.mlflow.model_name}'")
@@ -353,9 +351,8 @@ def registered_version_of(cfg, workdir, model_dir) -> str | None:
 def run_promote(wh, cfg, version, alias: str = "champion", model_name: str | None = None) -> dict:
     """Point `alias` of the registered model at `version` and record it in bertxml.job_runs (job
     'promote': the alias, the version, the version it moved from, who and when). Returns those counts."""
+    # mlflow only here, where the registry is used: see `_mlflow`
     from mlflow.exceptions import MlflowException
-
-    from bertxml.platform.runs import job_run
 
     name = model_name or cfg.mlflow.model_name
     version = str(version).strip()

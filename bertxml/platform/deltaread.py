@@ -12,6 +12,8 @@ views) and errors that name the table and the version.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
@@ -19,6 +21,12 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 class DeltaLogError(ValueError):
     """A Delta table that cannot be read at the asked version (missing, no such version, not a Delta table)."""
+
+
+def table_path(workdir: str | Path, schema: str, short: str) -> Path:
+    """Delta folder of one of our tables in a path-mode warehouse, without a SparkSession
+    (the same layout as Warehouse.path: WORKDIR/tables/<schema>/<table>)."""
+    return Path(workdir).resolve() / "tables" / schema / short
 
 
 def open_table(table_path, version: int | None = None, storage_options: dict | None = None) -> DeltaTable:

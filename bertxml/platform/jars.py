@@ -22,6 +22,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import pyspark
+from delta import configure_spark_with_delta_pip
+from pyspark.sql import SparkSession
+
 log = logging.getLogger("bertxml.platform.jars")
 
 IVY_SETTINGS = """<ivysettings>
@@ -44,8 +48,6 @@ POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 
 def delta_coordinates() -> tuple[str, str]:
     """(artifact, version) of the Delta jar that matches the installed delta-spark and pyspark."""
-    import pyspark
-
     spark_mm = ".".join(pyspark.__version__.split(".")[:2])
     return f"delta-spark_{spark_mm}_2.13", metadata.version("delta-spark")
 
@@ -77,17 +79,12 @@ def jars_not_in_spark(jars: list[str]) -> list[str]:
     Only these go on the driver's class path: the transitive copies of Jackson, Hadoop or Parquet that
     Ivy also resolves would shadow Spark's own, newer ones there.
     """
-    import pyspark
-
     shipped = {_artifact(p.name) for p in (Path(pyspark.__file__).parent / "jars").glob("*.jar")}
     return [j for j in jars if _artifact(Path(j).name) not in shipped]
 
 
 def _resolve_with_ivy(folder: Path) -> None:
     """Start a throw-away local session with spark.jars.packages so Spark's own Ivy downloads the jars."""
-    from delta import configure_spark_with_delta_pip
-    from pyspark.sql import SparkSession
-
     ivy_home = folder.parent / "ivy"
     settings = ivy_home / "ivysettings.xml"
     settings.parent.mkdir(parents=True, exist_ok=True)

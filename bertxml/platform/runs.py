@@ -17,6 +17,8 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+from pyspark.sql import functions as F
+
 from bertxml.platform import tables as t
 from bertxml.platform.warehouse import local_frame
 
@@ -69,8 +71,6 @@ def job_run(wh, job: str, cfg=None):
 def find_run(wh, run_id: str) -> dict | None:
     """The bertxml.job_runs row of `run_id` as a dict, its JSON columns (inputs, outputs, counts, config)
     parsed; None when the warehouse has no such run."""
-    from pyspark.sql import functions as F
-
     name = wh.name(t.JOB_RUNS)
     if not wh.exists(name):
         return None

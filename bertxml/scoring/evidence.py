@@ -8,6 +8,8 @@ import re
 
 import numpy as np
 
+from bertxml.text.tokenize import chunk_token
+
 # ---- evidence: the label attention of the predicted codes -----------------------------------------------
 def predicted_attention(head, hidden, attention_mask, logits, thresholds):
     """Eq. 2's attention weights of the codes each chunk predicts, from a pass's token states.
@@ -18,6 +20,7 @@ def predicted_attention(head, hidden, attention_mask, logits, thresholds):
     `LabelAttention` does. hidden (B, T, H), attention_mask (B, T), logits (B, M) float32, thresholds (M,).
     Yields (row b, code j, logit, weights (T,) float32 numpy incl. [CLS]/[SEP], 0 on padding).
     """
+    # torch only where the model runs, not on the Spark driver (see bertxml.scoring.engine)
     import torch
 
     hits = torch.sigmoid(logits) >= thresholds[None, :]  # (B, M)
@@ -65,8 +68,6 @@ def evidence_spans(weights: np.ndarray, chunk_index: int, max_len: int, starts: 
     t = content.shape[0]
     if t == 0 or top_k <= 0:
         return []
-    from bertxml.text.tokenize import chunk_token
-
     tokens = chunk_token(chunk_index, np.arange(1, t + 1), max_len)  # note token index of each weight
     sentence = np.searchsorted(breaks, starts[tokens], side="right")  # (t,) sentence-ish piece of each token
     opens = np.empty(t, dtype=bool)

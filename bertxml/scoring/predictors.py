@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from bertxml.models import modeldir
-from bertxml.models.modeldir import ModelDirError, ModelInfo, find_latest_model, read_manifest
+from bertxml.models.modeldir import (CONFIG_FILE, WEIGHTS_FILE, ModelDirError, ModelInfo, find_latest_model,
+                                     read_manifest)
 from bertxml.scoring.engine import BertScorer, check_bert_dir
 
 
@@ -51,7 +52,7 @@ def register_predictor(kind: str, factory: Callable, validate: Callable[[ModelIn
 
 def baseline_predictor(model_dir, device=None, **options):
     """The factory for "logreg" and "bilstm" folders (options it does not use are ignored)."""
-    # imported on first use: torch stays out of a Spark driver that scores BERT folders only
+    # torch only where the model runs, not on the Spark driver (see bertxml.scoring.engine)
     from bertxml.models.bigru import BiGruPredictor
     from bertxml.models.logreg import LogRegPredictor
 
@@ -66,8 +67,6 @@ def baseline_predictor(model_dir, device=None, **options):
 def check_baseline_dir(info: ModelInfo) -> None:
     """Driver-side check of a baseline folder (no weights loaded): files present, and the weights' output
     size equal to label_vocab.json's number of codes. Raises ModelDirError."""
-    from bertxml.models.baselines import CONFIG_FILE, WEIGHTS_FILE  # imported on first use, as above
-
     _, shapes = modeldir.check_weights_folder(info, CONFIG_FILE, WEIGHTS_FILE)
     out = shapes.get("intercept") if info.model_kind == "logreg" else shapes.get("out.bias")
     if out is None or out[0] != info.n_labels:

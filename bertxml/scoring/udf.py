@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pandas as pd
+from pyspark.sql import types as T
 
 from bertxml.config import ScoreConfig, score_options
 from bertxml.models.devices import resolve_device, task_cpus
@@ -57,8 +59,6 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
     A note with no token after normalisation gets reason 'no_tokens' and no probabilities. `evidence` is
     the engine's (`BertScorer.score` with evidence_top_k > 0), null for a model or options without it.
     """
-    import pandas as pd
-
     predict = info = codes = None
     batches = 0
     for frame in frames:
@@ -96,8 +96,6 @@ def score_frames(frames: Iterator, model_dir: str, device: str, options: dict, t
 
 def scored_schema(df_schema):
     """Output schema of `score_notes`: df's columns without `text`, then SCORE_COLUMNS."""
-    from pyspark.sql import types as T
-
     fields = [f for f in df_schema.fields if f.name != "text"]
     return T.StructType(fields + [
         T.StructField("n_chunks", T.IntegerType()),

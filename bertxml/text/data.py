@@ -17,13 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from bertxml.platform.deltaread import read_delta
+
 CHUNK_COLUMNS = ("note_id", "split", "max_len", "chunk_index", "input_ids", "label_ids", "sentence_starts")
-
-
-def table_path(workdir: str | Path, schema: str, short: str) -> Path:
-    """Delta folder of one of our tables in a path-mode warehouse, without a SparkSession
-    (the same layout as Warehouse.path: WORKDIR/tables/<schema>/<table>)."""
-    return Path(workdir).resolve() / "tables" / schema / short
 
 
 def load_chunks(table_path: str | Path, version: int | None, split: str | None, max_len: int,
@@ -31,8 +27,6 @@ def load_chunks(table_path: str | Path, version: int | None, split: str | None, 
     """Chunk rows of one split (None: all) and one chunking (max_len) from the chunks table's Delta files
     as of `version`. Returns a pyarrow Table; raises ValueError when there is no train chunk of that max_len
     (an empty dev or test split is returned as an empty table)."""
-    from bertxml.platform.deltaread import read_delta
-
     wanted = {"max_len": int(max_len)} | ({"split": split} if split is not None else {})
     table = read_delta(str(table_path), version, columns=list(columns), filter=wanted)
     if table.num_rows == 0 and split in (None, "train"):

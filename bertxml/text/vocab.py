@@ -53,11 +53,16 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import pandas as pd
+from pyspark.sql import functions as F, types as T
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
 from bertxml.config import Config, VocabConfig
+from bertxml.platform import tables as t
+from bertxml.platform.runs import job_run
+from bertxml.platform.warehouse import SchemaError, parse_source
 from bertxml.text.oov import SPECIAL_TOKENS, load_reference_tokenizer, oov_report
 
 log = logging.getLogger("bertxml.text.vocab")
@@ -299,11 +304,6 @@ def read_text_source(wh, spec: str, doc_prefix: str | None = None):
     With doc_prefix, also a column `doc` (the unit `vocab.min_patients` counts): doc_prefix + the row's
     `patient_id` where the source has that column and it is set, else doc_prefix + a row id of its own.
     """
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
-    from bertxml.platform.warehouse import SchemaError, parse_source
-
     fmt, where = parse_source(spec)
     if fmt == "table":
         df = wh.table(where)
@@ -333,9 +333,6 @@ def count_words(documents, cfg: VocabConfig):
     """(word, occurrences, patients) over a DataFrame (doc, text), in Spark: each text normalised and
     pre-tokenised as the trainer and the tokenizer see it; `patients` counts the distinct docs holding the
     word. One row per distinct word."""
-    import pandas as pd
-    from pyspark.sql import functions as F
-
     def words(batches):
         normalizer, pre_tokenizer = build_normalizer(cfg), pre_tokenizers.BertPreTokenizer()
         for pdf in batches:
@@ -364,11 +361,6 @@ def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir:
     Returns {"out_dir", "vocab_size", "texts", "distinct_words", "words_trained_on", "oov_per_note_ours",
     "oov_per_note_reference", "oov_notes", "oov_split"}.
     """
-    from pyspark.sql import functions as F
-
-    from bertxml.platform import tables as t
-    from bertxml.platform.runs import job_run
-
     out = Path(out_dir) if out_dir else wh.workdir / "vocab"
     sources = list(corpus_sources or []) + [s for s in cfg.vocab.corpus if s not in (corpus_sources or [])]
     with job_run(wh, "vocab") as run:

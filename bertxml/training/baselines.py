@@ -11,19 +11,27 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import safetensors.numpy
 import torch
+from tokenizers import Tokenizer
 
 from bertxml.config import Config
 from bertxml.config_io import config_from_dict
 from bertxml.metrics import auc_metrics, fmt_metric, micro_f1
 from bertxml.models import modeldir
-from bertxml.models.baselines import CONFIG_FILE, KINDS, WEIGHTS_FILE
+from bertxml.models.baselines import KINDS
 from bertxml.models.bigru import BiGruAttention, bilstm_probabilities, save_bilstm
 from bertxml.models.logreg import bag_of_words, fit_one_vs_rest, idf_weights, logreg_probabilities, weight_features
+from bertxml.models.modeldir import CONFIG_FILE, WEIGHTS_FILE
 from bertxml.models.precision import autocast, decide_precision
 from bertxml.models.profile import add_dev_reference
 from bertxml.models.registry import log_job_model
 from bertxml.models.starspace import train_starspace
+from bertxml.platform.deltaread import read_delta
+from bertxml.platform.runs import job_run
+from bertxml.text.data import ChunkSet, bucketed_batches, coding_batch
+from bertxml.training.inputs import resolve_train_inputs
 from bertxml.training.loop import make_optimizer, pick_device, planned_steps, selection_score, set_threads
 from bertxml.training.thresholds import operating_points, tune_thresholds
 
@@ -40,11 +48,6 @@ def _chunk_table(inputs):
 def load_first_chunks(inputs, split: str, max_notes: int = 0, seed: int = 0):
     """Chunk 0 of every note of `split` (at most `max_notes` notes, a seeded uniform sample, when > 0) from
     the pinned chunks table, as a ChunkSet (one chunk a note) and the number of notes in the split."""
-    import pyarrow.compute as pc
-
-    from bertxml.text.data import ChunkSet
-    from bertxml.platform.deltaread import read_delta
-
     path, version = _chunk_table(inputs)
     wanted = {"max_len": int(inputs.max_len), "split": split, "chunk_index": 0}
     ids = read_delta(path, version, columns=["note_id"], filter=wanted)["note_id"]
@@ -68,8 +71,6 @@ def load_first_chunks(inputs, split: str, max_notes: int = 0, seed: int = 0):
 def resolve_baseline_inputs(source, cfg: Config, model_kind: str, vocab_dir=None, out_dir=None):
     """`bertxml.training.inputs.resolve_train_inputs` for a baseline: the same pinned tables, label vocabulary and
     tokenizer, chunks of cfg.baseline.max_len, and a model folder named <kind>-<size>-<time>."""
-    from bertxml.training.inputs import resolve_train_inputs
-
     if model_kind not in KINDS:
         raise ValueError(f"unknown baseline {model_kind!r}; choose one of {KINDS}")
     workdir = source.workdir if hasattr(source, "spark") else Path(source)
@@ -95,8 +96,6 @@ def _special_ids(tokenizer) -> list[int]:
 def train_logreg(inputs, cfg: Config) -> Path:
     """Fit the bag-of-words logistic regression on inputs' train split (or its sample), tune thresholds on
     dev, write the model folder. Returns it."""
-    from tokenizers import Tokenizer
-
     bc = cfg.baseline
     out_dir = Path(inputs.out_dir)
     tokenizer = Tokenizer.from_file(inputs.tokenizer_file)
@@ -112,8 +111,6 @@ def train_logreg(inputs, cfg: Config) -> Path:
     coef, intercept = fit_one_vs_rest(weight_features(counts, idf), train_set.note_labels(m), bc.logreg_c,
                                       bc.logreg_max_iter, bc.seed)
     seconds = time.perf_counter() - started
-
-    import safetensors.numpy
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"coef": coef, "intercept": intercept}
@@ -169,10 +166,6 @@ def _finish(out_dir: Path, inputs, cfg: Config, dev_probs, dev_set, parameters: 
 def train_bilstm(inputs, cfg: Config) -> Path:
     """StarSpace embeddings, then the BiGRU + multi-head attention on inputs' train split; the best dev
     macro AUC epoch is kept; thresholds tuned on dev; the model folder written. Returns it."""
-    from tokenizers import Tokenizer
-
-    from bertxml.text.data import bucketed_batches, coding_batch
-
     bc = cfg.baseline
     out_dir = Path(inputs.out_dir)
     device = pick_device()
@@ -268,8 +261,6 @@ def run_train_baseline(wh, cfg: Config, model_kind: str, out_dir: str | Path | N
                        vocab_dir: str | Path | None = None) -> Path:
     """`bertxml train --model logreg|bilstm`: one baseline from the warehouse's tables as they stand (pinned),
     recorded in job_runs. Returns the model folder (default WORKDIR/models/<model_version>)."""
-    from bertxml.platform.runs import job_run
-
     with job_run(wh, "train") as run:
         inputs = resolve_baseline_inputs(wh, cfg, model_kind, vocab_dir, out_dir)
         run.inputs.update(inputs.versions)

@@ -6,11 +6,13 @@ the tokenizer, the model folder to write, the training set's drift profile; and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
 from bertxml.config import CONF_DIR, Config
@@ -18,7 +20,8 @@ from bertxml.config_io import load_yaml
 from bertxml.models import modeldir, profile
 from bertxml.models.bert import HEADS
 from bertxml.platform import tables as t
-from bertxml.text.data import ChunkSet, load_chunks, table_path
+from bertxml.platform.deltaread import latest_version, read_delta, table_path
+from bertxml.text.data import ChunkSet, load_chunks
 from bertxml.text.oov import load_reference_tokenizer
 from bertxml.text.tokenize import chunk_notes
 from bertxml.training.loop import CHECKPOINT_DIR
@@ -87,8 +90,6 @@ def init_tokenizer(init_dir: str | Path) -> Tokenizer:
 
 
 def file_sha256(path: str | Path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -139,8 +140,6 @@ def source_tables(source, cfg: Config) -> dict:
     """{short: (qualified name, Delta folder, version)} for the tables training reads, from a Warehouse or a
     path-mode workdir. Path mode reads the latest versions from the Delta logs (no Spark job needed);
     a metastore warehouse asks Spark for versions and locations."""
-    from bertxml.platform.deltaread import latest_version
-
     out = {}
     for short in (t.LABELED_NOTES, t.LABEL_VOCAB, t.CHUNKS):
         name = f"{cfg.warehouse.schema}.{short}"
@@ -158,8 +157,6 @@ def _read_label_vocab(source, name: str, path: str, version: int) -> list[dict]:
     if hasattr(source, "spark"):  # the driver's Spark, once; workers get the list
         rows = [r.asDict() for r in source.table(name, version=version).orderBy("label_index").collect()]
     else:
-        from bertxml.platform.deltaread import read_delta
-
         rows = sorted(read_delta(path, version).to_pylist(), key=lambda r: r["label_index"])
     labels = [{k: row.get(k) for k in modeldir.LABEL_FIELDS} for row in rows]
     if [r["label_index"] for r in labels] != list(range(len(labels))):
@@ -272,9 +269,6 @@ def load_split(inputs: TrainInputs, split: str, tokenizer: Tokenizer) -> ChunkSe
     from labeled_notes with the checkpoint's tokenizer."""
     if inputs.chunks_path:
         return ChunkSet.from_arrow(load_chunks(inputs.chunks_path, inputs.chunks_version, split, inputs.max_len))
-    import pyarrow.compute as pc
-
-    from bertxml.platform.deltaread import read_delta
 
     notes = read_delta(inputs.labeled_notes_path, inputs.labeled_notes_version,
                        columns=["note_id", "split", "text", "codes"])
