@@ -15,7 +15,6 @@ from tokenizers import Tokenizer
 
 from bertxml.config import CONF_DIR, Config
 from bertxml.config_io import load_yaml
-from bertxml.etl.icd import icd10cm_descriptions
 from bertxml.models import modeldir, profile
 from bertxml.models.bert import HEADS
 from bertxml.platform import tables as t
@@ -292,19 +291,3 @@ def special_ids(tokenizer: Tokenizer) -> dict:
     return {name: tokenizer.token_to_id(token) for name, token in
             (("pad", "[PAD]"), ("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("mask", "[MASK]"))}
 
-
-def label_descriptions(labels: list[dict], with_category: bool) -> list[str]:
-    """The text each code's attention vector is initialised from: its description, then (with_category) the
-    description of its ICD-10 category, the code's first three characters (the paper's future work on rare
-    codes: codes of one category share evidence). A category label, or one ICD-10-CM does not know, keeps its
-    own description only."""
-    categories = icd10cm_descriptions() if with_category else {}
-    texts = []
-    for row in labels:
-        own = row.get("description") or ""
-        code = row.get("code") or ""
-        parent = categories.get(code[:3]) if len(code) > 3 else None
-        if parent and parent != own:
-            own = f"{own}. {parent}" if own else parent
-        texts.append(own)
-    return texts
