@@ -140,8 +140,13 @@ def cmd_train(args) -> int:
         wh = open_warehouse(args, "train")
         print(run_train_baseline(wh, wh.cfg, args.model, out_dir=args.out))
         return 0
+    from bertxml.retrain import init_checkpoint
+
     wh = open_warehouse(args, "train")
-    out = run_train(wh, wh.cfg, model_kind=args.model, init=args.init, out_dir=args.out,
+    if args.init:  # --init is train.init for this run: a checkpoint folder, or "minilm"
+        wh.cfg.train.init = args.init
+    init = None if args.encoder else init_checkpoint(wh.cfg)  # --encoder: our own pretrained encoder wins
+    out = run_train(wh, wh.cfg, model_kind=args.model, init=init, out_dir=args.out,
                     encoder_dir=args.encoder, resume=args.resume)
     print(out)
     return 0
@@ -344,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["bertxml", "cls", "logreg", "bilstm"], default="bertxml",
                    help="ICD head, or one of the paper's baselines (logreg, bilstm)")
     p.add_argument("--encoder", help="our pretrained encoder folder (default: the newest)")
-    p.add_argument("--init", help="start from an HF BERT checkpoint folder instead (e.g. MiniLM)")
+    p.add_argument("--init", help="start from an HF BERT checkpoint folder, or 'minilm' (default: train.init)")
     p.add_argument("--out", help="model folder (default WORKDIR/models/MODEL_VERSION)")
     p.add_argument("--resume", action="store_true", help="continue from the folder's last checkpoint")
     p.set_defaults(func=cmd_train)

@@ -136,6 +136,9 @@ class ModelConfig:
     head: str = "bertxml"               # "bertxml" (multi-label attention) or "cls" (eq. 1)
     label_init: str = "description"    # "description": mean input embedding of the code description; "contextual":
                                         # its encoding by the encoder (last layer mean); "random"
+    label_text: list = field(default_factory=lambda: ["description"])  # what label init reads, in order:
+                                        # "description", "category" (its ICD-10 category's description, so a rare
+                                        # code starts near its siblings), "inclusion_terms" (ICD-10-CM synonyms)
     max_len: int = 512                  # chunk length in tokens: 512 or 1,024
 
 

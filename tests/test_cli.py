@@ -72,6 +72,16 @@ def test_as_of_an_unknown_run_exits_2_naming_it(wh, capsys):
     assert "run etl-20240101T000000-abcdef is not in bertxml.job_runs" in capsys.readouterr().err
 
 
+def test_train_starts_from_train_init_and_init_overrides_it(wh, tmp_path, caplog):
+    """`bertxml train` honours train.init from the config as `retrain` does; --init replaces it for one run."""
+    missing = tmp_path / "no-checkpoint"
+    assert main(["train", "--workdir", str(wh.workdir), "--set", f"train.init={missing}"]) == 1
+    assert f"train.init {str(missing)!r}: no config.json there" in caplog.text
+    caplog.clear()
+    assert main(["train", "--workdir", str(wh.workdir), "--init", str(missing / "other")]) == 1
+    assert "no-checkpoint/other" in caplog.text and "no config.json there" in caplog.text
+
+
 def test_sql_table_prints_float_columns_as_their_own_digits():
     from bertxml.platform.sql import float_text, format_rows
 

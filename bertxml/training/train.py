@@ -48,6 +48,7 @@ from tokenizers import Tokenizer
 
 from bertxml.config import CONF_DIR, Config
 from bertxml.config_io import config_from_dict, load_config
+from bertxml.etl.icd import label_texts
 from bertxml.metrics import auc_metrics, fmt_metric, micro_f1
 from bertxml.models import modeldir, profile
 from bertxml.models.bert import (BertForIcdCoding, HEADS, bert_config, chunk_max, count_parameters,
@@ -56,8 +57,8 @@ from bertxml.models.precision import Precision, autocast, decide_precision
 from bertxml.models.registry import log_job_model
 from bertxml.platform.runs import job_run
 from bertxml.text.data import ChunkSet, bucketed_batches, coding_batch, eval_batches, pad_ids, shard_batches
-from bertxml.training.inputs import (ARCH_FIELDS, LABEL_INITS, TrainInputs, load_split, resolve_train_inputs,
-                                     special_ids)
+from bertxml.training.inputs import (ARCH_FIELDS, LABEL_INITS, TrainInputs, load_split,
+                                     resolve_train_inputs, special_ids)
 from bertxml.training.loop import (BEST_DIR, CHECKPOINT_DIR, barrier, broadcast_json, check_resume, init_distributed,
                                    load_checkpoint, make_optimizer, pick_device, planned_steps, run_steps,
                                    selection_score, set_threads, swap_dir)
@@ -158,7 +159,8 @@ def build_model(inputs: TrainInputs, cfg: Config, tokenizer: Tokenizer) -> BertF
     if cfg.model.label_init not in LABEL_INITS:
         raise ValueError(f"unknown model.label_init {cfg.model.label_init!r}; choose one of {LABEL_INITS}")
     if cfg.model.head == "bertxml" and cfg.model.label_init != "random":
-        descriptions = [tokenizer.encode(row.get("description") or "").ids for row in inputs.labels]
+        texts = label_texts(inputs.labels, cfg.model.label_text)
+        descriptions = [tokenizer.encode(text).ids for text in texts]
         skip = [special["cls"], special["sep"], special["pad"]]
         if cfg.model.label_init == "contextual":
             model.init_label_embeddings_contextual(descriptions, skip_ids=skip)
