@@ -94,20 +94,23 @@ _MIMIC_NUMERIC_DATE = r"\[\*\*[\d\s/-]{1,20}\*\*\]"                   # [**2151-
 # Identifiers in the text itself, each replaced by a placeholder token before case and digits are touched.
 # Tried in order, case-insensitively. The guards around each (no word character, '/', '.' or '-' on either
 # side) keep a longer number, a version or a ratio from being cut into a false match.
+# The phone, numeric-date and digits-first patterns open with the character class their match must start
+# with (the guard on the character before follows it as a look-behind), so the regex engine tries only those
+# positions instead of every one: the same matches at a quarter of the time (benchmarks/README.md).
 _MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
           r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)")
 IDENTIFIER_RULES = [
     ("@contact@", "e-mail address", r"[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}"),
     ("@contact@", "phone number: 617-555-0142, (617) 555-0142, +1 617.555.0142",
-     r"(?<![\w/.-])(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[.-])\d{3}[.-]\d{4}(?![\w/-])"),
+     r"(?=[+(0-9])(?<![\w/.-])(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[.-])\d{3}[.-]\d{4}(?![\w/-])"),
     ("@date@", "numeric date: 2024-03-14, 03/14/2024, 14.03.24",
-     r"(?<![\w/.-])(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2}))(?![/-]?\d)(?!\.\d)"),
+     r"\d(?<![\w/.-]\d)(?:\d{3}[-/.]\d{1,2}[-/.]\d{1,2}|\d?[-/.]\d{1,2}[-/.](?:\d{4}|\d{2}))(?![/-]?\d)(?!\.\d)"),
     ("@date@", "month-name date with a year: March 14, 2024; 14 Mar 2024",
      r"\b(?:%s\.? \d{1,2}(?:st|nd|rd|th)?,? \d{4}|\d{1,2}(?:st|nd|rd|th)? %s\.?,? \d{4})\b" % (_MONTH, _MONTH)),
     ("@id@", "identifier-shaped word: a letter first and at least 4 digits (A1234567, MRN00482913)",
      r"\b(?=(?:[a-z]*\d){4})[a-z]+\d[a-z0-9]*\b"),
     ("@id@", "identifier-shaped word: digits, letters, digits, at least 5 digits (12AB3456)",
-     r"\b(?=(?:[a-z]*\d){5})\d+[a-z]+\d[a-z0-9]*\b"),
+     r"\d(?<!\w\d)(?=(?:[a-z]*\d){4})\d*[a-z]+\d[a-z0-9]*\b"),
 ]
 
 
