@@ -128,6 +128,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_train(args) -> int:
     # the job's modules load when it runs (module note above)
+    from bertxml.retrain import init_checkpoint
     from bertxml.training.train import run_train
 
     if args.model in ("logreg", "bilstm"):  # the paper's baselines (bertxml.training.baselines)
@@ -140,8 +141,6 @@ def cmd_train(args) -> int:
         wh = open_warehouse(args, "train")
         print(run_train_baseline(wh, wh.cfg, args.model, out_dir=args.out))
         return 0
-    from bertxml.retrain import init_checkpoint
-
     wh = open_warehouse(args, "train")
     if args.init:  # --init is train.init for this run: a checkpoint folder, or "minilm"
         wh.cfg.train.init = args.init
