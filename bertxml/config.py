@@ -317,8 +317,8 @@ class BaselineConfig:
     bilstm_weight_decay: float = 0.01
     bilstm_clip: float = 1.0            # gradient norm clipping; 0 turns it off
     threads: int = 0                    # torch CPU threads for the BiGRU; 0: train.threads. Its thousands of
-                                        # small ops a batch gain ~20% from a 2nd thread on an idle 2-core CPU
-                                        # and run 7x slower with it when another job holds a core
+                                        # small ops a batch gain a little from a 2nd thread on an idle CPU
+                                        # and lose much more when another job holds that core
 
 
 @dataclass

@@ -14,8 +14,8 @@ userMetadata; `--as-of-run RUN_ID` reads every input at the version that run rea
 (`etl_snapshot`, `replay_config`), and so writes the same rows however the tables have grown since.
 The notes' text is not shuffled (only the few rows of repeated ids are, by the duplicate rule): it is
 only joined against small, broadcast tables. It is read twice (a classification that keeps only ids,
-reasons and sizes, and the labeled_notes write) and written once; see README "ETL throughput" for what
-that costs against a plain copy.
+reasons and sizes, and the labeled_notes write) and written once; benchmarks/README.md "ETL throughput"
+has what that costs against a plain copy.
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ class BiGruAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # one bidirectional GRU layer, as two directions: the backward one reads each row reversed within its
         # length (`reverse_padded`), so it starts at the row's last real token. (Same function as nn.GRU on a
-        # packed sequence, whose CPU backward pass is quadratic in the length: 30x slower at 512 tokens.)
+        # packed sequence, whose CPU backward pass grows with the square of the length.)
         self.gru_forward = nn.GRU(embed_dim, hidden_size, batch_first=True)
         self.gru_backward = nn.GRU(embed_dim, hidden_size, batch_first=True)
         self.attention = MultiHeadAttentionPool(2 * hidden_size, heads)

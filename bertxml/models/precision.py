@@ -2,8 +2,8 @@
 
 bf16 pays only where the hardware multiplies it natively: CUDA GPUs with bf16 support, and CPUs with
 AVX512-BF16 or AMX (x86) or the BF16 extension (Arm). Elsewhere a CPU emulates bf16, and a bf16 matrix
-product runs about a hundred times slower than fp32 (0.4 against 47 GFLOP/s on an AVX2 EPYC), so the
-`auto` setting means fp32 there. Pretraining, fine-tuning, the neural baseline, scoring and explanations
+product runs far slower than fp32 (`benchmarks/train.py` prints both peaks), so the `auto` setting means
+fp32 there. Pretraining, fine-tuning, the neural baseline, scoring and explanations
 all call `decide_precision`; `true`/`false` force the choice. What was chosen is logged and written to the
 model folder's manifest (`precision`).
 

@@ -67,8 +67,7 @@ def get_spark(cfg: Config, app: str = "bertxml", class_path: tuple[str, ...] = (
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         # Compiled query code is cached by its source, 100 entries by default. One ETL generates ~170
-        # distinct classes, so with the default a second job in the process recompiles all of them
-        # (measured: ~165 Janino compiles per warm ETL at 100k notes, ~7 with this).
+        # distinct classes, so with the default a second job in the process recompiles all of them.
         "spark.sql.codegen.cache.maxEntries": "1000",
     }
     if local:

@@ -247,7 +247,7 @@ def label_attention_sdpa(head, hidden, attention_mask):
 def label_attention_blocked(head, hidden, attention_mask, block: int = 256):
     """`label_attention_sdpa` as plain matmuls over blocks of `block` labels, for bf16 on the CPU, where
     the SDPA kernel runs at fp32 speed: each block's (B, block, T) scores stay in cache between the two
-    products and the softmax. About 3x faster than CPU SDPA at 2,292 labels, T = 512, in bf16."""
+    products and the softmax (benchmarks/README.md, "Scoring throughput", has the measurement)."""
     # torch only where the model runs, not on the Spark driver (module docstring)
     import torch
 
