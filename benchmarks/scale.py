@@ -271,7 +271,7 @@ def main() -> None:
     if "score" in stages:
         from bertxml.scoring.score import run_score
 
-        nights = stage("nights", lambda: {"_extra": {}, **{str(k): v for k, v in write_nights(
+        stage("nights", lambda: {"_extra": {}, **{str(k): v for k, v in write_nights(
             wh, args.night_tiny, args.night_small, labeled).items()}}, lambda r: sum(
             v for k, v in r.items() if not k.startswith("_")))
         dtype_name = precisions_to_time("cpu", "auto")[0]

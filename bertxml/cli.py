@@ -84,7 +84,7 @@ def cmd_sql(args) -> int:
         df = wh.spark.sql(args.query)
         rows = df.collect()
     except Exception as exc:  # Spark's AnalysisException / ParseException: print its message, exit 1
-        message = getattr(exc, "getMessage", lambda: str(exc))()
+        message = exc.getMessage() if hasattr(exc, "getMessage") else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 1
     print(format_rows(df.columns, rows, args.format), end="")

@@ -7,7 +7,6 @@ import datetime as dt
 import stat
 
 import pytest
-import torch
 
 from bertxml.platform import tables as t
 from bertxml.reports.explain import PHI_WARNING, explain_text, format_explanation, run_explain
