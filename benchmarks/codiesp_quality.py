@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bertxml.platform import tables as t  # noqa: E402
 from bertxml.config_io import load_config  # noqa: E402
-from bertxml.text.data import table_path  # noqa: E402
+from bertxml.platform.deltaread import table_path  # noqa: E402
 from bertxml.platform.deltaread import read_delta  # noqa: E402
 
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
