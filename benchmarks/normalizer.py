@@ -52,8 +52,8 @@ def main(argv=None) -> int:
              ("BERT clean-up and lower case", normalizers.BertNormalizer(lowercase=True))]
     steps += [(f"placeholder {placeholder}", normalizers.Replace(Regex(pattern), placeholder))
               for pattern, placeholder in vocab.placeholder_patterns()]
-    steps += [(f"identifier rule: {what.split(':')[0][:40]}", normalizers.Replace(Regex("(?i)" + pattern), placeholder))
-              for placeholder, what, pattern in vocab.IDENTIFIER_RULES]
+    steps += [(f"identifier rule {i}: {what.split(':')[0]}", normalizers.Replace(Regex("(?i)" + pattern), placeholder))
+              for i, (placeholder, what, pattern) in enumerate(vocab.IDENTIFIER_RULES, 1)]
     steps.append(("digit masking", normalizers.Replace(Regex("[0-9]"), "n")))
     print(f"{'step':<55} {'seconds':>8} {'notes/s':>9}")
     for name, normalizer in steps:
