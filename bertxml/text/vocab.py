@@ -96,7 +96,7 @@ _MIMIC_NUMERIC_DATE = r"\[\*\*[\d\s/-]{1,20}\*\*\]"                   # [**2151-
 # side) keep a longer number, a version or a ratio from being cut into a false match.
 # The phone, numeric-date and digits-first patterns open with the character class their match must start
 # with (the guard on the character before follows it as a look-behind), so the regex engine tries only those
-# positions instead of every one: the same matches at a quarter of the time (benchmarks/README.md).
+# positions instead of every one, for the same matches (benchmarks/README.md, "The tokeniser's normaliser").
 _MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
           r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)")
 IDENTIFIER_RULES = [

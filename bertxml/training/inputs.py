@@ -284,4 +284,3 @@ def special_ids(tokenizer: Tokenizer) -> dict:
     """Ids of the BERT special tokens in this tokenizer (ours: 0-4; off-the-shelf BERT: 0, 100-103)."""
     return {name: tokenizer.token_to_id(token) for name, token in
             (("pad", "[PAD]"), ("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("mask", "[MASK]"))}
-

@@ -250,7 +250,8 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
         with autocast(device, precision):
             out = model(**batch)
         (out["loss"] / n).backward()
-        losses = {key: float(out[key].detach()) / n for key in LOSSES if key in out}
+        # the losses stay on the device and are read at log time only: no GPU sync per micro-batch
+        losses = {key: out[key].detach().float() / n for key in LOSSES if key in out}
         return losses, int(batch["attention_mask"].sum())
 
     run_steps(model, optimizer, state, pc, desc="pretrain", logger=log, log_format=LOG_FORMAT,
