@@ -139,6 +139,8 @@ class ModelConfig:
     label_text: list = field(default_factory=lambda: ["description"])  # what label init reads, in order:
                                         # "description", "category" (its ICD-10 category's description, so a rare
                                         # code starts near its siblings), "inclusion_terms" (ICD-10-CM synonyms)
+    label_output: str = "shared"        # label attention's eq. 4: "shared" (the paper: one W_a for every code) or
+                                        # "per_label" (each code its own output vector and bias)
     max_len: int = 512                  # chunk length in tokens: 512 or 1,024
 
 

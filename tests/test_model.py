@@ -12,9 +12,10 @@ import safetensors.torch
 import torch
 
 from bertxml.config import ModelConfig
-from bertxml.models.bert import (BertForIcdCoding, BertForPretraining, ClsHead, LabelAttention, bert_config,
-                                 chunk_max, count_parameters, from_pretrained_encoder, load_model, mask_tokens,
-                                 save_model)
+from bertxml.models.bert import (LABEL_OUTPUTS, BertForIcdCoding, BertForPretraining, ClsHead, LabelAttention,
+                                 bert_config, chunk_max, count_parameters, from_pretrained_encoder, load_model,
+                                 mask_tokens, save_model)
+from bertxml.scoring.engine import label_attention_blocked, label_attention_sdpa
 
 VOCAB = 99
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
@@ -29,8 +30,12 @@ def tiny_cfg(**overrides) -> ModelConfig:
 
 
 def tiny_model(head="bertxml", seed=0, **overrides) -> BertForIcdCoding:
+    """head: "bertxml" (the paper's shared eq. 4 output), "per_label" (label attention, an output per code)
+    or "cls"."""
     torch.manual_seed(seed)
-    return BertForIcdCoding(bert_config(tiny_cfg(**overrides), VOCAB, pad_token_id=PAD), N_LABELS, head=head)
+    per_label = head == "per_label"
+    return BertForIcdCoding(bert_config(tiny_cfg(**overrides), VOCAB, pad_token_id=PAD), N_LABELS,
+                            head="bertxml" if per_label else head, label_output="per_label" if per_label else "shared")
 
 
 def padded_batch(lengths, seq_len=12, seed=0):
@@ -48,7 +53,7 @@ def padded_batch(lengths, seq_len=12, seed=0):
 # Shapes and modes
 
 
-@pytest.mark.parametrize("head", ["bertxml", "cls"])
+@pytest.mark.parametrize("head", ["bertxml", "per_label", "cls"])
 def test_output_shapes(head):
     model = tiny_model(head)
     ids, mask = padded_batch([12, 7, 3])
@@ -90,9 +95,10 @@ def test_count_parameters():
 # Label attention (eq. 2-4)
 
 
-def test_label_attention_matches_equations():
+@pytest.mark.parametrize("output", LABEL_OUTPUTS)
+def test_label_attention_matches_equations(output):
     torch.manual_seed(0)
-    head = LabelAttention(hidden=8, n_labels=3)
+    head = LabelAttention(hidden=8, n_labels=3, output=output)
     hidden = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     logits, attention = head(hidden, mask, return_attention=True)
@@ -102,9 +108,39 @@ def test_label_attention_matches_equations():
         for j in range(3):
             a = torch.softmax(h @ head.label_vectors[j], dim=0)  # eq. 2
             c = a @ h  # eq. 3
-            y = head.w_a(torch.relu(head.w_b(c)))  # eq. 4
+            if output == "shared":
+                y = head.w_a(torch.relu(head.w_b(c)))[0]  # eq. 4
+            else:  # code j's own output vector and bias
+                y = torch.relu(head.w_b(c)) @ head.label_outputs[j] + head.label_bias[j]
             torch.testing.assert_close(attention[b, j, :n], a)
-            torch.testing.assert_close(logits[b, j], y[0])
+            torch.testing.assert_close(logits[b, j], y)
+
+
+def test_per_label_outputs_are_per_code_and_the_kind_is_checked():
+    torch.manual_seed(0)
+    head = LabelAttention(hidden=8, n_labels=3, output="per_label")
+    assert not hasattr(head, "w_a") and head.label_outputs.shape == (3, 8) and head.label_bias.shape == (3,)
+    assert not torch.equal(head.label_outputs[0], head.label_outputs[1])  # drawn per code, not copies
+    hidden, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.long)
+    before = head(hidden, mask)
+    with torch.no_grad():
+        head.label_outputs[1] *= -1  # one code's output vector moves that code's logits only
+    after = head(hidden, mask)
+    assert torch.equal(after[:, [0, 2]], before[:, [0, 2]]) and not torch.equal(after[:, 1], before[:, 1])
+    with pytest.raises(ValueError, match="label_output 'each'"):
+        LabelAttention(hidden=8, n_labels=3, output="each")
+
+
+@pytest.mark.parametrize("output", LABEL_OUTPUTS)
+def test_the_scoring_engines_fused_heads_give_the_modules_logits(output):
+    torch.manual_seed(0)
+    head = LabelAttention(hidden=16, n_labels=300, output=output)
+    hidden = torch.randn(3, 10, 16)
+    mask = torch.tensor([[1] * 10, [1] * 4 + [0] * 6, [1] + [0] * 9])
+    with torch.no_grad():
+        expected = head(hidden, mask)
+        for attend in (label_attention_sdpa, label_attention_blocked):
+            torch.testing.assert_close(attend(head, hidden, mask), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_gets_exactly_zero_attention_and_cannot_move_logits():
@@ -172,14 +208,16 @@ def test_contextual_label_vectors_are_the_encoders_mean_state_over_each_descript
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.init_label_embeddings_contextual([[5], [6], [7], [VOCAB]])
 
-@pytest.mark.parametrize("head", ["bertxml", "cls"])
+@pytest.mark.parametrize("head", ["bertxml", "per_label", "cls"])
 def test_output_bias_starts_at_the_label_prior(head):
     model = tiny_model(head)
     rates = torch.tensor([0.01, 0.05, 0.2, 0.5, 0.0])[: model.n_labels]
     model.init_output_bias(rates)
+    expected = torch.logit(rates.clamp(1e-4, 1 - 1e-4))
     if head == "cls":
-        expected = torch.logit(rates.clamp(1e-4, 1 - 1e-4))
         assert torch.allclose(model.head.out.bias, expected)
+    elif head == "per_label":  # a bias per code
+        assert torch.allclose(model.head.label_bias, expected)
     else:  # W_a is shared by all codes: it starts at the mean frequency
         assert model.head.w_a.bias.item() == pytest.approx(torch.logit(rates.clamp(1e-4, 1 - 1e-4).mean()).item())
     with pytest.raises(ValueError, match="label rates"):
@@ -224,7 +262,7 @@ def keyword_batch(n, seq_len=16, seed=0):
     return ids, torch.ones_like(ids), labels.float()
 
 
-@pytest.mark.parametrize("head,seed", [("bertxml", 0), ("bertxml", 1), ("cls", 0)])
+@pytest.mark.parametrize("head,seed", [("bertxml", 0), ("bertxml", 1), ("per_label", 0), ("cls", 0)])
 def test_loss_falls_on_a_learnable_problem(head, seed):
     model = tiny_model(head, seed=seed)
     ids, mask, labels = keyword_batch(256, seed=seed)
@@ -358,7 +396,7 @@ def test_chunk_max_takes_the_highest_chunk_per_note():
 # Checkpoints
 
 
-@pytest.mark.parametrize("head", ["bertxml", "cls"])
+@pytest.mark.parametrize("head", ["bertxml", "per_label", "cls"])
 def test_checkpoint_round_trip(tmp_path, head):
     model = tiny_model(head).eval()
     ids, mask = padded_batch([12, 4])
@@ -370,7 +408,8 @@ def test_checkpoint_round_trip(tmp_path, head):
     assert "label_vectors" in str(header) or head == "cls"
     assert b"\x80\x02" not in raw[:2] and not raw.startswith(b"PK")  # neither pickle nor torch's zip
     meta = json.loads((tmp_path / "model_config.json").read_text())
-    assert meta["head"] == head and meta["n_labels"] == N_LABELS
+    assert meta["head"] == ("cls" if head == "cls" else "bertxml") and meta["n_labels"] == N_LABELS
+    assert meta["label_output"] == ("per_label" if head == "per_label" else "shared")
 
     loaded = load_model(tmp_path)
     assert not loaded.training and loaded.config._attn_implementation == "sdpa"

@@ -30,6 +30,7 @@ from bertxml.models.modeldir import CONFIG_FILE, WEIGHTS_FILE
 logger = logging.getLogger("bertxml.models.bert")
 
 HEADS = ("bertxml", "cls")
+LABEL_OUTPUTS = ("shared", "per_label")  # model.label_output: eq. 4's W_a shared by all codes, or one per code
 IGNORE_INDEX = -100  # cross-entropy's "not a target" label, used for unmasked MLM positions
 
 
@@ -69,6 +70,8 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, LabelAttention):
         nn.init.normal_(module.label_vectors, mean=0.0, std=std)
+        if module.output_kind == "per_label":
+            nn.init.normal_(module.label_outputs, mean=0.0, std=std)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,14 +88,24 @@ class LabelAttention(nn.Module):
         c_j  = sum_i a_ij h_i                 (eq. 3)
         y_j  = W_a relu(W_b c_j)              (eq. 4, returned as a logit: no sigmoid)
 
-    W_a (H -> 1) and W_b (H -> H) are shared by all labels.
+    W_b (H -> H) is shared by all labels. With output="shared" (the paper) so is W_a (H -> 1): a code's
+    score then differs from another's only through what it attends to. With output="per_label" each code
+    has its own output vector and bias, y_j = <u_j, relu(W_b c_j)> + b_j (as LAAT and CAML read the
+    context), so a code can also weigh what it reads its own way; M x (H + 1) more parameters.
     """
 
-    def __init__(self, hidden: int, n_labels: int, initializer_range: float = 0.02):
+    def __init__(self, hidden: int, n_labels: int, initializer_range: float = 0.02, output: str = "shared"):
         super().__init__()
+        if output not in LABEL_OUTPUTS:
+            raise ValueError(f"unknown model.label_output {output!r}; choose one of {LABEL_OUTPUTS}")
+        self.output_kind = output
         self.label_vectors = nn.Parameter(torch.empty(n_labels, hidden))  # L = {l_0 .. l_M}, (M, H)
         self.w_b = nn.Linear(hidden, hidden)
-        self.w_a = nn.Linear(hidden, 1)
+        if output == "shared":
+            self.w_a = nn.Linear(hidden, 1)
+        else:
+            self.label_outputs = nn.Parameter(torch.empty(n_labels, hidden))  # u_j, (M, H)
+            self.label_bias = nn.Parameter(torch.zeros(n_labels))  # b_j, (M,)
         self.apply(partial(init_weights, std=initializer_range))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, return_attention: bool = False):
@@ -110,10 +123,19 @@ class LabelAttention(nn.Module):
         scores = scores.masked_fill(is_pad, torch.finfo(torch.float32).min)
         attention = scores.softmax(dim=-1).to(hidden.dtype)  # (B, M, T) eq. 2, rows sum to 1
         context = torch.bmm(attention, hidden)  # (B, M, H) eq. 3
-        logits = self.w_a(F.relu(self.w_b(context))).squeeze(-1)  # (B, M) eq. 4 before the sigmoid
+        logits = self.context_logits(context)
         if return_attention:
             return logits, attention
         return logits
+
+    def context_logits(self, context: torch.Tensor) -> torch.Tensor:
+        """Label contexts c_j (B, M, H) -> logits (B, M): eq. 4 before the sigmoid. The scoring engine's
+        fused attention ends here too."""
+        reading = F.relu(self.w_b(context))  # (B, M, H)
+        if self.output_kind == "shared":
+            return self.w_a(reading).squeeze(-1)
+        # in float32, as the loss: a bf16 sum over H would round every logit to 8 bits of mantissa
+        return (reading.float() * self.label_outputs.float()).sum(dim=-1) + self.label_bias.float()  # (B, M)
 
 
 class ClsHead(nn.Module):
@@ -143,7 +165,7 @@ class BertForIcdCoding(nn.Module):
     `attention` (B, M, T) when asked for (bertxml head only).
     """
 
-    def __init__(self, config: BertConfig, n_labels: int, head: str = "bertxml"):
+    def __init__(self, config: BertConfig, n_labels: int, head: str = "bertxml", label_output: str = "shared"):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
@@ -152,10 +174,11 @@ class BertForIcdCoding(nn.Module):
         self.config = config
         self.n_labels = n_labels
         self.head_type = head
+        self.label_output = label_output if head == "bertxml" else "shared"
         # No pooler: eq. 1 uses h_cls itself, and the label attention reads every token.
         self.bert = BertModel(config, add_pooling_layer=False)
         if head == "bertxml":
-            self.head = LabelAttention(config.hidden_size, n_labels, config.initializer_range)
+            self.head = LabelAttention(config.hidden_size, n_labels, config.initializer_range, label_output)
         else:
             self.head = ClsHead(config.hidden_size, n_labels, config.hidden_dropout_prob, config.initializer_range)
 
@@ -184,17 +207,21 @@ class BertForIcdCoding(nn.Module):
         label_rates (M,): the share of training chunks carrying each code. A head starting at logit 0
         predicts 0.5 for codes that are on a few percent of notes; its first, large gradients then push
         every token's state the same way, and a small encoder collapses to one vector for all tokens
-        (its predictions then no longer depend on the note). The [CLS] head has a bias per code; the label
-        attention's W_a is shared by all codes (eq. 4), so it starts at the mean frequency.
+        (its predictions then no longer depend on the note). The [CLS] head and the per-label label
+        attention have a bias per code; the paper's label attention shares W_a among all codes (eq. 4), so
+        it starts at the mean frequency.
         """
         rates = torch.as_tensor(label_rates, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)  # (M,)
         if rates.shape != (self.n_labels,):
             raise ValueError(f"got {tuple(rates.shape)} label rates for {self.n_labels} labels")
-        if self.head_type == "bertxml":
+        log_odds = torch.log(rates / (1 - rates))  # (M,)
+        if self.head_type == "cls":
+            self.head.out.bias.copy_(log_odds)
+        elif self.head.output_kind == "per_label":
+            self.head.label_bias.copy_(log_odds)
+        else:
             mean = rates.mean()
             self.head.w_a.bias.fill_(float(torch.log(mean / (1 - mean))))
-        else:
-            self.head.out.bias.copy_(torch.log(rates / (1 - rates)))
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The ICD head's parameters (trained from scratch, while the encoder may come pretrained)."""
@@ -283,7 +310,8 @@ def save_model(model: BertForIcdCoding, out_dir: str | Path) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"bert_config": model.config.to_dict(), "head": model.head_type, "n_labels": model.n_labels}
+    meta = {"bert_config": model.config.to_dict(), "head": model.head_type, "n_labels": model.n_labels,
+            "label_output": model.label_output}
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     # save_model (not save_file) de-duplicates shared tensors, which save_file refuses.
     safetensors.torch.save_model(model, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -298,7 +326,8 @@ def load_model(out_dir: str | Path, device: str | torch.device = "cpu") -> BertF
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / CONFIG_FILE).read_text())
     config = BertConfig.from_dict(meta["bert_config"], attn_implementation="sdpa")
-    model = BertForIcdCoding(config, n_labels=meta["n_labels"], head=meta["head"])
+    model = BertForIcdCoding(config, n_labels=meta["n_labels"], head=meta["head"],
+                             label_output=meta.get("label_output", "shared"))  # older folders: the paper's
     safetensors.torch.load_model(model, out_dir / WEIGHTS_FILE, strict=True)
     return model.to(device).eval()
 
@@ -330,7 +359,7 @@ def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels:
     config.max_position_embeddings = max(ckpt_positions, max_position_embeddings)
     if cfg.max_len > config.max_position_embeddings:
         raise ValueError(f"max_len {cfg.max_len} exceeds the {config.max_position_embeddings} positions")
-    model = BertForIcdCoding(config, n_labels=n_labels, head=cfg.head)
+    model = BertForIcdCoding(config, n_labels=n_labels, head=cfg.head, label_output=cfg.label_output)
 
     expected = model.bert.state_dict()
     loaded, ignored = {}, []

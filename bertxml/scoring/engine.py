@@ -241,7 +241,7 @@ def label_attention_sdpa(head, hidden, attention_mask):
     states = hidden[:, None]  # (B, 1, T, H)
     keep = None if attention_mask is None else attention_mask[:, None, None, :] != 0  # (B, 1, 1, T)
     context = F.scaled_dot_product_attention(queries, states, states, attn_mask=keep, scale=1.0)[:, 0]  # (B, M, H)
-    return _label_logits(head, context)
+    return head.context_logits(context)  # (B, M) eq. 4
 
 
 def label_attention_blocked(head, hidden, attention_mask, block: int = 256):
@@ -263,15 +263,7 @@ def label_attention_blocked(head, hidden, attention_mask, block: int = 256):
         if bias is not None:
             scores += bias
         context[:, start:start + block] = torch.matmul(torch.softmax(scores, dim=-1), hidden)
-    return _label_logits(head, context)
-
-
-def _label_logits(head, context):
-    """(B, M, H) label contexts -> (B, M) eq. 4 logits."""
-    # torch only where the model runs, not on the Spark driver (module docstring)
-    import torch.nn.functional as F
-
-    return head.w_a(F.relu(head.w_b(context))).squeeze(-1)
+    return head.context_logits(context)  # (B, M) eq. 4
 
 
 def fused_head_matches(model, device, attend=label_attention_sdpa, tolerance: float = 1e-4) -> bool:

@@ -152,7 +152,7 @@ def build_model(inputs: TrainInputs, cfg: Config, tokenizer: Tokenizer) -> BertF
                                         max_position_embeddings=max(cfg.model.max_position_embeddings, inputs.max_len))
     else:
         model = BertForIcdCoding(bert_config(cfg.model, tokenizer.get_vocab_size(), special["pad"]), n_labels,
-                                 head=cfg.model.head)
+                                 head=cfg.model.head, label_output=cfg.model.label_output)
     if model.config.vocab_size < tokenizer.get_vocab_size():
         raise ValueError(f"the encoder knows {model.config.vocab_size} tokens, the tokenizer "
                          f"{tokenizer.get_vocab_size()}: they come from different vocabularies")
