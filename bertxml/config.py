@@ -139,6 +139,9 @@ class ModelConfig:
     label_text: list = field(default_factory=lambda: ["description"])  # what label init reads, in order:
                                         # "description", "category" (its ICD-10 category's description, so a rare
                                         # code starts near its siblings), "inclusion_terms" (ICD-10-CM synonyms)
+    encoder_layers: int = 0             # a pretrained encoder (train.init, --encoder) cut after its first k layers;
+                                        # 0 keeps them all
+    state_layers: int = 1               # the head reads the mean of the encoder's last k layers (1: the last only)
     label_output: str = "shared"        # label attention's eq. 4: "shared" (the paper: one W_a for every code) or
                                         # "per_label" (each code its own output vector and bias)
     max_len: int = 512                  # chunk length in tokens: 512 or 1,024
@@ -155,6 +158,8 @@ class PretrainConfig:
     mlm_probability: float = 0.15       # BERT: 15% of tokens, 80/10/10 mask/random/keep
     nsp: bool = True
     max_len: int = 512                  # chunk length read from bertxml.chunks (run `tokenize` for it)
+    attention_dropout: float = 0.0      # attention dropout while pre-training; fine-tuning uses the model's own
+                                        # (model.attention_probs_dropout_prob). 0 lets SDPA run its fused kernel
     grad_accum: int = 1                 # micro-batches per optimizer step
     clip: float = 1.0                   # gradient norm clipping; 0 turns it off
     bf16: str = precision_field()       # bf16 autocast: "auto" = where the hardware multiplies bf16 natively

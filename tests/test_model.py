@@ -72,6 +72,25 @@ def test_attention_shape_and_cls_head_has_none():
         tiny_model("cls")(ids, mask, return_attention=True)
 
 
+def test_the_head_reads_the_mean_of_the_last_state_layers(tmp_path):
+    ids, mask = padded_batch([12, 7])
+    torch.manual_seed(0)
+    model = BertForIcdCoding(bert_config(tiny_cfg(), VOCAB, pad_token_id=PAD), N_LABELS, state_layers=3).eval()
+    with torch.no_grad():
+        layers = model.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        assert len(layers) == 3  # embeddings + 2 layers: 3 is every one of them
+        torch.testing.assert_close(model.token_states(ids, mask), (layers[0] + layers[1] + layers[2]) / 3)
+        torch.testing.assert_close(model(ids, mask)["logits"], model.head(model.token_states(ids, mask), mask))
+        last = model.head(layers[-1], mask)
+        assert not torch.allclose(model(ids, mask)["logits"], last)
+        save_model(model, tmp_path)
+        assert json.loads((tmp_path / "model_config.json").read_text())["state_layers"] == 3
+        assert torch.equal(load_model(tmp_path)(ids, mask)["logits"], model(ids, mask)["logits"])
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"state_layers {bad}"):
+            BertForIcdCoding(bert_config(tiny_cfg(), VOCAB, pad_token_id=PAD), N_LABELS, state_layers=bad)
+
+
 def test_unknown_head_names_the_value():
     with pytest.raises(ValueError, match="'xml-cnn'"):
         tiny_model("xml-cnn")
@@ -439,6 +458,19 @@ def test_from_pretrained_encoder_extends_positions(tmp_path):
 
     ids, mask = padded_batch([100, 80], seq_len=100)  # beyond the checkpoint's 64 positions
     assert model(ids, mask)["logits"].shape == (2, N_LABELS)
+
+
+def test_from_pretrained_encoder_keeps_the_first_encoder_layers(tmp_path):
+    pretrained = tiny_pretraining(seed=1)  # 2 layers
+    pretrained.save_encoder(tmp_path)
+    cut = from_pretrained_encoder(tmp_path, tiny_cfg(encoder_layers=1), N_LABELS, max_position_embeddings=64).eval()
+    assert cut.config.num_hidden_layers == 1 and len(cut.bert.encoder.layer) == 1
+    ids, mask = padded_batch([12, 7])
+    with torch.no_grad():  # the cut encoder's output is the full one's first layer
+        first = pretrained.bert.eval()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(cut.token_states(ids, mask), first)
+    with pytest.raises(ValueError, match="encoder_layers 3"):
+        from_pretrained_encoder(tmp_path, tiny_cfg(encoder_layers=3), N_LABELS, max_position_embeddings=64)
 
 
 def test_from_pretrained_encoder_refuses_a_checkpoint_with_missing_weights(tmp_path):

@@ -165,12 +165,17 @@ class BertForIcdCoding(nn.Module):
     `attention` (B, M, T) when asked for (bertxml head only).
     """
 
-    def __init__(self, config: BertConfig, n_labels: int, head: str = "bertxml", label_output: str = "shared"):
+    def __init__(self, config: BertConfig, n_labels: int, head: str = "bertxml", label_output: str = "shared",
+                 state_layers: int = 1):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
         if n_labels < 1:
             raise ValueError(f"n_labels must be positive, got {n_labels}")
+        if not 1 <= state_layers <= config.num_hidden_layers + 1:
+            raise ValueError(f"model.state_layers {state_layers}: between 1 and the encoder's "
+                             f"{config.num_hidden_layers} layers + its embeddings")
+        self.state_layers = state_layers
         self.config = config
         self.n_labels = n_labels
         self.head_type = head
@@ -186,7 +191,7 @@ class BertForIcdCoding(nn.Module):
                 labels: torch.Tensor | None = None, return_attention: bool = False) -> dict:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        hidden = self.token_states(input_ids, attention_mask)  # (B, T, H)
         out = {}
         if return_attention:
             if self.head_type != "bertxml":
@@ -199,6 +204,17 @@ class BertForIcdCoding(nn.Module):
             # float32 loss: the sigmoid of eq. 1/4 folded into a stable BCE, averaged over notes and codes
             out["loss"] = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return out
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The token states the head reads (B, T, H): the encoder's last layer, or with state_layers = k the
+        mean of its last k layers (the embeddings count as layer 0). A sentence-similarity encoder such as
+        MiniLM tunes its last layer for mean pooling; the layers below it keep more of each token. The
+        attention mask is passed on as given (2-D, or the engine's (B, 1, 1, T) booleans)."""
+        if self.state_layers == 1:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        layers = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=True).hidden_states[-self.state_layers:]
+        return torch.stack(layers).mean(dim=0)
 
     @torch.no_grad()
     def init_output_bias(self, label_rates) -> None:
@@ -294,7 +310,7 @@ class BertForIcdCoding(nn.Module):
             for i in skip - {pad}:
                 keep[ids == i] = 0  # (B, T) the description's word pieces only
             ids, attention, keep = ids.to(device), attention.to(device), keep.to(device)
-            states = self.bert(input_ids=ids, attention_mask=attention).last_hidden_state.float()  # (B, T, H)
+            states = self.token_states(ids, attention).float()  # (B, T, H)
             weights = keep.float()[..., None]
             means = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
             self.head.label_vectors[torch.tensor(rows, device=device)] = means.to(self.head.label_vectors.dtype)
@@ -311,7 +327,7 @@ def save_model(model: BertForIcdCoding, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"bert_config": model.config.to_dict(), "head": model.head_type, "n_labels": model.n_labels,
-            "label_output": model.label_output}
+            "label_output": model.label_output, "state_layers": model.state_layers}
     (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     # save_model (not save_file) de-duplicates shared tensors, which save_file refuses.
     safetensors.torch.save_model(model, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -326,8 +342,8 @@ def load_model(out_dir: str | Path, device: str | torch.device = "cpu") -> BertF
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / CONFIG_FILE).read_text())
     config = BertConfig.from_dict(meta["bert_config"], attn_implementation="sdpa")
-    model = BertForIcdCoding(config, n_labels=meta["n_labels"], head=meta["head"],
-                             label_output=meta.get("label_output", "shared"))  # older folders: the paper's
+    model = BertForIcdCoding(config, n_labels=meta["n_labels"], head=meta["head"],  # older folders: the paper's
+                             label_output=meta.get("label_output", "shared"), state_layers=meta.get("state_layers", 1))
     safetensors.torch.load_model(model, out_dir / WEIGHTS_FILE, strict=True)
     return model.to(device).eval()
 
@@ -347,7 +363,9 @@ def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels:
     "bert.", MLM/NSP heads ignored) or a plain BertModel such as MiniLM (no prefix).
 
     The architecture comes from the checkpoint's config.json; from `cfg` come the head and the dropout
-    rates. A checkpoint with fewer than `max_position_embeddings` positions is extended (§4.2.1).
+    rates, and `cfg.encoder_layers` (> 0) keeps only the checkpoint's first layers: the layers above the
+    ones the head reads are never loaded nor run. A checkpoint with fewer than `max_position_embeddings`
+    positions is extended (§4.2.1).
     The head is freshly initialised; call `init_label_embeddings` for semantic label init.
     Raises ValueError when an encoder weight is missing or has the wrong shape. Returns the model.
     """
@@ -359,14 +377,20 @@ def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels:
     config.max_position_embeddings = max(ckpt_positions, max_position_embeddings)
     if cfg.max_len > config.max_position_embeddings:
         raise ValueError(f"max_len {cfg.max_len} exceeds the {config.max_position_embeddings} positions")
-    model = BertForIcdCoding(config, n_labels=n_labels, head=cfg.head, label_output=cfg.label_output)
+    if cfg.encoder_layers:
+        if not 1 <= cfg.encoder_layers <= config.num_hidden_layers:
+            raise ValueError(f"model.encoder_layers {cfg.encoder_layers}: the checkpoint {encoder_dir} has "
+                             f"{config.num_hidden_layers} layers")
+        config.num_hidden_layers = cfg.encoder_layers
+    model = BertForIcdCoding(config, n_labels=n_labels, head=cfg.head, label_output=cfg.label_output,
+                             state_layers=cfg.state_layers)
 
     expected = model.bert.state_dict()
     loaded, ignored = {}, []
     for key, tensor in safetensors.torch.load_file(str(encoder_dir / WEIGHTS_FILE)).items():
         name = key.removeprefix("bert.")
         if name not in expected:
-            ignored.append(key)  # MLM/NSP heads, the pooler, position_ids buffers saved by older transformers
+            ignored.append(key)  # MLM/NSP heads, the pooler, position_ids buffers of older transformers, cut layers
             continue
         if name == "embeddings.position_embeddings.weight" and tensor.shape[0] < config.max_position_embeddings:
             tensor = _extend_positions(tensor, config.max_position_embeddings, config.initializer_range)

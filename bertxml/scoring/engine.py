@@ -154,10 +154,10 @@ class BertScorer:
                     # as is (a 2-D mask is expanded to (B, 1, T, T)), or none when nothing is padded.
                     padded = lengths[take[-1]] != width
                     keep = (mask_t != 0)[:, None, None, :] if padded else None
-                    hidden = self.model.bert(input_ids=ids_t, attention_mask=keep).last_hidden_state  # (B, T, H)
+                    hidden = self.model.token_states(ids_t, keep)  # (B, T, H)
                     logits = self.fused_head(self.model.head, hidden, mask_t if padded else None)  # (B, M)
                 elif evidence:  # the model's own head, with its token states kept for the evidence
-                    hidden = self.model.bert(input_ids=ids_t, attention_mask=mask_t).last_hidden_state  # (B, T, H)
+                    hidden = self.model.token_states(ids_t, mask_t)  # (B, T, H)
                     logits = self.model.head(hidden, mask_t)  # (B, M)
                 else:
                     logits = self.model(ids_t, mask_t)["logits"]  # (B, M)

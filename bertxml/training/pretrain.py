@@ -22,6 +22,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +221,8 @@ def pretrain_model(train_set: ChunkSet, dev_set: ChunkSet, cfg: Config, tokenize
     if not len(train_set):
         raise ValueError("no train chunks to pre-train on")
     torch.manual_seed(pc.seed)
-    model = BertForPretraining(bert_config(cfg.model, vocab_size, special["pad"]))
+    model_cfg = replace(cfg.model, attention_probs_dropout_prob=pc.attention_dropout)
+    model = BertForPretraining(bert_config(model_cfg, vocab_size, special["pad"]))
     model.init_mlm_bias(train_set.token_counts(vocab_size))
     model = model.to(device)
     optimizer = make_optimizer(model, pc.lr, pc.weight_decay)

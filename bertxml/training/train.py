@@ -102,7 +102,7 @@ def encode_chunks(model: BertForIcdCoding, chunks: ChunkSet, batch_size: int, de
     for index in eval_batches(chunks.lengths, batch_size):
         ids, mask = pad_ids([chunks.input_ids[i] for i in index], pad_id)  # (B, T)
         with autocast(device, precision):
-            hidden = model.bert(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            hidden = model.token_states(ids.to(device), mask.to(device))
         hidden = hidden.float().cpu()  # (B, T, H)
         for row, i in enumerate(index):
             states[i] = hidden[row, :int(chunks.lengths[i])].clone()  # (length_i, H)
@@ -151,8 +151,12 @@ def build_model(inputs: TrainInputs, cfg: Config, tokenizer: Tokenizer) -> BertF
         model = from_pretrained_encoder(source, cfg.model, n_labels,
                                         max_position_embeddings=max(cfg.model.max_position_embeddings, inputs.max_len))
     else:
+        if cfg.model.encoder_layers:
+            raise ValueError("model.encoder_layers cuts a pretrained encoder (train.init or --encoder); an encoder "
+                             "trained from scratch takes its depth from model.num_hidden_layers")
         model = BertForIcdCoding(bert_config(cfg.model, tokenizer.get_vocab_size(), special["pad"]), n_labels,
-                                 head=cfg.model.head, label_output=cfg.model.label_output)
+                                 head=cfg.model.head, label_output=cfg.model.label_output,
+                                 state_layers=cfg.model.state_layers)
     if model.config.vocab_size < tokenizer.get_vocab_size():
         raise ValueError(f"the encoder knows {model.config.vocab_size} tokens, the tokenizer "
                          f"{tokenizer.get_vocab_size()}: they come from different vocabularies")
