@@ -424,6 +424,35 @@ def test_init_from_minilm_chunks_notes_with_its_own_vocabulary(tiny_wh, tmp_path
     assert_no_pickles(out)
 
 
+@pytest.mark.skipif(not (MINILM / "config.json").exists(), reason="MiniLM checkpoint not installed")
+def test_minilm_cut_to_its_first_layers_with_the_head_on_the_mean_of_the_top_two(tiny_wh, tmp_path):
+    """conf/codiesp.yaml's recipe (model.encoder_layers, model.state_layers, a frozen encoder): the folder
+    holds the cut encoder, says so in its name and config, and scores the dev notes as training measured them
+    (the cached states are the states scoring computes)."""
+    from tokenizers import Tokenizer
+
+    from bertxml.models.bert import load_model
+
+    wh, _ = tiny_wh
+    cfg = tiny_config(epochs=2, freeze_encoder=True, lr=1e-3, eval_batch_size=32)
+    cfg.model.encoder_layers, cfg.model.state_layers = 5, 2
+    out = train_here(wh, cfg, tmp_path / "m", init=MINILM)
+    manifest = modeldir.load_manifest(out)
+    assert manifest["config"]["model"]["num_hidden_layers"] == 5 and "-l5-" in manifest["model_version"]
+    assert json.loads((out / "model_config.json").read_text())["state_layers"] == 2
+    model = load_model(out)
+    assert len(model.bert.encoder.layer) == 5 and model.state_layers == 2
+    inputs = train_mod.resolve_train_inputs(wh.workdir, cfg, init=MINILM, out_dir=tmp_path / "scratch")
+    dev = train_mod.load_split(inputs, "dev", Tokenizer.from_file(str(out / "tokenizer.json")))
+    probs = train_mod.predict_notes(model, dev, 16, torch.device("cpu"), None, 0)
+    assert auc_metrics(probs, dev.note_labels(len(CODES)))["macro_auc"] == pytest.approx(
+        manifest["dev_metrics"]["macro_auc"])
+    cfg.train.init, cfg.train.freeze_encoder = "", False  # our own encoder is not cut: a clear error
+    with pytest.raises(ValueError, match="encoder_layers cuts a pretrained encoder"):
+        train_here(wh, cfg, tmp_path / "own")
+    assert_no_pickles(out)
+
+
 def test_two_processes_under_torchdistributor(tiny_wh, tmp_path):
     """DDP with gloo on the CPU: two processes started by Spark's TorchDistributor, inputs resolved here."""
     wh, _ = tiny_wh

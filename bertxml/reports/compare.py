@@ -183,7 +183,9 @@ def train_entry(wh, cfg: Config, entry: Entry, out_dir: Path, encoder: Path | No
     if entry.from_minilm and cc.minilm_lr > 0:
         run_cfg.train.lr = cc.minilm_lr
     if not entry.from_minilm and cfg.train.init:
-        run_cfg.train.freeze_encoder = False  # train.freeze_encoder is for train.init's encoder; ours fine-tunes
+        # train.freeze_encoder and the layer choice are for train.init's encoder; ours fine-tunes whole
+        run_cfg.train.freeze_encoder = False
+        run_cfg.model.encoder_layers, run_cfg.model.state_layers = 0, 1
     init, encoder_dir = (minilm, None) if entry.from_minilm else (None, encoder)
     inputs = resolve_train_inputs(wh, run_cfg, entry.kind, init=init, encoder_dir=encoder_dir, out_dir=out_dir)
     return train_model(inputs, run_cfg)

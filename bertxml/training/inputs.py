@@ -207,6 +207,8 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
         if not (source_dir / "config.json").exists():
             raise FileNotFoundError(f"{source_dir} has no config.json: not a BERT checkpoint folder")
         arch = json.loads((source_dir / "config.json").read_text())
+        if cfg.model.encoder_layers:  # the encoder is cut (bertxml.models.bert.from_pretrained_encoder)
+            arch["num_hidden_layers"] = min(arch["num_hidden_layers"], cfg.model.encoder_layers)
     if resume and out_dir is None:
         out_dir = unfinished_model_dir(workdir, model_kind)
     if out_dir is None:
