@@ -1,7 +1,8 @@
 """Training throughput: tokens/s and model FLOPs utilisation (MFU) of pre-training and fine-tuning steps.
 
     .venv/bin/python benchmarks/train.py [--sizes tiny small] [--seq-len 256] [--batch 8] [--steps 3]
-                                         [--attention-dropout 0] [--precision auto|fp32|bf16|both]
+                                         [--attention-dropout 0.1 0] [--padding 0.07]
+                                         [--precision auto|fp32|bf16|both]
 
 For each model size (conf/model/*.yaml) and task (pretrain: MLM+NSP; finetune: BERT-XML label attention)
 it times full optimizer steps as bertxml.training.train runs them (forward under autocast, backward, clipping,
@@ -67,12 +68,16 @@ def encoder_nonembedding(model: torch.nn.Module) -> int:
     return count_parameters(encoder) - count_parameters(encoder.embeddings)
 
 
-def time_steps(model, task: str, device, precision, batch: int, seq_len: int, steps: int) -> tuple[float, float]:
+def time_steps(model, task: str, device, precision, batch: int, seq_len: int, steps: int,
+               padding: float = 0.0) -> tuple[float, float]:
     """Seconds per optimizer step: the fastest of `steps` after one warm-up step (on a shared machine the
-    fastest step is the one least disturbed by other work, like the matmul peak it is compared with)."""
+    fastest step is the one least disturbed by other work, like the matmul peak it is compared with).
+    padding > 0: row lengths spread evenly from (1 - 2 * padding) * seq_len to seq_len, so that share of the
+    batch is padding and the attention gets a mask, as in real length-bucketed batches."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, VOCAB, (batch, seq_len), generator=g).to(device)
-    mask = torch.ones_like(ids)
+    lengths = torch.linspace(seq_len * (1 - 2 * padding), seq_len, batch).round().long()
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long().to(device)  # (B, T)
     if task == "pretrain":
         labels = torch.where(torch.rand(batch, seq_len, generator=g).to(device) < MASKED_SHARE, ids, torch.full_like(ids, -100))
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
@@ -100,7 +105,8 @@ def time_steps(model, task: str, device, precision, batch: int, seq_len: int, st
 
 
 def run(device: torch.device, sizes: list[str], batch: int, seq_len: int, steps: int,
-        attention_dropout: float | None = None, precision_choice: str = "auto") -> list[dict]:
+        attention_dropouts: list[float | None] = (None,), precision_choice: str = "auto",
+        padding: float = 0.0) -> list[dict]:
     """Time every (size, task, precision) on device and print the table; returns its rows."""
     precisions = precisions_to_time(device, precision_choice)
     peaks = {p: matmul_peak(DTYPES[p], device) for p in precisions}
@@ -108,20 +114,21 @@ def run(device: torch.device, sizes: list[str], batch: int, seq_len: int, steps:
     print(f"\n{device.type.upper()}  ({torch.get_num_threads()} threads)" if cpu
           else f"\nGPU  {torch.cuda.get_device_name(device)}")
     rows = []
-    for size in sizes:
+    for size, dropout in ((size, dropout) for size in sizes for dropout in attention_dropouts):
         cfg = ModelConfig(**model_preset(size))
         cfg.max_len = seq_len
-        if attention_dropout is not None:
-            cfg.attention_probs_dropout_prob = attention_dropout
+        if dropout is not None:
+            cfg.attention_probs_dropout_prob = dropout
         for task in ("pretrain", "finetune"):
             for precision in precisions:
                 torch.manual_seed(0)
                 model = build(cfg, task).to(device)
                 wall, cpu_s = time_steps(model, task, device, decide_precision(device, precision == "bf16"),
-                                         batch, seq_len, steps)
+                                         batch, seq_len, steps, padding)
                 flops = model_flops(cfg, encoder_nonembedding(model), task, batch, seq_len)
                 rows.append({"size": size, "task": task, "precision": precision, "seconds": wall, "cpu_seconds": cpu_s,
-                             "tokens_per_s": batch * seq_len / wall, "flops": flops})
+                             "tokens_per_s": batch * seq_len / wall, "flops": flops,
+                             "dropout": cfg.attention_probs_dropout_prob})
                 del model
     # measured again at the end: the best of the two is this machine's peak (MFU never flatters)
     again = {p: matmul_peak(DTYPES[p], device) for p in precisions}
@@ -129,13 +136,13 @@ def run(device: torch.device, sizes: list[str], batch: int, seq_len: int, steps:
     print("matmul peak, wall clock: " + ", ".join(f"{p} {peaks[p][0] / 1e9:,.0f} GFLOP/s" for p in precisions)
           + ("; by CPU time per thread: " + ", ".join(f"{p} {peaks[p][1] / 1e9:,.0f}" for p in precisions)
              if cpu else ""))
-    header = (f"{'size':6} {'task':9} {'precision':9} {'batch x len':>11} {'step s':>7} {'tokens/s':>9} "
+    header = (f"{'size':6} {'task':9} {'precision':9} {'attn drop':>9} {'batch x len':>11} {'step s':>7} {'tokens/s':>9} "
               f"{'GFLOP/s':>8} {'MFU':>6}" + (f" {'cpu s':>7} {'tokens/cpu-s':>12} {'MFU(cpu)':>8}" if cpu else ""))
     print(header)
     print("-" * len(header))
     for row in rows:
         row["mfu"] = row["flops"] / row["seconds"] / peaks[row["precision"]][0]
-        line = (f"{row['size']:6} {row['task']:9} {row['precision']:9} {f'{batch} x {seq_len}':>11} "
+        line = (f"{row['size']:6} {row['task']:9} {row['precision']:9} {row['dropout']:9.2f} {f'{batch} x {seq_len}':>11} "
                 f"{row['seconds']:7.3f} {row['tokens_per_s']:9,.0f} {row['flops'] / row['seconds'] / 1e9:8,.1f} "
                 f"{row['mfu']:6.1%}")
         if cpu:
@@ -151,9 +158,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after a warm-up)")
-    parser.add_argument("--attention-dropout", type=float, default=None,
-                        help="override the presets' 0.1: with 0, PyTorch's CPU SDPA takes its fused flash kernel "
-                             "(attention dropout sends it to the unfused math path)")
+    parser.add_argument("--attention-dropout", type=float, nargs="+", default=[None],
+                        help="override the presets' 0.1 (several: one row each, e.g. 0.1 0): with 0, PyTorch's SDPA "
+                             "takes its fused kernel (attention dropout sends it to the unfused math path)")
+    parser.add_argument("--padding", type=float, default=0.0,
+                        help="share of each batch that is padding (0: none, no attention mask); length-bucketed "
+                             "pre-training batches of the real corpora hold 5-9%% (benchmarks/padding.py)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
                         help="auto: what training uses on each device (bertxml.models.precision)")
     parser.add_argument("--gpu-batch", type=int, default=32)
@@ -163,12 +173,12 @@ def main(argv=None) -> int:
     print(f"bertxml training benchmark: vocabulary {VOCAB}, {N_LABELS} labels, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(describe_machine())
-    if args.attention_dropout is not None:
-        print(f"attention dropout {args.attention_dropout} (presets: 0.1)")
-    run(torch.device("cpu"), args.sizes, args.batch, args.seq_len, args.steps, args.attention_dropout, args.precision)
+    print(f"padding {args.padding:.0%} of each batch" + (" (an attention mask)" if args.padding else ""))
+    run(torch.device("cpu"), args.sizes, args.batch, args.seq_len, args.steps, args.attention_dropout, args.precision,
+        args.padding)
     if torch.cuda.is_available():
         run(torch.device("cuda"), args.sizes + ["big"] if "big" not in args.sizes else args.sizes,
-            args.gpu_batch, args.gpu_seq_len, max(args.steps, 5), args.attention_dropout, args.precision)
+            args.gpu_batch, args.gpu_seq_len, max(args.steps, 5), args.attention_dropout, args.precision, args.padding)
     return 0
 
 

@@ -305,6 +305,8 @@ class BaselineConfig:
     # logistic regression on a bag of WordPieces (§3.4.1), one-vs-rest over the label vocabulary
     logreg_tfidf: bool = True           # sublinear tf x idf, rows L2-normalised; False: raw counts
     logreg_c: float = 1.0               # inverse L2 strength (the paper found no gain from L1)
+    logreg_c_grid: list = field(default_factory=list)  # C values to try: the one with the best dev macro AUC
+                                        # is kept (and recorded); empty: logreg_c alone
     logreg_max_iter: int = 200          # liblinear iterations per code
     logreg_max_train_notes: int = 200000  # a larger train split is fit on a seeded uniform sample of this
                                         # many notes (~1 GB of sparse features; the manifest records the

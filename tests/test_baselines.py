@@ -198,6 +198,22 @@ def test_logreg_learns_and_scores_through_make_predict_fn(toy_wh, tmp_path):
     assert manifest["train_sample_seed"] == 13
 
 
+def test_logreg_chooses_its_regularisation_on_dev(toy_wh, tmp_path):
+    """baseline.logreg_c_grid: every C is fit, the best dev macro AUC is kept, the folder says which and
+    scores as the refit at that C alone."""
+    wh, _, notes = toy_wh
+    grid = [0.001, 1.0, 100.0]
+    out = run_train_baseline(wh, baseline_config(logreg_c_grid=grid), "logreg", out_dir=tmp_path / "grid")
+    manifest = modeldir.load_manifest(out)
+    aucs = {float(c): auc for c, auc in manifest["c_grid_dev_macro_auc"].items()}
+    assert sorted(aucs) == grid and manifest["c"] == max(aucs, key=aucs.get)
+    assert len(set(aucs.values())) > 1  # the grid's fits differ on dev: the choice is a real one
+    assert json.loads((out / "model_config.json").read_text())["c"] == manifest["c"]
+    alone = run_train_baseline(wh, baseline_config(logreg_c=manifest["c"]), "logreg", out_dir=tmp_path / "alone")
+    assert modeldir.load_manifest(alone)["dev_metrics"]["macro_auc"] == pytest.approx(aucs[manifest["c"]])
+    assert manifest["dev_metrics"]["macro_auc"] == pytest.approx(aucs[manifest["c"]])
+
+
 def test_bilstm_learns_and_scores_through_make_predict_fn(toy_wh, tmp_path):
     wh, _, notes = toy_wh
     out = run_train_baseline(wh, baseline_config(), "bilstm", out_dir=tmp_path / "bilstm")

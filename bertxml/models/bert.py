@@ -399,7 +399,9 @@ def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels:
             raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected[name].shape)}")
         loaded[name] = tensor
     missing = sorted(set(expected) - set(loaded))
-    logger.info("encoder from %s: %d tensors loaded, %d ignored %s", encoder_dir, len(loaded), len(ignored), ignored)
+    cut = [k for k in ignored if k.removeprefix("bert.").startswith("encoder.layer.")]
+    logger.info("encoder from %s: %d tensors loaded, %d ignored %s%s", encoder_dir, len(loaded), len(ignored),
+                [k for k in ignored if k not in cut], f" and {len(cut)} of the layers cut off" if cut else "")
     logger.debug("encoder tensors loaded: %s", sorted(loaded))
     if missing:
         logger.error("encoder weights missing from %s: %s", encoder_dir, missing)

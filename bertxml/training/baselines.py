@@ -108,8 +108,18 @@ def train_logreg(inputs, cfg: Config) -> Path:
     started = time.perf_counter()
     counts = bag_of_words(train_set.input_ids, vocab_size, skip)
     idf = idf_weights(counts) if bc.logreg_tfidf else None
-    coef, intercept = fit_one_vs_rest(weight_features(counts, idf), train_set.note_labels(m), bc.logreg_c,
-                                      bc.logreg_max_iter, bc.seed)
+    train_x, train_y = weight_features(counts, idf), train_set.note_labels(m)
+    dev_x = weight_features(bag_of_words(dev_set.input_ids, vocab_size, skip), idf) if dev_set.n_notes else None
+    grid = [float(c) for c in bc.logreg_c_grid] if dev_x is not None else []
+    c, grid_aucs = bc.logreg_c, {}
+    for value in grid:  # regularisation chosen on dev macro AUC (model selection never reads test)
+        fit = fit_one_vs_rest(train_x, train_y, value, bc.logreg_max_iter, bc.seed)
+        grid_aucs[value] = auc_metrics(logreg_probabilities(dev_x, *fit), dev_set.note_labels(m))["macro_auc"]
+        log.info("logreg: C=%g dev macro AUC %s", value, fmt_metric(grid_aucs[value]))
+    if grid_aucs:
+        c = max(grid_aucs, key=lambda value: (grid_aucs[value] if grid_aucs[value] is not None else -1.0))
+        log.info("logreg: C=%g chosen on dev", c)
+    coef, intercept = fit_one_vs_rest(train_x, train_y, c, bc.logreg_max_iter, bc.seed)
     seconds = time.perf_counter() - started
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,14 +128,12 @@ def train_logreg(inputs, cfg: Config) -> Path:
         tensors["idf"] = idf
     safetensors.numpy.save_file(tensors, str(out_dir / WEIGHTS_FILE))
     arch = {"model_kind": "logreg", "n_labels": m, "vocab_size": vocab_size, "max_len": inputs.max_len,
-            "tfidf": bool(bc.logreg_tfidf), "skip_ids": skip, "c": bc.logreg_c}
+            "tfidf": bool(bc.logreg_tfidf), "skip_ids": skip, "c": c}
     modeldir.write_json(out_dir / CONFIG_FILE, arch)
 
-    dev_probs = None
-    if dev_set.n_notes:
-        dev_probs = logreg_probabilities(weight_features(bag_of_words(dev_set.input_ids, vocab_size, skip), idf),
-                                         coef, intercept)
-    extra = {"train_notes": train_set.n_notes, "train_notes_in_split": n_train,
+    dev_probs = logreg_probabilities(dev_x, coef, intercept) if dev_x is not None else None
+    extra = {"train_notes": train_set.n_notes, "train_notes_in_split": n_train, "c": c,
+             "c_grid_dev_macro_auc": {str(value): auc for value, auc in grid_aucs.items()} or None,
              "train_sample_seed": bc.seed if train_set.n_notes < n_train else None,
              "nonzero_weights": int(np.count_nonzero(coef))}
     return _finish(out_dir, inputs, cfg, dev_probs, dev_set, coef.size + intercept.size, seconds, extra)
