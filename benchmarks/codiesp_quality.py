@@ -33,7 +33,7 @@ from bertxml.config_io import load_config  # noqa: E402
 from bertxml.platform.deltaread import table_path  # noqa: E402
 from bertxml.platform.deltaread import read_delta  # noqa: E402
 
-C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
+C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
 def split_rows(workdir, cfg, split: str):

@@ -110,6 +110,7 @@ def test_run_pretrain_loss_falls_and_the_encoder_fine_tunes(wh, tmp_path):
     for key, value in dict(max_len=24, batch_size=8, epochs=8, lr=2e-3, warmup=0.1, log_every=5, bf16="false",
                            threads=1, dev_batches=4, seed=3).items():
         setattr(cfg.pretrain, key, value)
+    cfg.model.attention_probs_dropout_prob = 0.1  # fine-tuning's; pre-training runs pretrain.attention_dropout (0)
     encoder = run_pretrain(wh, cfg, vocab_dir, None, corpus_sources=[f"parquet:{corpus}"])
 
     assert encoder.parent == wh.workdir / "models" and encoder.name.startswith("encoder-h32-l2-")
@@ -134,3 +135,8 @@ def test_run_pretrain_loss_falls_and_the_encoder_fine_tunes(wh, tmp_path):
     name = "bert.embeddings.word_embeddings.weight"
     assert torch.allclose(fine[name], pretrained[name], atol=1e-3)   # 3 steps at lr 1e-5 from the encoder
     assert json.loads((encoder / "config.json").read_text())["vocab_size"] == fine[name].shape[0]
+    # pre-trained without attention dropout (pretrain.attention_dropout: SDPA's fused kernel); the
+    # fine-tuned model has the model's own rate again
+    assert json.loads((encoder / "config.json").read_text())["attention_probs_dropout_prob"] == 0.0
+    assert json.loads((model_dir / "model_config.json").read_text())["bert_config"][
+        "attention_probs_dropout_prob"] == 0.1
