@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bertxml.config import ModelConfig  # noqa: E402
 from bertxml.config_io import model_preset
-from bertxml.models.bert import BertForIcdCoding, BertForPretraining, bert_config, count_parameters  # noqa: E402
+from bertxml.models.bert import BertForIcdCoding, bert_config, count_parameters  # noqa: E402
+from bertxml.models.pretraining import BertForPretraining  # noqa: E402
 from bertxml.models.precision import autocast, decide_precision  # noqa: E402
 from bertxml.training.loop import make_optimizer  # noqa: E402
 from machine import DTYPES, describe_machine, matmul_peak, precisions_to_time, sync  # noqa: E402

@@ -237,7 +237,8 @@ def test_a_folder_with_the_wrong_label_count_is_refused(toy_wh, tmp_path):
 
 def make_encoder(wh, vocab_dir: Path, cfg: Config) -> Path:
     """A random tiny encoder folder, as `bertxml pretrain` lays one out (no pretraining: this is about plumbing)."""
-    from bertxml.models.bert import BertForPretraining, bert_config
+    from bertxml.models.bert import bert_config
+    from bertxml.models.pretraining import BertForPretraining
 
     version, out = modeldir.new_model_dir(wh.workdir, "encoder", "test")
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ import safetensors.torch
 import torch
 
 from bertxml.config import ModelConfig
-from bertxml.models.bert import (LABEL_OUTPUTS, BertForIcdCoding, BertForPretraining, ClsHead, LabelAttention,
-                                 bert_config, chunk_max, count_parameters, from_pretrained_encoder, load_model,
-                                 mask_tokens, save_model)
+from bertxml.models.bert import (LABEL_OUTPUTS, BertForIcdCoding, ClsHead, LabelAttention, bert_config, chunk_max,
+                                 count_parameters, from_pretrained_encoder, load_model, save_model)
+from bertxml.models.pretraining import BertForPretraining, mask_tokens
 from bertxml.scoring.engine import label_attention_blocked, label_attention_sdpa
 
 VOCAB = 99

@@ -17,7 +17,7 @@ from bertxml.platform import tables as t
 from bertxml.text.data import ChunkSet
 from bertxml.training.pretrain import IS_NEXT, NOT_NEXT
 from bertxml.training.pretrain import nsp_example, pretraining_batch, split_sentences
-from bertxml.models.bert import IGNORE_INDEX
+from bertxml.models.pretraining import IGNORE_INDEX
 from test_train import assert_no_pickles, make_notes, make_vocab_dir, tiny_config, write_tables
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}

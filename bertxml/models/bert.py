@@ -1,9 +1,10 @@
 """BERT-XML models: the multi-label attention head, the [CLS] head, and the task models around a BERT encoder.
 
-Paper: "BERT-XML: Large Scale Automated ICD Coding Using BERT Pretraining", §3.2-3.3 and §4.2.1.
+Paper: "BERT-XML: Large Scale Automated ICD Coding Using BERT Pretraining", §3.3 and §4.2.1.
 Read bottom-up: helpers and weight init, the label attention (eq. 2-4), the [CLS] head (eq. 1), the ICD
-coding model (`BertForIcdCoding`) with its checkpoint helpers, then the pretraining model (masked LM + next
-sentence prediction) and its masking rule, and last the note-level pooling of chunk predictions.
+coding model (`BertForIcdCoding`) with its checkpoint helpers, and last the note-level pooling of chunk
+predictions. The pre-training model (§3.2: masked LM + next sentence prediction) is
+`bertxml.models.pretraining`.
 
 Every model returns logits, never probabilities: the sigmoid of eq. 1 and eq. 4 lives in the loss
 (`BCEWithLogits`, numerically stable) and in scoring. Checkpoints are safetensors only, never pickle.
@@ -22,7 +23,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertForPreTraining, BertModel
+from transformers import BertConfig, BertModel
 
 from bertxml.config import ModelConfig
 from bertxml.models.modeldir import CONFIG_FILE, WEIGHTS_FILE
@@ -31,7 +32,6 @@ logger = logging.getLogger("bertxml.models.bert")
 
 HEADS = ("bertxml", "cls")
 LABEL_OUTPUTS = ("shared", "per_label")  # model.label_output: eq. 4's W_a shared by all codes, or one per code
-IGNORE_INDEX = -100  # cross-entropy's "not a target" label, used for unmasked MLM positions
 
 
 def bert_config(cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0) -> BertConfig:
@@ -359,7 +359,7 @@ def _extend_positions(table: torch.Tensor, n_positions: int, std: float) -> torc
 def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels: int,
                             max_position_embeddings: int = 1024) -> BertForIcdCoding:
     """Build a `BertForIcdCoding` whose encoder comes from a Hugging Face BERT checkpoint directory
-    (config.json + model.safetensors): our own `BertForPretraining.save_encoder` output (keys prefixed
+    (config.json + model.safetensors): our own `bertxml.models.pretraining.BertForPretraining.save_encoder` output (keys prefixed
     "bert.", MLM/NSP heads ignored) or a plain BertModel such as MiniLM (no prefix).
 
     The architecture comes from the checkpoint's config.json; from `cfg` come the head and the dropout
@@ -408,99 +408,6 @@ def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels:
         raise ValueError(f"encoder checkpoint {encoder_dir} lacks {len(missing)} weights, e.g. {missing[:3]}")
     model.bert.load_state_dict(loaded, strict=True)
     return model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pretraining model (paper §3.2): masked language model + next sentence prediction
-
-
-def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, vocab_size: int, mask_token_id: int,
-                probability: float = 0.15, generator: torch.Generator | None = None):
-    """BERT's masking rule for the masked language model task.
-
-    Takes input_ids (B, T) and special_mask (B, T), True at special AND padding positions (never chosen).
-    Chooses each other position with `probability`; of the chosen, 80% become [MASK], 10% a random token
-    and 10% stay as they are (so the model cannot rely on seeing [MASK] to know what to predict).
-    Returns (masked_input_ids (B, T), labels (B, T)): labels hold the original id at chosen positions and
-    -100 elsewhere. `generator` must live on input_ids' device.
-    """
-    def draw(p: float) -> torch.Tensor:
-        probs = torch.full(input_ids.shape, p, device=input_ids.device)
-        return torch.bernoulli(probs, generator=generator).bool()  # (B, T)
-
-    chosen = draw(probability) & ~special_mask.bool()  # (B, T)
-    labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)  # (B, T)
-    to_mask = draw(0.8) & chosen
-    to_random = draw(0.5) & chosen & ~to_mask  # half of the remaining 20%
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
-    masked = input_ids.masked_fill(to_mask, mask_token_id)
-    masked = torch.where(to_random, random_ids, masked)  # (B, T)
-    return masked, labels
-
-
-class BertForPretraining(nn.Module):
-    """BERT with the masked-LM and next-sentence heads (transformers' `BertForPreTraining`, whose MLM
-    decoder is tied to the input word embeddings).
-
-    `forward(input_ids, attention_mask, token_type_ids, mlm_labels, nsp_labels)` returns a dict with
-    `mlm_logits` and `nsp_logits` (B, 2); with labels also `mlm_loss` (mean over masked positions),
-    `nsp_loss` and `loss`, their sum (either may be left out, e.g. pretraining without NSP).
-
-    Without mlm_labels, `mlm_logits` is (B, T, V). With them it is (N, V), the N masked positions only in
-    row-major order: the vocabulary projection is the largest matmul of a small BERT (H x V per token), and
-    only the ~15% masked positions enter the loss, so the rest is not computed.
-    """
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-        self.model = BertForPreTraining(config)
-
-    @property
-    def bert(self) -> BertModel:
-        return self.model.bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
-                nsp_labels: torch.Tensor | None = None) -> dict:
-        out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        states, pooled = out.last_hidden_state, out.pooler_output  # (B, T, H), (B, H)
-        heads = self.model.cls
-        result = {"nsp_logits": heads.seq_relationship(pooled)}  # (B, 2)
-        if mlm_labels is None:
-            result["mlm_logits"] = heads.predictions(states)  # (B, T, V)
-        else:
-            masked = mlm_labels != IGNORE_INDEX  # (B, T)
-            result["mlm_logits"] = heads.predictions(states[masked])  # (N, V)
-            # Sum over masked positions / their count: a batch with nothing masked gives 0, not NaN.
-            result["mlm_loss"] = F.cross_entropy(result["mlm_logits"].float(), mlm_labels[masked],
-                                                 reduction="sum") / masked.sum().clamp(min=1)
-        if nsp_labels is not None:
-            result["nsp_loss"] = F.cross_entropy(result["nsp_logits"].float(), nsp_labels)
-        losses = [result[name] for name in ("mlm_loss", "nsp_loss") if name in result]
-        if losses:
-            result["loss"] = sum(losses)
-        return result
-
-    @torch.no_grad()
-    def init_mlm_bias(self, token_counts) -> None:
-        """Start the masked-LM output bias at the log unigram frequency of the training tokens (V,), so the
-        first steps need not push every token's state towards "predict the frequent tokens": with a zero
-        bias they did, and the encoder came out of a short pretraining with nearly one vector for all tokens.
-        Tokens never seen get the frequency of one occurrence."""
-        counts = torch.as_tensor(token_counts, dtype=torch.float32).clamp(min=1.0)  # (V,)
-        bias = self.model.cls.predictions.bias
-        if counts.shape != bias.shape:
-            raise ValueError(f"got {tuple(counts.shape)} token counts for a vocabulary of {bias.shape[0]}")
-        bias.copy_(torch.log(counts / counts.sum()))
-
-    def save_encoder(self, out_dir: str | Path) -> Path:
-        """Write a Hugging Face checkpoint directory (config.json + model.safetensors; keys "bert.*" plus
-        the "cls.*" heads) that `from_pretrained_encoder` and `BertForPreTraining.from_pretrained` read.
-        Returns out_dir as a Path."""
-        out_dir = Path(out_dir)
-        self.model.save_pretrained(str(out_dir), safe_serialization=True)
-        return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ next sentence prediction, with our own vocabulary and positions up to 1,024.
 
 Reads the train split of `bertxml.chunks` (chunking cfg.pretrain.max_len, Delta version pinned and recorded)
 and, optionally, unlabelled corpus SOURCEs (a `text` column; small, so chunked here in Python with the
-same vocabulary). MLM masks 15% of the tokens, 80/10/10 mask/random/keep (bertxml.models.bert.mask_tokens); NSP
+same vocabulary). MLM masks 15% of the tokens, 80/10/10 mask/random/keep (bertxml.models.pretraining.mask_tokens); NSP
 pairs come from each chunk's own sentence order (segment A = its first k sentences, B = the sentences that
 follow, or half of the time sentences of another note: `nsp_example` below). The loop stands on the toolkit of
 bertxml.training.loop: AdamW without decay on biases/LayerNorm, warm-up then linear decay, accumulation, clipping,
@@ -31,7 +31,8 @@ from pyspark.sql.types import StringType, StructField, StructType
 
 from bertxml.config import Config
 from bertxml.models import modeldir
-from bertxml.models.bert import BertForPretraining, bert_config, count_parameters, mask_tokens
+from bertxml.models.bert import bert_config, count_parameters
+from bertxml.models.pretraining import BertForPretraining, mask_tokens
 from bertxml.models.precision import autocast, decide_precision
 from bertxml.platform import tables as t
 from bertxml.platform.runs import job_run
