@@ -31,10 +31,14 @@ from machine import describe_machine
 CORPORA = ("codiesp/corpus.parquet", "mtsamples/corpus.parquet")
 
 
-def corpus_chunks(data: Path, tokenizer, max_len: int) -> ChunkSet:
+def corpus_texts(data: Path) -> list[str]:
     texts = []
     for name in CORPORA:
         texts += [t for t in pq.read_table(data / name, columns=["text"]).column("text").to_pylist() if t]
+    return texts
+
+
+def corpus_chunks(texts: list[str], tokenizer, max_len: int) -> ChunkSet:
     chunks = chunk_notes(tokenizer, texts, max_len)
     ids = [f"doc{i:06d}" for i in range(len(texts))]
     return ChunkSet.from_notes(ids, chunks, [[] for _ in ids])
@@ -65,8 +69,9 @@ def main() -> None:
     window = PretrainConfig.bucket_window
     print(f"{'max_len':>7} {'chunks':>7} {'mean len':>8} {'batching':<10} {'real tokens':>12} {'computed':>12} "
           f"{'padding':>8}")
+    texts = corpus_texts(Path(args.data))
     for max_len in args.max_len:
-        chunks = corpus_chunks(Path(args.data), tokenizer, max_len)
+        chunks = corpus_chunks(texts, tokenizer, max_len)
         lengths = chunks.lengths + 1  # an NSP pair has one [SEP] more, as pre-training counts it
         rng = np.random.default_rng(13)
         for name, batches in (

@@ -137,14 +137,14 @@ def run(device: torch.device, sizes: list[str], batch: int, seq_len: int, steps:
     print("matmul peak, wall clock: " + ", ".join(f"{p} {peaks[p][0] / 1e9:,.0f} GFLOP/s" for p in precisions)
           + ("; by CPU time per thread: " + ", ".join(f"{p} {peaks[p][1] / 1e9:,.0f}" for p in precisions)
              if cpu else ""))
-    header = (f"{'size':6} {'task':9} {'precision':9} {'attn drop':>9} {'batch x len':>11} {'step s':>7} {'tokens/s':>9} "
-              f"{'GFLOP/s':>8} {'MFU':>6}" + (f" {'cpu s':>7} {'tokens/cpu-s':>12} {'MFU(cpu)':>8}" if cpu else ""))
+    header = (f"{'size':6} {'task':9} {'precision':9} {'attn drop':>9} {'batch x len':>11} {'step s':>7} "
+              f"{'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6}" + (f" {'cpu s':>7} {'tokens/cpu-s':>12} {'MFU(cpu)':>8}" if cpu else ""))
     print(header)
     print("-" * len(header))
     for row in rows:
         row["mfu"] = row["flops"] / row["seconds"] / peaks[row["precision"]][0]
-        line = (f"{row['size']:6} {row['task']:9} {row['precision']:9} {row['dropout']:9.2f} {f'{batch} x {seq_len}':>11} "
-                f"{row['seconds']:7.3f} {row['tokens_per_s']:9,.0f} {row['flops'] / row['seconds'] / 1e9:8,.1f} "
+        line = (f"{row['size']:6} {row['task']:9} {row['precision']:9} {row['dropout']:9.2f} "
+                f"{f'{batch} x {seq_len}':>11} {row['seconds']:7.3f} {row['tokens_per_s']:9,.0f} {row['flops'] / row['seconds'] / 1e9:8,.1f} "
                 f"{row['mfu']:6.1%}")
         if cpu:
             row["mfu_cpu"] = row["flops"] / row["cpu_seconds"] / peaks[row["precision"]][1]

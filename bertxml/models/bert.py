@@ -356,11 +356,21 @@ def _extend_positions(table: torch.Tensor, n_positions: int, std: float) -> torc
     return torch.cat([table, extra], dim=0)  # (n_positions, H)
 
 
+def encoder_depth(checkpoint_layers: int, cfg: ModelConfig, source: str | Path = "the checkpoint") -> int:
+    """The layers a fine-tuned model keeps of a pretrained encoder with `checkpoint_layers`:
+    cfg.encoder_layers when set (> 0), else all of them. Raises ValueError when it asks for more."""
+    if not cfg.encoder_layers:
+        return checkpoint_layers
+    if not 1 <= cfg.encoder_layers <= checkpoint_layers:
+        raise ValueError(f"model.encoder_layers {cfg.encoder_layers}: {source} has {checkpoint_layers} layers")
+    return cfg.encoder_layers
+
+
 def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels: int,
                             max_position_embeddings: int = 1024) -> BertForIcdCoding:
     """Build a `BertForIcdCoding` whose encoder comes from a Hugging Face BERT checkpoint directory
-    (config.json + model.safetensors): our own `bertxml.models.pretraining.BertForPretraining.save_encoder` output (keys prefixed
-    "bert.", MLM/NSP heads ignored) or a plain BertModel such as MiniLM (no prefix).
+    (config.json + model.safetensors): our own `bertxml.models.pretraining.BertForPretraining.save_encoder`
+    output (keys prefixed "bert.", MLM/NSP heads ignored) or a plain BertModel such as MiniLM (no prefix).
 
     The architecture comes from the checkpoint's config.json; from `cfg` come the head and the dropout
     rates, and `cfg.encoder_layers` (> 0) keeps only the checkpoint's first layers: the layers above the
@@ -377,11 +387,7 @@ def from_pretrained_encoder(encoder_dir: str | Path, cfg: ModelConfig, n_labels:
     config.max_position_embeddings = max(ckpt_positions, max_position_embeddings)
     if cfg.max_len > config.max_position_embeddings:
         raise ValueError(f"max_len {cfg.max_len} exceeds the {config.max_position_embeddings} positions")
-    if cfg.encoder_layers:
-        if not 1 <= cfg.encoder_layers <= config.num_hidden_layers:
-            raise ValueError(f"model.encoder_layers {cfg.encoder_layers}: the checkpoint {encoder_dir} has "
-                             f"{config.num_hidden_layers} layers")
-        config.num_hidden_layers = cfg.encoder_layers
+    config.num_hidden_layers = encoder_depth(config.num_hidden_layers, cfg, encoder_dir)
     model = BertForIcdCoding(config, n_labels=n_labels, head=cfg.head, label_output=cfg.label_output,
                              state_layers=cfg.state_layers)
 

@@ -15,6 +15,7 @@ from transformers import BertConfig, BertForPreTraining, BertModel
 
 IGNORE_INDEX = -100  # cross-entropy's "not a target" label, used for unmasked MLM positions
 
+
 def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, vocab_size: int, mask_token_id: int,
                 probability: float = 0.15, generator: torch.Generator | None = None):
     """BERT's masking rule for the masked language model task.

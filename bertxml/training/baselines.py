@@ -111,15 +111,18 @@ def train_logreg(inputs, cfg: Config) -> Path:
     train_x, train_y = weight_features(counts, idf), train_set.note_labels(m)
     dev_x = weight_features(bag_of_words(dev_set.input_ids, vocab_size, skip), idf) if dev_set.n_notes else None
     grid = [float(c) for c in bc.logreg_c_grid] if dev_x is not None else []
-    c, grid_aucs = bc.logreg_c, {}
+    c, grid_aucs, best = bc.logreg_c, {}, None
     for value in grid:  # regularisation chosen on dev macro AUC (model selection never reads test)
         fit = fit_one_vs_rest(train_x, train_y, value, bc.logreg_max_iter, bc.seed)
-        grid_aucs[value] = auc_metrics(logreg_probabilities(dev_x, *fit), dev_set.note_labels(m))["macro_auc"]
-        log.info("logreg: C=%g dev macro AUC %s", value, fmt_metric(grid_aucs[value]))
-    if grid_aucs:
-        c = max(grid_aucs, key=lambda value: (grid_aucs[value] if grid_aucs[value] is not None else -1.0))
+        metrics = auc_metrics(logreg_probabilities(dev_x, *fit), dev_set.note_labels(m))
+        grid_aucs[value] = metrics["macro_auc"]
+        log.info("logreg: C=%g dev macro AUC %s", value, fmt_metric(metrics["macro_auc"]))
+        if best is None or selection_score(metrics) > selection_score(best[0]):
+            best, c = (metrics, fit), value
+    if best is not None:
         log.info("logreg: C=%g chosen on dev", c)
-    coef, intercept = fit_one_vs_rest(train_x, train_y, c, bc.logreg_max_iter, bc.seed)
+    coef, intercept = best[1] if best is not None else fit_one_vs_rest(train_x, train_y, c, bc.logreg_max_iter,
+                                                                        bc.seed)
     seconds = time.perf_counter() - started
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from bertxml.config import CONF_DIR, Config
 from bertxml.config_io import load_yaml
 from bertxml.models import modeldir, profile
-from bertxml.models.bert import HEADS
+from bertxml.models.bert import HEADS, encoder_depth
 from bertxml.platform import tables as t
 from bertxml.platform.deltaread import latest_version, read_delta, table_path
 from bertxml.text.data import ChunkSet, load_chunks
@@ -207,8 +207,7 @@ def resolve_train_inputs(source, cfg: Config, model_kind: str = "bertxml", init:
         if not (source_dir / "config.json").exists():
             raise FileNotFoundError(f"{source_dir} has no config.json: not a BERT checkpoint folder")
         arch = json.loads((source_dir / "config.json").read_text())
-        if cfg.model.encoder_layers:  # the encoder is cut (bertxml.models.bert.from_pretrained_encoder)
-            arch["num_hidden_layers"] = min(arch["num_hidden_layers"], cfg.model.encoder_layers)
+        arch["num_hidden_layers"] = encoder_depth(arch["num_hidden_layers"], cfg.model, source_dir)
     if resume and out_dir is None:
         out_dir = unfinished_model_dir(workdir, model_kind)
     if out_dir is None:

@@ -5,12 +5,12 @@ next sentence prediction, with our own vocabulary and positions up to 1,024.
 
 Reads the train split of `bertxml.chunks` (chunking cfg.pretrain.max_len, Delta version pinned and recorded)
 and, optionally, unlabelled corpus SOURCEs (a `text` column; small, so chunked here in Python with the
-same vocabulary). MLM masks 15% of the tokens, 80/10/10 mask/random/keep (bertxml.models.pretraining.mask_tokens); NSP
-pairs come from each chunk's own sentence order (segment A = its first k sentences, B = the sentences that
-follow, or half of the time sentences of another note: `nsp_example` below). The loop stands on the toolkit of
-bertxml.training.loop: AdamW without decay on biases/LayerNorm, warm-up then linear decay, accumulation, clipping,
-bf16 autocast where the hardware multiplies bf16 natively (bertxml.models.precision), length-bucketed batches,
-resumable safetensors checkpoints.
+same vocabulary). MLM masks 15% of the tokens, 80/10/10 mask/random/keep
+(bertxml.models.pretraining.mask_tokens); NSP pairs come from each chunk's own sentence order (segment A = its
+first k sentences, B = the sentences that follow, or half of the time sentences of another note: `nsp_example`
+below). The loop stands on the toolkit of bertxml.training.loop: AdamW without decay on biases/LayerNorm,
+warm-up then linear decay, accumulation, clipping, bf16 autocast where the hardware multiplies bf16 natively
+(bertxml.models.precision), length-bucketed batches, resumable safetensors checkpoints.
 
 Writes an encoder folder (default WORKDIR/models/encoder-<size>-<timestamp>): the Hugging Face checkpoint
 (config.json + model.safetensors) that `bertxml train --encoder DIR` fine-tunes, tokenizer.json and
