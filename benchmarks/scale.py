@@ -3,6 +3,7 @@ with wall time, notes/s, the scoring engine's MFU and peak memory of every proce
 
     .venv/bin/python benchmarks/scale.py --notes 1000000 [--night-tiny 20000] [--night-small 2000]
                                          [--workdir /tmp/scale] [--stages generate,copy,etl,vocab,tokenize,score]
+                                         [--vocab-notes 200000] [--keep] [--resume]
 
 One warehouse of N generated notes (the paper's ETL covered 7.5M) under WORKDIR/n<N>, each stage the library
 call its `bertxml` command makes, in one local Spark session (`conf/local.yaml`'s defaults: local[*], a 6g
@@ -11,15 +12,16 @@ driver, which is also the only executor):
 1. generate: `run_generate` (Spark tasks over patient indices write `ehr.notes` and `ehr.diagnoses`);
 2. copy: a plain Spark read and Delta write of the notes table (`bench.notes_copy`), the yardstick for the
    ETL (target: ETL within 3x a copy). Run once before the ETL and once after it; the faster is the yardstick;
-3. etl: `run_etl`; 4. vocab: `run_vocab` (word counts in Spark, the WordPiece trainer on the driver);
+3. etl: `run_etl`; 4. vocab: `run_vocab` (word counts in Spark, the WordPiece trainer on the driver;
+   `--vocab-notes` sets `vocab.max_notes`, a patient sample of about that many train notes);
 5. tokenize: `run_tokenize` at 512 tokens (target: within 2x the ETL);
 6. score: two nights through the nightly job (`run_score --date D --notes bench.nights`): `--night-tiny`
    labeled notes with the demo's model size (tiny) and `--night-small` with the paper's `small`. The
    nights are drawn from labeled_notes by a hash of the note id and re-dated (a generated night holds
    about N / 1,100 notes, not 20,000), in Spark. The models are random-init `BertForIcdCoding` folders
    of the preset size, with this warehouse's vocabulary and label vocabulary: the arithmetic of a
-   trained model, without training one. MFU: the model FLOPs of the night's real tokens (counted from
-   `bertxml.chunks`, the same chunking the scorer uses) over the job's scoring action, against
+   trained model, without training one. MFU: the model FLOPs of the night's real tokens (the night's notes
+   chunked by the tokenize job's code, as the scorer chunks them) over the job's scoring action, against
    `benchmarks/machine.py`'s matmul peak in the dtype the job runs (target for `small`: >= 50%).
 
 A sampler thread reads /proc (psutil) every half second: the peak resident memory of this Python driver,
@@ -29,7 +31,8 @@ script or the jobs it calls brings note text to the driver (the vocabulary's OOV
 `vocab.oov_notes` dev notes, whatever N).
 
 Run one size per process (the JVM's resident memory never shrinks): compare the printed rows of two runs
-to see whether memory stays flat as N grows. Figures and history: benchmarks/README.md ("Scale").
+to see whether memory stays flat as N grows. `--keep` leaves the warehouse; `--resume` runs more stages on
+it in a new process (a stage needs the tables of the stages before it). Figures and history: benchmarks/README.md ("Scale").
 """
 from __future__ import annotations
 
@@ -169,12 +172,17 @@ def build_model(wh, root: Path, size: str) -> tuple[Path, object, int]:
 
 
 def night_tokens(wh, night: dt.date) -> dict:
-    """Chunks, real tokens and the sum of squared chunk lengths of a night's notes, from bertxml.chunks at
-    MAX_LEN (the scorer's chunking, the same tokenizer): aggregates only."""
+    """Chunks, real tokens and the sum of squared chunk lengths of a night's notes, chunked at MAX_LEN in
+    Spark by `chunk_notes_df` (the scorer's chunking, the warehouse's tokenizer): aggregates only, and no
+    need of a tokenize stage over the whole warehouse."""
     from pyspark.sql import functions as F
 
-    ids = wh.table("bench.nights").filter(F.col("note_date") == F.lit(night)).select("note_id")
-    chunks = wh.table(wh.name("chunks")).filter(F.col("max_len") == MAX_LEN).join(ids, "note_id")
+    from bertxml.text.tokenize import chunk_notes_df
+
+    notes = (wh.table("bench.nights").filter(F.col("note_date") == F.lit(night))
+             .select("note_id", F.lit("night").alias("split"), "text", F.array().cast("array<string>").alias("codes")))
+    tokenizer_json = (wh.workdir / "vocab" / "tokenizer.json").read_text(encoding="utf-8")
+    chunks = chunk_notes_df(notes, tokenizer_json, {}, MAX_LEN)
     n = F.size("input_ids").cast("double")
     row = chunks.agg(F.count("*").alias("chunks"), F.sum(n).alias("tokens"), F.sum(n * n).alias("tokens_sq")).first()
     return {"chunks": int(row["chunks"]), "tokens": float(row["tokens"] or 0), "tokens_sq": float(row["tokens_sq"] or 0)}
@@ -190,6 +198,12 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="comma-separated subset of " + ",".join(STAGES) + " (in that order)")
     parser.add_argument("--keep", action="store_true", help="keep the warehouse")
+    parser.add_argument("--resume", action="store_true",
+                        help="run the stages on the warehouse a --keep run left in WORKDIR/n<N> (a later stage "
+                             "in a process of its own)")
+    parser.add_argument("--vocab-notes", type=int, default=0,
+                        help="vocab.max_notes: the vocabulary reads a patient sample of about this many train "
+                             "notes (0: all)")
     parser.add_argument("--driver-memory", default="6g")
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
@@ -199,19 +213,24 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     root = Path(args.workdir) / f"n{args.notes}"
-    shutil.rmtree(root, ignore_errors=True)
+    if args.resume and not (root / "tables").is_dir():
+        parser.error(f"--resume: no warehouse in {root}")
+    if not args.resume:
+        shutil.rmtree(root, ignore_errors=True)
     local_dir = root / "spark-local"
-    local_dir.mkdir(parents=True)
+    local_dir.mkdir(parents=True, exist_ok=True)
     cfg = Config()
     cfg.spark.driver_memory = args.driver_memory
     cfg.spark.conf = {**cfg.spark.conf, "spark.local.dir": str(local_dir)}
     cfg.generate.notes = args.notes
     cfg.generate.partitions = max(8, args.notes // 25_000)       # as benchmarks/etl.py
+    cfg.vocab.max_notes = args.vocab_notes
     torch.set_num_threads(os.cpu_count())
 
     print(describe_machine())
     print(f"notes {args.notes:,}; nights {args.night_tiny:,} (tiny) and {args.night_small:,} (small); "
-          f"driver memory {cfg.spark.driver_memory}; workdir {root}; load average {os.getloadavg()[0]:.1f} "
+          f"vocab.max_notes {args.vocab_notes:,}; driver memory {cfg.spark.driver_memory}; workdir {root}"
+          f"{' (resumed)' if args.resume else ''}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs", flush=True)
     sampler = MemorySampler()
     spark = get_spark(cfg, app="bertxml-bench-scale")
@@ -262,6 +281,7 @@ def main() -> None:
     if "vocab" in stages:
         res = stage("vocab", lambda: run_vocab(wh, cfg), lambda r: r["texts"])
         print(f"  vocabulary {res['vocab_size']:,} pieces from {res['texts']:,} train notes "
+              f"({res['patient_share']:.1%} of train patients) "
               f"({res['distinct_words']:,} distinct words, {res['words_trained_on']:,} trained on)", flush=True)
     if "tokenize" in stages:
         res = stage("tokenize", lambda: run_tokenize(wh, cfg, max_len=MAX_LEN), lambda r: r["notes"])

@@ -10,8 +10,8 @@ import pytest
 from bertxml.platform import tables as t
 from bertxml.config import VocabConfig
 from bertxml.text.vocab import (PLACEHOLDERS, SPECIAL, SPECIAL_TOKENS, build_normalizer, load_tokenizer,
-                                new_tokenizer, run_vocab, save_vocab, train_from_word_counts, train_tokenizer,
-                                trainable_words, words_of_documents)
+                                new_tokenizer, run_vocab, sample_patients, save_vocab, train_from_word_counts,
+                                train_tokenizer, trainable_words, words_of_documents)
 from bertxml.text.oov import load_reference_tokenizer, oov_report, oov_words
 
 
@@ -184,6 +184,7 @@ def test_run_vocab_end_to_end(spark, wh, cfg, tmp_path):
     cfg.vocab.size, cfg.vocab.min_frequency = 120, 1
     out = run_vocab(wh, cfg, [f"parquet:{corpus}"], tmp_path / "vocab")
     assert out["texts"] == 31 and out["oov_split"] == "dev" and out["oov_notes"] == 2
+    assert out["patient_share"] == 1.0      # vocab.max_notes 0: every train note
     assert out["vocab_size"] <= 120
     tok = load_tokenizer(tmp_path / "vocab")
     # "bisoprolol" is in one corpus text only: fewer than vocab.min_patients (5) documents, never trained on
@@ -197,3 +198,20 @@ def test_run_vocab_end_to_end(spark, wh, cfg, tmp_path):
     runs = wh.table(wh.name(t.JOB_RUNS)).filter("job = 'vocab'").collect()
     assert len(runs) == 1 and runs[0].status == "succeeded"
     assert json.loads(runs[0].counts)["vocab_size"] == out["vocab_size"]
+
+
+def test_vocab_max_notes_reads_whole_patients_of_a_fixed_sample(spark):
+    rows = [labeled_row(f"n{p}_{k}", "train", "text") for p in range(200) for k in range(3)]
+    notes = spark.createDataFrame([(r[0], f"P{r[0].split('_')[0]}") + r[2:] for r in rows], t.LABELED_NOTES_SCHEMA)
+    whole, share = sample_patients(notes, 0)
+    assert share == 1.0 and whole.count() == 600
+    assert sample_patients(notes, 600)[1] == 1.0
+    kept, share = sample_patients(notes, 150)
+    assert share == pytest.approx(0.25)
+    per_patient = {r[0]: r[1] for r in kept.groupBy("patient_id").count().collect()}
+    assert 20 <= len(per_patient) <= 80 and set(per_patient.values()) == {3}   # whole patients, ~50 of 200
+    again = sample_patients(notes, 150)[0]
+    assert sorted(r[0] for r in again.select("note_id").collect()) == sorted(
+        r[0] for r in kept.select("note_id").collect())
+    with pytest.raises(ValueError, match="vocab.max_notes"):
+        sample_patients(notes, -1)

@@ -16,9 +16,9 @@ sha256 of tokenizer.json. The tokenizer is loaded once per Python worker, from a
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -92,9 +92,18 @@ def chunk_token(chunk_index: int, position, max_len: int):
     return chunk_index * (max_len - 2) + position - 1
 
 
-def line_starts(text: str) -> list[int]:
-    """Character offsets where each line of text begins."""
-    return [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+def line_openers(text: str, encoding) -> np.ndarray:
+    """Indices of the tokens of `encoding` (the encoding of text) that open a line of the text: the first
+    token, and each token on a later line than the token before it. A token's line is that of its first
+    character; a placeholder's offsets may point inside the replaced span, which is on the same line."""
+    n = len(encoding.ids)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    begins = np.fromiter(itertools.chain.from_iterable(encoding.offsets), dtype=np.int64, count=2 * n)[::2]
+    # One code unit a character, as the tokenizer's offsets count them (surrogatepass: a lone surrogate too).
+    chars = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    lines = np.searchsorted(np.flatnonzero(chars == 10), begins, side="left")   # newlines before each token
+    return np.flatnonzero(np.diff(lines, prepend=-1))
 
 
 def chunk_note(tokenizer: Tokenizer, text: str, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -112,17 +121,13 @@ def chunk_notes(tokenizer: Tokenizer, texts: list[str], max_len: int) -> list[li
     texts = [text or "" for text in texts]
     out = []
     for text, enc in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False)):
-        starts = line_starts(text)
-        # The line of each token, by its first character; a placeholder's offsets may point inside the
-        # replaced span, which is on the same line.
-        lines = [bisect.bisect_right(starts, begin) - 1 for begin, _ in enc.offsets]
-        opens = [i for i, line in enumerate(lines) if i == 0 or line != lines[i - 1]]
+        opens, note_ids = line_openers(text, enc), enc.ids
         chunks = []
-        for start in _cuts(len(enc.ids), max_len):
+        for start in _cuts(len(note_ids), max_len):
             stop = start + body
-            ids = [cls_id, *enc.ids[start:stop], sep_id]
-            first, last = bisect.bisect_left(opens, start), bisect.bisect_left(opens, stop)
-            chunks.append((ids, [1 + i - start for i in opens[first:last]]))
+            ids = [cls_id, *note_ids[start:stop], sep_id]
+            first, last = np.searchsorted(opens, [start, stop], side="left")
+            chunks.append((ids, (opens[first:last] + 1 - start).tolist()))
         out.append(chunks)
     return out
 

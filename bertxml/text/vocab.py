@@ -42,6 +42,11 @@ become neither a token nor a `##` piece (a piece is made only from words the tra
 it is repeated in those patients' notes. WordPiece's own `min_frequency` counts occurrences, which one
 patient's many notes can pass. The word counts are made in Spark (`count_words`), one row per distinct
 word, and the driver trains on the words that pass.
+
+On a large warehouse, `vocab.max_notes` bounds the cost: the word counts read the train notes of a fixed hash
+sample of patients holding about that many notes (whole patients, so `min_patients` still counts patients).
+Counting reads every note it is given through the normaliser, as `bertxml tokenize` does; the report
+(`oov_report.json`) and the job's counts record the share of patients read.
 """
 from __future__ import annotations
 
@@ -357,12 +362,31 @@ def _sample_texts(df, limit: int) -> list[str]:
     return [r[0] for r in df.orderBy("note_id").select("text").limit(limit).toLocalIterator()]
 
 
+def sample_patients(train, max_notes: int):
+    """(the train notes of a hash sample of patients holding about max_notes notes, the share of patients
+    kept). The whole of `train` (share 1.0) when max_notes is 0 or it holds no more. Whole patients are kept,
+    so `min_patients` still counts patients; the sample is the same on every run (a hash of the patient id)."""
+    if max_notes < 0:
+        raise ValueError(f"vocab.max_notes must be 0 (all train notes) or more, got {max_notes}")
+    if not max_notes:
+        return train, 1.0
+    n = train.count()
+    if n <= max_notes:
+        return train, 1.0
+    share = max_notes / n
+    buckets = 1_000_000
+    kept = F.pmod(F.xxhash64(F.col("patient_id"), F.lit("vocab")), F.lit(buckets)) < F.lit(int(share * buckets))
+    log.info("vocab.max_notes %d: the vocabulary reads the train notes of %.2f%% of patients (%d train notes "
+             "in all)", max_notes, 100 * share, n)
+    return train.filter(kept), round(share, 6)
+
+
 def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir: str | Path | None = None) -> dict:
     """Train the vocabulary on train notes (+ corpora), write the vocabulary folder, measure OOV.
 
     Only words in the notes of at least `vocab.min_patients` patients reach the trainer (module docstring).
     Returns {"out_dir", "vocab_size", "texts", "distinct_words", "words_trained_on", "oov_per_note_ours",
-    "oov_per_note_reference", "oov_notes", "oov_split"}.
+    "oov_per_note_reference", "oov_notes", "oov_split", "patient_share"}.
     """
     out = Path(out_dir) if out_dir else wh.workdir / "vocab"
     sources = list(corpus_sources or []) + [s for s in cfg.vocab.corpus if s not in (corpus_sources or [])]
@@ -373,8 +397,9 @@ def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir:
             raise FileNotFoundError(f"table {notes_name} does not exist: run `bertxml etl` first")
         notes = wh.table(notes_name, version=version)
         run.inputs[notes_name] = version
-        frames = [notes.filter(F.col("split") == "train")
-                  .select(F.concat(F.lit("patient:"), F.col("patient_id")).alias("doc"), "text")]
+        train, patient_share = sample_patients(notes.filter(F.col("split") == "train"), cfg.vocab.max_notes)
+        run.count("patient_share", patient_share)
+        frames = [train.select(F.concat(F.lit("patient:"), F.col("patient_id")).alias("doc"), "text")]
         for i, spec in enumerate(sources):
             frames.append(read_text_source(wh, spec, doc_prefix=f"corpus{i}:"))
             run.inputs[spec] = None
@@ -415,6 +440,7 @@ def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir:
         report["labeled_notes_version"] = version
         report["corpus_sources"] = sources
         report["min_patients"] = k
+        report["max_notes"], report["patient_share"] = cfg.vocab.max_notes, patient_share
         report["distinct_words"] = stats["words"]
         report["words_trained_on"] = stats["kept"]
         report["occurrences_trained_on_share"] = round(kept_share, 6)
@@ -434,4 +460,4 @@ def run_vocab(wh, cfg: Config, corpus_sources: list[str] | None = None, out_dir:
             "distinct_words": stats["words"], "words_trained_on": stats["kept"],
             "oov_per_note_ours": report["oov_per_note_ours"],
             "oov_per_note_reference": report["oov_per_note_reference"], "oov_notes": report["notes"],
-            "oov_split": split}
+            "oov_split": split, "patient_share": patient_share}
