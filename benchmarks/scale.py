@@ -16,13 +16,17 @@ driver, which is also the only executor):
    `--vocab-notes` sets `vocab.max_notes`, a patient sample of about that many train notes);
 5. tokenize: `run_tokenize` at 512 tokens (target: within 2x the ETL);
 6. score: two nights through the nightly job (`run_score --date D --notes bench.nights`): `--night-tiny`
-   labeled notes with the demo's model size (tiny) and `--night-small` with the paper's `small`. The
+   labeled notes with the demo's model size (tiny) and `--night-small` with the paper's `small`.
+   `--tiny-model DIR` scores the tiny night with a trained folder instead (the demo's model). The
    nights are drawn from labeled_notes by a hash of the note id and re-dated (a generated night holds
    about N / 1,100 notes, not 20,000), in Spark. The models are random-init `BertForIcdCoding` folders
    of the preset size, with this warehouse's vocabulary and label vocabulary: the arithmetic of a
-   trained model, without training one. MFU: the model FLOPs of the night's real tokens (the night's notes
-   chunked by the tokenize job's code, as the scorer chunks them) over the job's scoring action, against
-   `benchmarks/machine.py`'s matmul peak in the dtype the job runs (target for `small`: >= 50%).
+   trained model, without training one. Their probabilities are not a trained model's: whether a code
+   passes the default 0.5 threshold is left to the init, and the evidence rows (`score.evidence`, one set
+   per predicted code) cost with it (benchmarks/README.md "Scale" says what each run got). MFU: the model
+   FLOPs of the night's real tokens (the night's notes chunked by the tokenize job's code, as the scorer
+   chunks them) over the job's scoring action, against `benchmarks/machine.py`'s matmul peak in the dtype
+   the job runs (target for `small`: >= 50%).
 
 A sampler thread reads /proc (psutil) every half second: the peak resident memory of this Python driver,
 of the Spark JVM it started, and of all PySpark Python workers together, per stage. After each stage the
@@ -32,7 +36,8 @@ script or the jobs it calls brings note text to the driver (the vocabulary's OOV
 
 Run one size per process (the JVM's resident memory never shrinks): compare the printed rows of two runs
 to see whether memory stays flat as N grows. `--keep` leaves the warehouse; `--resume` runs more stages on
-it in a new process (a stage needs the tables of the stages before it). Figures and history: benchmarks/README.md ("Scale").
+it in a new process (a stage needs the tables of the stages before it). Figures and history:
+benchmarks/README.md ("Scale").
 """
 from __future__ import annotations
 
@@ -171,21 +176,32 @@ def build_model(wh, root: Path, size: str) -> tuple[Path, object, int]:
     return out, model.config, len(labels)
 
 
-def night_tokens(wh, night: dt.date) -> dict:
-    """Chunks, real tokens and the sum of squared chunk lengths of a night's notes, chunked at MAX_LEN in
-    Spark by `chunk_notes_df` (the scorer's chunking, the warehouse's tokenizer): aggregates only, and no
-    need of a tokenize stage over the whole warehouse."""
+def trained_model(model_dir: Path) -> tuple[Path, object, int]:
+    """A trained model folder (`--tiny-model`): (folder, its BertConfig, its number of labels)."""
+    from bertxml.models.bert import load_model
+
+    model = load_model(model_dir)
+    return model_dir, model.config, model.n_labels
+
+
+def night_tokens(wh, night: dt.date, model_dir: Path) -> dict:
+    """Chunks, real tokens and the sum of squared chunk lengths of a night's notes, chunked in Spark by
+    `chunk_notes_df` with the model folder's tokenizer and max_len (the scorer's chunking): aggregates only,
+    and no need of a tokenize stage over the whole warehouse."""
     from pyspark.sql import functions as F
 
     from bertxml.text.tokenize import chunk_notes_df
 
     notes = (wh.table("bench.nights").filter(F.col("note_date") == F.lit(night))
              .select("note_id", F.lit("night").alias("split"), "text", F.array().cast("array<string>").alias("codes")))
-    tokenizer_json = (wh.workdir / "vocab" / "tokenizer.json").read_text(encoding="utf-8")
-    chunks = chunk_notes_df(notes, tokenizer_json, {}, MAX_LEN)
+    from bertxml.models.modeldir import load_manifest
+
+    tokenizer_json = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    chunks = chunk_notes_df(notes, tokenizer_json, {}, int(load_manifest(model_dir)["max_len"]))
     n = F.size("input_ids").cast("double")
     row = chunks.agg(F.count("*").alias("chunks"), F.sum(n).alias("tokens"), F.sum(n * n).alias("tokens_sq")).first()
-    return {"chunks": int(row["chunks"]), "tokens": float(row["tokens"] or 0), "tokens_sq": float(row["tokens_sq"] or 0)}
+    return {"chunks": int(row["chunks"]), "tokens": float(row["tokens"] or 0),
+            "tokens_sq": float(row["tokens_sq"] or 0)}
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
@@ -201,6 +217,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="run the stages on the warehouse a --keep run left in WORKDIR/n<N> (a later stage "
                              "in a process of its own)")
+    parser.add_argument("--tiny-model", default=None,
+                        help="score the tiny night with this trained model folder (e.g. the demo's, "
+                             "warehouse/models/<version>) instead of a random-init tiny model")
     parser.add_argument("--vocab-notes", type=int, default=0,
                         help="vocab.max_notes: the vocabulary reads a patient sample of about this many train "
                              "notes (0: all)")
@@ -298,8 +317,11 @@ def main() -> None:
         for size, night, n_night in (("tiny", NIGHT_TINY, args.night_tiny), ("small", NIGHT_SMALL, args.night_small)):
             if not n_night:
                 continue
-            model_dir, bcfg, n_labels = build_model(wh, root / "models", size)
-            tok = night_tokens(wh, night)
+            if size == "tiny" and args.tiny_model:
+                model_dir, bcfg, n_labels = trained_model(Path(args.tiny_model).resolve())
+            else:
+                model_dir, bcfg, n_labels = build_model(wh, root / "models", size)
+            tok = night_tokens(wh, night, model_dir)
             flops = flops_from_sums(tok["tokens"], tok["tokens_sq"], tok["chunks"], bcfg, n_labels)
             peak = max(matmul_peak(DTYPES[dtype_name], seconds=2.0)[0] for _ in range(2))
             res = stage(f"score {size}", lambda: run_score(wh, cfg, date=night, model_dir=model_dir,
@@ -311,11 +333,13 @@ def main() -> None:
             rows[-1].update({"mfu_action": mfu_action, "mfu_job": mfu_job, "scoring_seconds": secs,
                              "peak_gflops": peak / 1e9, "model_gflop": flops / 1e9, "chunks": tok["chunks"],
                              "tokens": tok["tokens"], "labels": n_labels})
-            print(f"  model {size} ({n_labels} codes, {dtype_name}): {res['notes_scored']:,} notes scored, "
-                  f"{tok['chunks']:,} chunks, {tok['tokens'] / 1e6:.2f}M real tokens, {flops / 1e12:.2f} TFLOP; "
+            night_minutes = 20_000 / res['notes_scored'] * rows[-1]['seconds'] / 60
+            print(f"  model {size} ({model_dir.name}, {n_labels} codes, {dtype_name}): "
+                  f"{res['notes_scored']:,} notes scored, {tok['chunks']:,} chunks, {tok['tokens'] / 1e6:.2f}M real "
+                  f"tokens, {flops / 1e12:.2f} TFLOP; "
                   f"the scoring action {secs:.1f}s ({res['notes_per_s']} notes/s); matmul peak {dtype_name} "
                   f"{peak / 1e9:.0f} GFLOP/s; MFU {mfu_action:.1%} over the scoring action, {mfu_job:.1%} over "
-                  f"the whole job; a 20,000-note night at this rate: {20_000 / res['notes_scored'] * rows[-1]['seconds'] / 60:.1f} min",
+                  f"the whole job; a 20,000-note night at this rate: {night_minutes:.1f} min",
                   flush=True)
 
     spark.stop()
