@@ -34,6 +34,11 @@ from bertxml.text.vocab import load_tokenizer
 
 log = logging.getLogger("bertxml.scoring.engine")
 
+# A pass is padded to a multiple of this many tokens: a few dozen tensor shapes instead of one per chunk
+# length, each of which the native libraries keep state for (a worker's memory grew with every new shape:
+# benchmarks/README.md, "Scale").
+PASS_WIDTH_MULTIPLE = 16
+
 
 def check_bert_dir(info: ModelInfo) -> None:
     """A BERT model folder: tokenizer.json, model_config.json and weights whose label count is M."""
@@ -120,7 +125,8 @@ class BertScorer:
         """Chunks (token id lists) -> logits (n_chunks, M) float32 on the CPU, in the chunks' order.
 
         Length bucketing: the chunks are sorted by length (longest first, so the first pass shows the peak
-        memory) and cut into passes of at most token_budget tokens, each padded to its own longest chunk.
+        memory) and cut into passes of at most token_budget tokens, each padded to its own longest chunk
+        rounded up to a multiple of PASS_WIDTH_MULTIPLE tokens (at most max_len).
 
         evidence (a "bertxml" model): returns (logits, attended), attended[i] = [(label j, logit, weights
         (len(chunks[i]),) float32)] for every code j whose chunk probability reaches its threshold: eq. 2's
@@ -140,7 +146,8 @@ class BertScorer:
         start = 0
         with torch.inference_mode(), autocast:
             while start < n:
-                width = int(lengths[order[start]])
+                width = min(-(-int(lengths[order[start]]) // PASS_WIDTH_MULTIPLE) * PASS_WIDTH_MULTIPLE,
+                            self.max_len)
                 take = order[start:start + max(1, self.token_budget // width)]
                 ids = np.full((len(take), width), self.pad_id, dtype=np.int64)
                 mask = np.zeros((len(take), width), dtype=np.int64)
