@@ -120,7 +120,8 @@ class VocabConfig:
     numbers: str = "mask"               # "mask": each digit becomes 'n' (paper Figure 3: "icd - nn - cm"); "keep"
     limit_alphabet: int = 1000          # most frequent characters kept as the trainer's alphabet (BERT's default)
     oov_notes: int = 2000               # dev notes the OOV comparison is measured on (paper §3.2)
-    max_notes: int = 0                  # train on the train notes of a hash sample of patients holding about
+    max_notes: int = field(default=0, metadata={"check": at_least(0)})
+                                        # train on the train notes of a hash sample of patients holding about
                                         # this many notes (0: all train notes): bounds the word count's cost
                                         # on a large warehouse (it reads every note like `bertxml tokenize`)
     corpus: list = field(default_factory=list)  # extra unlabelled SOURCEs for the vocabulary

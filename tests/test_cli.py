@@ -28,6 +28,9 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
         load_config(None, ["etl.min_count=1"])
     with pytest.raises(ConfigError, match="etl.min_code_count"):
         load_config(None, ["etl.min_code_count=many"])
+    with pytest.raises(ConfigError, match="vocab.max_notes: must be at least 0"):
+        load_config(None, ["vocab.max_notes=-5"])
+    assert load_config(None, ["vocab.max_notes=200000"]).vocab.max_notes == 200_000
     assert load_config(None, None, size="small").model.hidden_size == 512
 
 
