@@ -177,11 +177,14 @@ def build_model(wh, root: Path, size: str) -> tuple[Path, object, int]:
 
 
 def trained_model(model_dir: Path) -> tuple[Path, object, int]:
-    """A trained model folder (`--tiny-model`): (folder, its BertConfig, its number of labels)."""
-    from bertxml.models.bert import load_model
+    """A trained model folder (`--tiny-model`): (folder, its BertConfig, its number of labels), read from its
+    config file without loading the weights."""
+    from transformers import BertConfig
 
-    model = load_model(model_dir)
-    return model_dir, model.config, model.n_labels
+    from bertxml.models.bert import CONFIG_FILE
+
+    meta = json.loads((model_dir / CONFIG_FILE).read_text())
+    return model_dir, BertConfig.from_dict(meta["bert_config"]), int(meta["n_labels"])
 
 
 def night_tokens(wh, night: dt.date, model_dir: Path) -> dict:
