@@ -68,6 +68,8 @@ class SparkConfig:
                                         # per-application key (spark.io.encryption.enabled); a cluster sets
                                         # it in its own Spark conf
     conf: dict = field(default_factory=dict)  # extra Spark settings, e.g. GPU scheduling on a cluster
+    progress_seconds: int = field(default=60, metadata={"check": at_least(0)})  # log each job's running
+                                        # Spark stages (tasks done / in all) this often; 0: never
 
 
 @dataclass

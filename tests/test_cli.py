@@ -31,6 +31,8 @@ def test_config_overrides_are_typed_and_checked(tmp_path):
     with pytest.raises(ConfigError, match="vocab.max_notes: must be at least 0"):
         load_config(None, ["vocab.max_notes=-5"])
     assert load_config(None, ["vocab.max_notes=200000"]).vocab.max_notes == 200_000
+    with pytest.raises(ConfigError, match="spark.progress_seconds: must be at least 0"):
+        load_config(None, ["spark.progress_seconds=-1"])
     assert load_config(None, None, size="small").model.hidden_size == 512
 
 

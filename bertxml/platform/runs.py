@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import functions as F
 
 from bertxml.platform import tables as t
+from bertxml.platform.progress import SparkProgress
 from bertxml.platform.warehouse import local_frame
 
 log = logging.getLogger("bertxml.platform.runs")
@@ -46,12 +47,14 @@ class JobRun:
 @contextlib.contextmanager
 def job_run(wh, job: str, cfg=None):
     """Time a job, log its summary and append one row to bertxml.job_runs (even when it fails). The row's
-    config is `cfg`'s, when the job runs with another than the warehouse's (`wh.cfg`)."""
+    config is `cfg`'s, when the job runs with another than the warehouse's (`wh.cfg`). While it runs, its
+    Spark stages' task counts are logged every `spark.progress_seconds` (`SparkProgress`)."""
     run = JobRun(job=job, run_id=new_run_id(job), started_at=dt.datetime.now(dt.timezone.utc))
     log.info("%s started (run %s, warehouse %s)", job, run.run_id, wh.workdir)
     status = "succeeded"
     try:
-        yield run
+        with SparkProgress(wh.spark, job, (cfg or wh.cfg).spark.progress_seconds):
+            yield run
     except BaseException as exc:
         status = f"failed: {type(exc).__name__}: {exc}"[:500]
         raise
