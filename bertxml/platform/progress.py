@@ -61,7 +61,11 @@ class SparkProgress:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        tracker = self.spark.sparkContext.statusTracker()
+        try:
+            tracker = self.spark.sparkContext.statusTracker()
+        except Exception as exc:  # noqa: BLE001 - a Spark Connect session has no SparkContext: no progress
+            log.info("%s: no Spark progress lines (%s)", self.job, type(exc).__name__)
+            return
         while not self._stop.wait(self.every_s):
             try:
                 stages = running_stages(tracker)
