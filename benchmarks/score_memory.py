@@ -12,8 +12,8 @@ each batch, so growth from batch to batch shows. Each variant runs in a fresh pr
 - `trim`: evidence off, and glibc's `malloc_trim(0)` after every batch (memory freed but kept by malloc
   arenas is given back: what remains is held);
 - `repeat`: evidence off, the first batch's notes every time: the same passes, the same tensor shapes.
-The notes are the `text` column of a Delta table (`--notes-table`, e.g. WORKDIR/tables/ehr/notes), read
-with the project's JVM-free reader; only counts and sizes are printed, never text.
+The notes are the first non-empty texts of a Delta table (`--notes-table`, e.g. WORKDIR/tables/ehr/notes),
+read a batch at a time with the project's JVM-free reader; only counts and sizes are printed, never text.
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ GIB = 1024 ** 3
 
 def one(args) -> None:
     from bertxml.config import ScoreConfig, score_options
-    from bertxml.platform.deltaread import read_delta
     from bertxml.scoring.predictors import make_predict_fn
+    from normalizer import read_table_notes
 
-    texts = read_delta(args.notes_table, columns=["text"]).column("text").to_pylist()[:args.notes]
+    texts = read_table_notes(args.notes_table, args.notes)   # a batch at a time: not the whole table
     options = {**score_options(ScoreConfig()), **VARIANTS[args.one]}
     predict = make_predict_fn(args.model, "cpu", **options)
     libc = ctypes.CDLL("libc.so.6") if args.one == "trim" else None
